@@ -1,0 +1,68 @@
+"""Connection rate: connect (through the proxy: authentication and policy
+included), read the first byte the target sends, close; one after another.
+
+The ``greet`` server writes one byte on accept and closes. Reports connections per
+second over the whole batch and the p50/p99 of one connection's time. The
+batch is bounded in count and in time: a path too slow to finish `count`
+connections within `budget` seconds (microsocks, whose first byte waits on
+a delayed ACK) is measured over the connections made by then, and the
+result says so (``truncated``).
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from typing import Any
+
+from bench.bulk import BenchError
+from bench.paths import Path
+from bench.rtt import percentile
+
+WARMUP = 50
+SOCKET_TIMEOUT = 10.0
+MAX_ERRORS = 10
+
+
+def connections(path: Path, port: int, count: int, budget: float) -> dict[str, Any]:
+    for _ in range(WARMUP):
+        s = path.connect(port, SOCKET_TIMEOUT)
+        s.recv(1)
+        s.close()
+    samples = array("q")
+    errors: list[str] = []
+    clock = time.perf_counter_ns
+    start = time.perf_counter()
+    deadline = start + budget
+    truncated = False
+    for i in range(count):
+        t0 = clock()
+        try:
+            s = path.connect(port, SOCKET_TIMEOUT)
+            try:
+                first = s.recv(1)
+            finally:
+                s.close()
+        except OSError as exc:
+            first = f"{type(exc).__name__}: {exc}".encode()
+        if first != b"!":
+            errors.append(f"first byte {first!r}")
+            if len(errors) >= MAX_ERRORS:
+                raise BenchError(f"connection rate: {len(errors)} errors: {errors[:3]}")
+            continue
+        samples.append(clock() - t0)
+        if time.perf_counter() > deadline:
+            truncated = i + 1 < count
+            break
+    elapsed = time.perf_counter() - start
+    ordered = sorted(samples)
+    return {
+        "per_s": len(ordered) / elapsed,
+        "p50_us": percentile(ordered, 50) / 1e3,
+        "p99_us": percentile(ordered, 99) / 1e3,
+        "count": len(ordered),
+        "requested": count,
+        "truncated": truncated,
+        "errors": len(errors),
+        "error_samples": errors[:3],
+    }

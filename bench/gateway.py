@@ -1,0 +1,98 @@
+"""A Tether gateway for the benchmark: ``python -m tether.gateway`` as a pinned child.
+
+Listens on loopback TCP and on a Unix socket at once. The config is what a
+deployment would have: a static resolver, allow rules naming exactly the
+benchmark servers' ports (so the policy check runs on every connect), one
+app with a key (so every connect authenticates), and the audit log written
+to a file (one decision line and one close line per connection, on the
+measured path like the meter).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import textwrap
+from collections.abc import Iterable
+from pathlib import Path
+
+from bench.procs import Child, Pinning, python, python_env, wait_until
+
+APP = "bench"
+START_TIMEOUT = 30.0
+
+
+def config_text(ports: Iterable[int], key: str, unix_path: Path, audit_log: Path) -> str:
+    allow = ", ".join(f'"127.0.0.1:{p}"' for p in sorted(set(ports)))
+    return textwrap.dedent(
+        f"""\
+        [gateway]
+        listen = ["127.0.0.1:0", "unix:{unix_path}"]
+        audit_log = "{audit_log}"
+
+        [resolver]
+        mode = "static"
+
+        [resolver.hosts]
+        "bench.test" = ["127.0.0.1"]
+
+        [policy]
+        allow = [{allow}]
+
+        [apps.{APP}]
+        key = "{key}"
+        """
+    )
+
+
+class TetherGateway:
+    """One gateway child; `tcp` and `unix` are its endpoints once started."""
+
+    def __init__(self, workdir: Path, ports: Iterable[int], pinning: Pinning,
+                 name: str = "gateway") -> None:
+        self.workdir = workdir
+        self.key = secrets.token_urlsafe(24)
+        self.app = APP
+        self.unix_path = workdir / f"{name}.sock"
+        self.config_path = workdir / f"{name}.toml"
+        self.log_path = workdir / f"{name}.log"
+        self.audit_path = workdir / f"{name}-audit.log"
+        self.config_path.write_text(
+            config_text(ports, self.key, self.unix_path, self.audit_path)
+        )
+        self.tcp = ""
+        self.unix = ""
+        self._log = self.log_path.open("w")
+        self.child = Child(
+            name,
+            [python(), "-m", "tether.gateway", "--config", str(self.config_path)],
+            pinning=pinning,
+            env=python_env(),
+            stderr=self._log,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            found = re.findall(r"listening on (\S+)", self.log_path.read_text())
+            for addr in found:
+                if addr.startswith("unix:"):
+                    self.unix = addr
+                else:
+                    self.tcp = addr
+            return bool(self.tcp and self.unix)
+
+        try:
+            wait_until(ready, START_TIMEOUT, "tether gateway", alive=self.child.alive)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{self.log_path.read_text()}") from exc
+
+    def stop(self) -> None:
+        self.child.stop()
+        self._log.close()
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text().splitlines()[-lines:])

@@ -1,0 +1,109 @@
+"""The paths from the benchmark process to a target: how each opens a connection.
+
+Every path hands the workloads a connected blocking socket object with a
+timeout, TCP_NODELAY set before connect (for Tether it is applied to the
+gateway's outbound socket, for PySocks to the hop to the proxy), and the
+workloads then use the same calls on all of them (``sendall``,
+``recv_into``, ``recv``, ``close``): whatever a path's socket class adds
+to those calls is part of what it costs.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+TARGET_HOST = "127.0.0.1"
+
+ORDER = ["direct", "tether-tcp", "tether-unix", "dante", "microsocks"]
+LABELS = {
+    "direct": "direct",
+    "tether-tcp": "Tether TCP",
+    "tether-unix": "Tether Unix",
+    "dante": "Dante+PySocks",
+    "microsocks": "microsocks+PySocks",
+}
+TETHER = ("tether-tcp", "tether-unix")
+PROXIES = ("dante", "microsocks")
+
+
+@dataclass
+class Path:
+    """One way to reach the targets; `connect(port, timeout)` opens a connection."""
+
+    name: str
+    connect: Callable[[int, float], Any]
+    proxy_pid: Callable[[], int | None] = field(default=lambda: None)
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.name]
+
+
+def direct() -> Path:
+    def connect(port: int, timeout: float) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.settimeout(timeout)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.connect((TARGET_HOST, port))
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    return Path("direct", connect)
+
+
+def tether(name: str, gateway: str, app: str, key: str,
+           pid: Callable[[], int | None]) -> Path:
+    """Tether through `gateway` (``host:port`` or ``unix:/path``), via ``tether.socket``."""
+    import tether.socket as tsocket
+    from tether.client.settings import Settings, configure
+    from tether.endpoint import parse_endpoint
+
+    settings = Settings(gateway=parse_endpoint(gateway), app=app, key=key)
+
+    def connect(port: int, timeout: float) -> Any:
+        # A socket takes the settings in force when it is created.
+        configure(settings)
+        s = tsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.settimeout(timeout)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.connect((TARGET_HOST, port))
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    return Path(name, connect, pid)
+
+
+def pysocks(name: str, proxy_port: int, pid: Callable[[], int | None]) -> Path:
+    """PySocks (``socks.socksocket``) through a SOCKS5 server on 127.0.0.1:`proxy_port`."""
+    import socks
+
+    def connect(port: int, timeout: float) -> Any:
+        s = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.set_proxy(socks.SOCKS5, "127.0.0.1", proxy_port, rdns=False)
+            s.settimeout(timeout)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.connect((TARGET_HOST, port))
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    return Path(name, connect, pid)
+
+
+def pysocks_available() -> bool:
+    try:
+        import socks  # noqa: F401
+    except ImportError:
+        return False
+    return True

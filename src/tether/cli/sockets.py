@@ -1,0 +1,93 @@
+"""``tether sockets``: the live sockets of a running gateway."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tether.client.control import ControlChannel
+from tether.client.settings import ENV_APP, ENV_GATEWAY, ENV_KEY, Settings
+from tether.endpoint import parse_endpoint
+from tether.gateway.session import ADMIN_APP
+from tether.wire import pb
+from tether.wire.convert import address_from_wire
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "sockets",
+        help="list a gateway's live sockets",
+        description="List live sockets: an app sees its own; the admin key sees all.",
+    )
+    p.add_argument("--gateway", metavar="ADDR", help=f"HOST:PORT or unix:/path ({ENV_GATEWAY})")
+    p.add_argument("--app", help=f"app name ({ENV_APP})")
+    p.add_argument("--key", help=f"app key ({ENV_KEY})")
+    p.add_argument("--admin-key", help="the gateway's [gateway] admin_key: list every app")
+    p.add_argument("--json", action="store_true", help="one JSON object per socket")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    gateway = args.gateway or os.environ.get(ENV_GATEWAY)
+    if not gateway:
+        print("tether sockets: give --gateway or set TETHER_GATEWAY", file=sys.stderr)
+        return 2
+    if args.admin_key:
+        app, key = ADMIN_APP, args.admin_key
+    else:
+        app = args.app or os.environ.get(ENV_APP, "")
+        key = args.key or os.environ.get(ENV_KEY, "")
+    try:
+        settings = Settings(gateway=parse_endpoint(gateway), app=app, key=key)
+    except ValueError as exc:
+        print(f"tether sockets: {exc}", file=sys.stderr)
+        return 2
+    channel = ControlChannel(settings)
+    try:
+        response = channel.request(pb.Request(list_sockets=pb.ListSockets()))
+    except OSError as exc:
+        print(f"tether sockets: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        channel.close()
+    rows = []
+    for info in response.sockets.sockets:
+        host, port = address_from_wire(info.peer)[:2]
+        rows.append(
+            {
+                "app": info.app,
+                "descriptor": info.descriptor_prefix,
+                "peer": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                "state": info.state,
+                "bytes_out": info.bytes_out,
+                "bytes_in": info.bytes_in,
+                "idle_s": round(info.idle_seconds, 1),
+                "age_s": round(info.age_seconds, 1),
+            }
+        )
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    header = ("APP", "DESCRIPTOR", "PEER", "STATE", "OUT", "IN", "IDLE", "AGE")
+    table = [header] + [
+        (
+            str(r["app"]),
+            f"{r['descriptor']}...",
+            str(r["peer"]),
+            str(r["state"]),
+            str(r["bytes_out"]),
+            str(r["bytes_in"]),
+            f"{r['idle_s']}s",
+            f"{r['age_s']}s",
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    if not rows:
+        print("(no live sockets)")
+    return 0

@@ -1,0 +1,1 @@
+"""The app side: the drop-in socket class, lookups, install()."""

@@ -1,0 +1,217 @@
+"""Handing a connected socket to another process: pickle it, resume it there.
+
+``pickle.dumps(sock)`` on a connected tether TCP socket *moves* it:
+
+1. the client asks the gateway to detach it (``Detach``): the gateway stops
+   relaying from the peer and answers with a one-time resume token;
+2. the client shuts down its sending side, so everything the app wrote is
+   queued to the peer before the gateway sees the EOF;
+3. the gateway answers with its own EOF after what it had already sent, and
+   the client reads that tail (bytes the app had not read yet) to the end;
+4. the client closes its stream; the socket object now refuses every call
+   ("handed off"), and the pickle carries the descriptor, the token, the
+   socket's settings and the tail — never the app's key.
+
+``pickle.loads`` in another process of the same app opens a new stream with
+its own credentials and sends ``Resume`` with the token and the tail, which
+the gateway sends straight back ahead of anything new from the peer: the new
+socket's fd carries the byte stream exactly where the old one stopped. A
+token works once; another app gets PermissionError. See docs/handoff.md.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import io
+import pickle
+import socket as _socket_mod
+from dataclasses import dataclass, field
+from typing import Any
+
+from tether.client import control
+from tether.client.settings import Settings, current
+from tether.client.sock import _StdSocket, socket
+from tether.client.stream import Deadline, hello, new_wire, send_all
+from tether.wire import pb
+
+# Detaching waits for the gateway's EOF behind at most a socket buffer or
+# two of data on loopback or a LAN; resuming is one round trip. Both are
+# bounded so a vanished gateway cannot hang a pickle.dumps() forever.
+HANDOFF_TIMEOUT = 30.0
+RECV_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class HandoffState:
+    """What a pickled tether socket carries (no secret: the resumer authenticates)."""
+
+    descriptor: str
+    token: str
+    family: int
+    type: int
+    proto: int
+    timeout: float | None
+    peer: tuple[Any, ...]
+    local: tuple[Any, ...]
+    options: tuple[bytes, ...] = ()  # serialized OptionValue messages
+    tail: bytes = field(default=b"", repr=False)
+    origin: str = ""  # the gateway it was detached from, for messages
+
+
+def hand_off(sock: socket) -> HandoffState:
+    """Detach `sock` from this process; see the module docstring."""
+    t = sock._tether
+    if t is None:
+        raise TypeError(f"cannot pickle {type(sock).__name__!r} object")
+    if t.state == "handed-off":
+        raise OSError(errno.EBADF, "tether: this socket was already handed off")
+    if t.state != "connected" or sock.fileno() == -1 or t.settings is None:
+        raise OSError(
+            errno.ENOTCONN, "tether: only a connected socket can be handed off (pickled)"
+        )
+    with t.lock:
+        timeout = sock.gettimeout()
+        deadline = Deadline(HANDOFF_TIMEOUT)
+        response = control.channel(t.settings).request(
+            pb.Request(detach=pb.Detach(descriptor=t.descriptor)), timeout=HANDOFF_TIMEOUT
+        )
+        token = response.handoff.token
+        try:
+            _StdSocket.shutdown(sock, _socket_mod.SHUT_WR)
+            tail = bytearray(t.prefix)
+            while True:
+                _StdSocket.settimeout(sock, deadline.remaining())
+                chunk = _StdSocket.recv(sock, RECV_CHUNK)
+                if not chunk:
+                    break
+                tail += chunk
+        except TimeoutError as exc:
+            raise TimeoutError(
+                f"tether: handing off socket to {t.peer}: the gateway did not finish in "
+                f"{HANDOFF_TIMEOUT:g} s"
+            ) from exc
+        finally:
+            # The stream is spent either way; the object must not be used again.
+            _socket.socket.close(sock)
+            t.state = "handed-off"
+    return HandoffState(
+        descriptor=t.descriptor,
+        token=token,
+        family=int(sock.family),
+        type=int(sock.type),
+        proto=int(sock.proto),
+        timeout=timeout,
+        peer=tuple(t.peer or ()),
+        local=tuple(t.local or ()),
+        options=tuple(v.SerializeToString() for v in t.options.values()),
+        tail=bytes(tail),
+        origin=str(t.settings.gateway),
+    )
+
+
+def resume(state: HandoffState) -> socket:
+    """A live socket for a handed-off one, in this process, as this process's app."""
+    settings = current()
+    sock = socket(state.family, state.type, state.proto)
+    t = sock._tether
+    assert t is not None
+    t.settings = settings
+    t.target = f"{state.peer[0]}:{state.peer[1]}" if state.peer else state.descriptor[:8]
+    try:
+        with t.lock:
+            error = _resume_stream(sock, t, state, settings)
+    except BaseException:
+        sock.close()
+        raise
+    if error is not None:
+        sock.close()
+        raise error
+    for raw in state.options:
+        value = pb.OptionValue()
+        value.ParseFromString(raw)
+        t.options[value.name] = value
+    sock.settimeout(state.timeout)
+    return sock
+
+
+def _resume_stream(sock: socket, t: Any, state: HandoffState, settings: Settings) -> OSError | None:
+    """Open a stream and resume on it; the error to raise, if the gateway refused."""
+    deadline = Deadline(HANDOFF_TIMEOUT)
+    sock._open_gateway(settings, deadline)  # raises ConnectionError naming the gateway
+    t.wire = new_wire()
+    request = pb.Resume(
+        descriptor=state.descriptor, token=state.token, tail_length=len(state.tail)
+    )
+    t.state = "connecting"
+    data = t.wire.send(hello(settings)) + t.wire.send(request) + state.tail
+    send_all(sock, data, deadline)
+    sock._await_result(t, deadline)
+    return sock._take_error(t) if t.error else None
+
+
+# -- protocol clients (smtplib, poplib, imaplib, nntplib ...) -------------------
+
+
+def _tether_reader(obj: Any) -> socket | None:
+    """The tether socket under a makefile('rb') reader, if that is what obj is."""
+    if isinstance(obj, io.BufferedReader):
+        raw = obj.raw
+        sock = getattr(raw, "_sock", None)
+        if isinstance(raw, _socket_mod.SocketIO) and isinstance(sock, socket):
+            return sock
+    return None
+
+
+def _take_buffered(reader: io.BufferedReader, sock: socket) -> bytes:
+    """What the reader holds but the app has not read yet, without blocking."""
+    was = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return reader.peek() or b""
+    except BlockingIOError:
+        return b""
+    finally:
+        sock.settimeout(was)
+
+
+class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        sock = _tether_reader(obj)
+        if sock is None:
+            return NotImplemented
+        return (_rebuild_reader, (sock,))
+
+
+def _rebuild_reader(sock: socket) -> io.BufferedReader:
+    reader = sock.makefile("rb")
+    assert isinstance(reader, io.BufferedReader)
+    return reader
+
+
+def dumps(obj: Any, protocol: int | None = None) -> bytes:
+    """pickle.dumps for objects that hold a tether socket and a makefile() reader.
+
+    Protocol clients (``poplib.POP3``, ``smtplib.SMTP``, ``imaplib.IMAP4``)
+    read through ``sock.makefile('rb')``, whose buffer may hold bytes the
+    client has not consumed yet. Plain pickle cannot carry a reader; this
+    moves its buffered bytes into the socket's tail, so the resumed client's
+    fresh reader returns them first. Load with plain ``pickle.loads``.
+    """
+    readers = [
+        (value, sock)
+        for value in _attributes(obj)
+        if (sock := _tether_reader(value)) is not None
+    ]
+    for reader, sock in readers:
+        t = sock._tether
+        assert t is not None
+        t.prefix = _take_buffered(reader, sock)
+    buf = io.BytesIO()
+    _Pickler(buf, protocol).dump(obj)
+    return buf.getvalue()
+
+
+def _attributes(obj: Any) -> list[Any]:
+    values = list(vars(obj).values()) if hasattr(obj, "__dict__") else []
+    return [obj, *values]

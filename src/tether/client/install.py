@@ -1,0 +1,130 @@
+"""Patch the stdlib ``socket`` module in place so unmodified libraries use tether.
+
+Libraries look up ``socket.socket``, ``socket.create_connection`` and the
+resolver functions as module attributes when they connect, so replacing
+those attributes is enough; a name imported with ``from socket import ...``
+before install() keeps the stdlib object (documented in docs/architecture.md).
+``ssl.SSLContext.sslsocket_class`` is replaced too, by a subclass that keeps
+the tether socket's real peer and options after wrap_socket().
+"""
+
+from __future__ import annotations
+
+import atexit
+import socket as _std
+import ssl
+import threading
+from typing import Any
+
+from tether.client import control
+from tether.client import settings as _settings
+from tether.client.sock import _Tether, get_option, set_option
+
+_lock = threading.Lock()
+_saved: dict[str, Any] | None = None
+_saved_ssl: type[ssl.SSLSocket] | None = None
+_dev_gateway: Any = None
+
+
+class TetherSSLSocket(ssl.SSLSocket):
+    """An SSLSocket that answers getpeername()/options for a tether socket."""
+
+    _tether_state: _Tether | None = None
+
+    @classmethod
+    def _create(cls, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        state = getattr(sock, "_tether", None)
+        if state is not None and state.state == "pending":
+            # wrap_socket() takes the fd over: finish a non-blocking connect first.
+            sock._finish_pending(state, block=True)
+        self = super()._create(sock, *args, **kwargs)  # type: ignore[misc]
+        self._tether_state = state
+        return self
+
+    def getpeername(self) -> Any:
+        state = self._tether_state
+        if state is None:
+            return super().getpeername()
+        if state.peer is None or self.fileno() == -1:
+            raise OSError(107, "Transport endpoint is not connected")
+        return state.peer
+
+    def getsockname(self) -> Any:
+        state = self._tether_state
+        if state is None or state.local is None:
+            return super().getsockname()
+        return state.local
+
+    def setsockopt(self, level: int, optname: int, value: Any, *rest: Any) -> None:
+        if self._tether_state is None:
+            super().setsockopt(level, optname, value, *rest)
+            return
+        set_option(self._tether_state, level, optname, value)
+
+    def getsockopt(self, level: int, optname: int, *rest: Any) -> Any:
+        if self._tether_state is None:
+            return super().getsockopt(level, optname, *rest)
+        buflen = rest[0] if rest else None
+        return get_option(self._tether_state, int(self.type), level, optname, buflen)
+
+
+def _replacements() -> dict[str, Any]:
+    from tether import socket as tsock
+
+    return {name: getattr(tsock, name) for name in tsock.OVERRIDDEN}
+
+
+def install(
+    gateway: str | None = None,
+    app: str | None = None,
+    key: str | None = None,
+    *,
+    dev: bool = False,
+    config: str | None = None,
+) -> None:
+    """Route the stdlib ``socket`` module through tether. Idempotent.
+
+    The gateway, app and key come from the arguments, else from
+    ``TETHER_GATEWAY``, ``TETHER_APP``, ``TETHER_KEY``. With ``dev=True`` and
+    no gateway configured, a gateway is started in this process (development
+    mode) with the config at `config` or ``./tether.toml``.
+    """
+    global _saved, _saved_ssl, _dev_gateway
+    with _lock:
+        resolved = _settings.resolve_settings(gateway, app, key)
+        if resolved is None and dev:
+            from tether.devmode import start_dev_gateway
+
+            _dev_gateway, resolved = start_dev_gateway(config)
+            atexit.register(_dev_gateway.stop)
+        if resolved is not None:
+            _settings.configure(resolved)
+        if _saved is None:
+            replacements = _replacements()
+            _saved = {name: getattr(_std, name) for name in replacements}
+            for name, value in replacements.items():
+                setattr(_std, name, value)
+            _saved_ssl = ssl.SSLContext.sslsocket_class
+            ssl.SSLContext.sslsocket_class = TetherSSLSocket
+
+
+def uninstall() -> None:
+    """Put the stdlib's own objects back. Open tether sockets keep working."""
+    global _saved, _saved_ssl, _dev_gateway
+    with _lock:
+        if _saved is not None:
+            for name, value in _saved.items():
+                setattr(_std, name, value)
+            _saved = None
+        if _saved_ssl is not None:
+            ssl.SSLContext.sslsocket_class = _saved_ssl
+            _saved_ssl = None
+        _settings.configure(None)
+        control.close_all()
+        if _dev_gateway is not None:
+            _dev_gateway.stop()
+            _dev_gateway = None
+
+
+def installed() -> bool:
+    return _saved is not None

@@ -1,0 +1,787 @@
+"""The tether socket: a stdlib ``socket.socket`` whose fd is a gateway stream.
+
+An AF_INET/AF_INET6 SOCK_STREAM socket owns a real kernel socket from the
+moment it is created. ``connect()`` connects that same fd to the gateway,
+sends the hello and the Connect request, and reads the answer; from then on
+the fd carries exactly the remote byte stream, so send/recv, select,
+selectors, poll, makefile, sendfile and ssl work on it natively, at kernel
+speed, with the stdlib's own timeout semantics. What the fd cannot answer
+for itself is emulated: connect, getpeername (the real target),
+getsockname (the gateway's outbound address), the supported socket options,
+and the refusal of listen/accept/bind.
+
+Other families (AF_UNIX, socketpair()) and sockets built on an existing fd
+behave exactly as the stdlib's: every override hands them straight to the
+base class.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket as _socket_mod
+import sys
+import threading
+import weakref
+from typing import Any
+
+from tether.client import control
+from tether.client.errors import connect_error, gateway_error, unreachable
+from tether.client.settings import Settings, current
+from tether.client.stream import Deadline, connect_fd, hello, new_wire, read_until, send_all
+from tether.wire import Connection, ConnectionClosed, RemoteProtocolError, pb
+from tether.wire.convert import (
+    FAMILY_TO_WIRE,
+    OPTION_LEVELS,
+    OPTIONS,
+    address_from_wire,
+    decode_option,
+    encode_option,
+    option_label,
+)
+
+_StdSocket = _socket_mod.socket
+_AF_INET = _socket_mod.AF_INET
+_AF_INET6 = _socket_mod.AF_INET6
+_SOCK_STREAM = _socket_mod.SOCK_STREAM
+_SOCK_DGRAM = _socket_mod.SOCK_DGRAM
+_TYPE_MASK = ~(getattr(_socket_mod, "SOCK_NONBLOCK", 0) | getattr(_socket_mod, "SOCK_CLOEXEC", 0))
+
+# How long a non-blocking connect may keep the app waiting in
+# getsockopt(SO_ERROR) when it asks before the gateway has answered: the
+# gateway's own connect timeout (30 s default) plus slack for the hop.
+PENDING_CONNECT_LIMIT = 35.0
+# Connecting to the gateway itself (a loopback or LAN hop) inside a
+# non-blocking connect(): it is done before returning EINPROGRESS.
+GATEWAY_CONNECT_TIMEOUT = 10.0
+
+_SUPPORTED = ", ".join(
+    sorted(
+        {
+            "SO_KEEPALIVE",
+            "SO_DEBUG",
+            "TCP_NODELAY",
+            "SO_LINGER",
+            "SO_OOBINLINE",
+            "SO_SNDBUF",
+            "SO_RCVBUF",
+            "SO_REUSEADDR",
+            "SO_ERROR",
+            "SO_TYPE",
+            "TCP_KEEPIDLE",
+            "TCP_KEEPINTVL",
+            "TCP_KEEPCNT",
+        }
+    )
+)
+
+
+class _Tether:
+    """Per-socket state of a tether TCP socket."""
+
+    __slots__ = (
+        "bound",
+        "deadline",
+        "descriptor",
+        "error",
+        "exc",
+        "late_options",
+        "local",
+        "lock",
+        "options",
+        "peer",
+        "prefix",
+        "real_family",
+        "settings",
+        "state",
+        "target",
+        "wire",
+    )
+
+    def __init__(self, settings: Settings | None) -> None:
+        self.settings = settings
+        self.wire: Connection | None = None
+        self.state = "new"  # new -> pending -> connected | new (after a failure)
+        self.descriptor = ""
+        self.peer: tuple[Any, ...] | None = None
+        self.local: tuple[Any, ...] | None = None
+        self.options: dict[pb.OptionName.ValueType, pb.OptionValue] = {}
+        # Options set while the Connect was already on its way: applied at the
+        # gateway as soon as the connect completes.
+        self.late_options: set[pb.OptionName.ValueType] = set()
+        self.error = 0  # SO_ERROR
+        self.exc: OSError | None = None  # the full exception behind `error`
+        self.real_family = settings.gateway.family if settings else _AF_INET
+        # Held while a thread reads the gateway's answer to a connect, so a
+        # recv() from another thread waits (as the stdlib's does) instead of
+        # reading the same frames. dup() copies share it.
+        self.lock = threading.Lock()
+        self.deadline: Deadline | None = None
+        self.target = ""
+        self.bound = False
+        # Bytes the app had already taken from the fd into a buffered reader
+        # when it handed the socket off; they travel ahead of the kernel tail.
+        self.prefix = b""
+
+    def copy(self) -> _Tether:
+        other = _Tether(self.settings)
+        for name in self.__slots__:
+            setattr(other, name, getattr(self, name))
+        other.options = dict(self.options)  # the lock stays shared: same stream
+        other.late_options = set(self.late_options)
+        return other
+
+
+def _outbound_only(what: str) -> OSError:
+    return OSError(
+        errno.EOPNOTSUPP, f"tether: sockets are outbound only; {what} is not supported"
+    )
+
+
+class socket(_StdSocket):
+    """A drop-in ``socket.socket``; see the module docstring."""
+
+    # The stdlib class has __slots__; ours adds one for the tether state.
+    __slots__ = ("_tether",)
+
+    def __init__(
+        self,
+        family: int = -1,
+        type: int = -1,
+        proto: int = -1,
+        fileno: int | None = None,
+    ) -> None:
+        self._tether: _Tether | None = None
+        if fileno is not None:
+            super().__init__(family, type, proto, fileno)
+            return
+        if family == -1:
+            family = _AF_INET
+        if type == -1:
+            type = _SOCK_STREAM
+        if proto == -1:
+            proto = 0
+        if family not in (_AF_INET, _AF_INET6):
+            super().__init__(family, type, proto)
+            return
+        kind = type & _TYPE_MASK
+        if kind == _SOCK_DGRAM:
+            raise OSError(
+                errno.EPROTONOSUPPORT,
+                "tether: UDP sockets are not available through this gateway version yet",
+            )
+        if kind != _SOCK_STREAM:
+            raise OSError(
+                errno.EPROTONOSUPPORT,
+                f"tether: only TCP (SOCK_STREAM) and UDP sockets are offered, not type {type}",
+            )
+        if proto not in (0, _socket_mod.IPPROTO_TCP):
+            raise OSError(errno.EPROTONOSUPPORT, f"tether: protocol {proto} is not TCP")
+        try:
+            settings: Settings | None = current()
+        except ConnectionError:
+            settings = None  # reported at connect(), where the stdlib would fail
+        gw_family = settings.gateway.family if settings else _AF_INET
+        # The real kernel socket that will become the stream to the gateway.
+        real = _StdSocket(gw_family, type)
+        super().__init__(family, type, proto, real.detach())
+        self._tether = _Tether(settings)
+
+    # -- connect ---------------------------------------------------------------
+
+    def connect(self, address: Any) -> None:
+        t = self._tether
+        if t is not None and _is_local_listener(address) and t.state == "new":
+            self._make_local(t)  # a listener of this process: no gateway involved
+            t = None
+        if t is None:
+            super().connect(address)
+            return
+        with t.lock:
+            self._connect(t, address)
+
+    def connect_ex(self, address: Any) -> int:
+        t = self._tether
+        if t is not None and _is_local_listener(address) and t.state == "new":
+            self._make_local(t)
+            t = None
+        if t is None:
+            return super().connect_ex(address)
+        try:
+            with t.lock:
+                self._connect(t, address)
+        except _socket_mod.gaierror:
+            raise
+        except TimeoutError:
+            return errno.EAGAIN  # what the stdlib's connect_ex gives on a timeout
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            return exc.errno
+        return 0
+
+    def _connect(self, t: _Tether, address: Any) -> None:
+        if self.fileno() == -1:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        host, port = _check_address(self.family, address, "connect")
+        if t.state == "connected":
+            raise OSError(errno.EISCONN, "Transport endpoint is already connected")
+        if t.state in ("pending", "connecting"):
+            if not self._finish_pending(t, block=False):
+                raise BlockingIOError(errno.EALREADY, "Operation already in progress")
+            if t.state == "connected":
+                raise OSError(errno.EISCONN, "Transport endpoint is already connected")
+        settings = t.settings
+        if settings is None:
+            settings = t.settings = current()  # raises NotConfiguredError
+        timeout = self.gettimeout()
+        nonblocking = timeout == 0.0
+        deadline = Deadline(GATEWAY_CONNECT_TIMEOUT if nonblocking else timeout)
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        t.target = target
+        gateway = str(settings.gateway)
+        if t.wire is None:
+            self._open_gateway(settings, deadline)
+            t.wire = new_wire()
+            first = t.wire.send(hello(settings))
+        else:
+            first = b""  # a stream left READY by a failed connect: try again on it
+        request = pb.Connect(
+            transport=pb.TRANSPORT_TCP,
+            family=FAMILY_TO_WIRE[self.family],
+            host=host,
+            port=port,
+            timeout=0.0 if timeout is None or nonblocking else timeout,
+            options=list(t.options.values()),
+        )
+        # Set before the request leaves: once it has, the target may accept
+        # and another thread may already call recv() on this socket.
+        t.state = "pending" if nonblocking else "connecting"
+        try:
+            send_all(self, first + t.wire.send(request), deadline)
+        except TimeoutError:
+            self._reset_stream(t)
+            raise
+        except OSError as exc:
+            self._reset_stream(t)
+            raise unreachable(gateway, exc) from exc
+        if nonblocking:
+            t.deadline = Deadline(PENDING_CONNECT_LIMIT)
+            raise BlockingIOError(errno.EINPROGRESS, "Operation now in progress")
+        t.deadline = deadline  # a blocking connect, answered below under t.lock
+        self._await_result(t, deadline)
+        if t.error:
+            raise self._take_error(t)
+
+    def _open_gateway(self, settings: Settings, deadline: Deadline) -> None:
+        t = self._tether
+        assert t is not None
+        if settings.gateway.family != t.real_family:
+            self._reset_stream(t)  # configured after this socket was created
+        try:
+            connect_fd(self.fileno(), settings, deadline)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            self._reset_stream(self._tether)
+            raise unreachable(str(settings.gateway), exc) from exc
+
+    def _reset_stream(self, t: _Tether | None) -> None:
+        """Replace the fd's kernel socket with a fresh one (same fd number)."""
+        if t is None or self.fileno() == -1:
+            return
+        settings = t.settings
+        family = settings.gateway.family if settings else _AF_INET
+        fresh = _StdSocket(family, _SOCK_STREAM)
+        t.real_family = family
+        try:
+            os.dup2(fresh.fileno(), self.fileno(), inheritable=False)
+        finally:
+            fresh.close()
+        _StdSocket.settimeout(self, self.gettimeout())
+        t.wire = None
+        t.state = "new"
+
+    def _await_result(self, t: _Tether, deadline: Deadline) -> None:
+        """Read the hello answer and ConnectResult; sets state and SO_ERROR."""
+        assert t.wire is not None and t.settings is not None
+        gateway = str(t.settings.gateway)
+        try:
+            events = read_until(self, t.wire, deadline, pb.ConnectResult)
+        except TimeoutError:
+            # The gateway is still connecting; the stream can no longer be
+            # trusted to be in step, so start over with a fresh one.
+            self._reset_stream(t)
+            raise
+        except RemoteProtocolError as exc:
+            self._reset_stream(t)
+            raise ConnectionError(errno.EPROTO, f"tether: gateway {gateway}: {exc}") from exc
+        except ConnectionError:
+            self._reset_stream(t)
+            raise
+        last = events[-1]
+        for event in events:
+            if isinstance(event, pb.ServerHello) and event.HasField("error"):
+                self._reset_stream(t)
+                self._fail(t, gateway_error(event.error, gateway))
+                return
+        if isinstance(last, pb.Error | ConnectionClosed):
+            self._reset_stream(t)
+            if isinstance(last, pb.Error):
+                self._fail(t, gateway_error(last, gateway))
+            else:
+                self._fail(
+                    t,
+                    ConnectionError(
+                        errno.ECONNRESET, f"tether: gateway {gateway} closed the stream"
+                    ),
+                )
+            return
+        assert isinstance(last, pb.ConnectResult)
+        if last.HasField("error"):
+            t.state = "new"
+            self._fail(t, connect_error(last.error, t.target, gateway))
+            return
+        t.state = "connected"
+        t.descriptor = last.descriptor
+        for name in sorted(t.late_options):
+            _control(t, pb.Request(set_option=pb.SetOption(
+                descriptor=t.descriptor, value=t.options[name])))
+        t.late_options.clear()
+        t.peer = address_from_wire(last.peer)
+        t.local = address_from_wire(last.local)
+        if self.family == _AF_INET6 and len(t.peer) == 2:
+            t.peer = (*t.peer, 0, 0)
+            t.local = (*t.local, 0, 0)
+
+    @staticmethod
+    def _take_error(t: _Tether) -> OSError:
+        """The pending connect error as an exception; clears it (like SO_ERROR)."""
+        error = t.exc or OSError(t.error, os.strerror(t.error))
+        t.error, t.exc = 0, None
+        return error
+
+    def _fail(self, t: _Tether, exc: OSError) -> None:
+        t.state = "new"
+        t.error = exc.errno if isinstance(exc.errno, int) and exc.errno else errno.EIO
+        if isinstance(exc, TimeoutError):
+            t.error = errno.ETIMEDOUT
+        t.exc = exc
+
+    def _finish_pending(self, t: _Tether, *, block: bool) -> bool:
+        """Complete a non-blocking connect if its answer is here (or wait for it)."""
+        if t.state != "pending":
+            return True
+        if not block and not _readable(self.fileno()):
+            return False
+        if not t.lock.acquire(blocking=block):
+            return False  # another thread is reading the answer right now
+        try:
+            if t.state != "pending":
+                return True
+            assert t.deadline is not None
+            try:
+                self._await_result(t, t.deadline)
+            except TimeoutError:
+                t.error = errno.ETIMEDOUT
+                t.state = "new"
+            return True
+        finally:
+            t.lock.release()
+
+    # -- reads and writes while a non-blocking connect is pending ---------------
+
+    def _pending_guard(self) -> None:
+        t = self._tether
+        if t is not None and t.state == "handed-off":
+            raise OSError(
+                errno.EBADF,
+                "tether: this socket was handed off (pickled); use the unpickled copy",
+            )
+        if t is not None and t.state == "connecting":
+            # Another thread is in a blocking connect(): a blocking call waits
+            # for it, as the stdlib's would; a non-blocking one does not.
+            timeout = self.gettimeout()
+            if timeout == 0.0:
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+            if not t.lock.acquire(timeout=-1 if timeout is None else timeout):
+                raise TimeoutError("timed out")
+            t.lock.release()
+        if t is not None and t.state == "pending":
+            # A blocking call waits for the connect to finish, as on Linux;
+            # a non-blocking one only takes the answer if it is already here.
+            blocking = self.gettimeout() != 0.0
+            if not self._finish_pending(t, block=blocking):
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        if t is not None and t.state != "connected":
+            if t.error:
+                raise self._take_error(t)
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        t = self._tether
+        if t is not None and t.state != "connected":
+            self._pending_guard()
+        try:
+            return super().recv(bufsize, flags)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise self._explain(exc) from None
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        t = self._tether
+        if t is not None and t.state != "connected":
+            self._pending_guard()
+        try:
+            return super().recv_into(buffer, nbytes, flags)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise self._explain(exc) from None
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+        t = self._tether
+        if t is not None:
+            if t.state != "connected":
+                self._pending_guard()
+            return super().recv(bufsize, flags), None
+        return super().recvfrom(bufsize, flags)
+
+    def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
+        t = self._tether
+        if t is not None:
+            if t.state != "connected":
+                self._pending_guard()
+            return super().recv_into(buffer, nbytes, flags), None
+        return super().recvfrom_into(buffer, nbytes, flags)
+
+    def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> Any:
+        t = self._tether
+        if t is not None and t.state != "connected":
+            self._pending_guard()
+        data, anc, msg_flags, addr = super().recvmsg(bufsize, ancbufsize, flags)
+        return (data, anc, msg_flags, None if t is not None else addr)
+
+    def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> Any:
+        t = self._tether
+        if t is not None and t.state != "connected":
+            self._pending_guard()
+        n, anc, msg_flags, addr = super().recvmsg_into(buffers, ancbufsize, flags)
+        return (n, anc, msg_flags, None if t is not None else addr)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        t = self._tether
+        if t is not None and t.state != "connected":
+            self._pending_guard()
+        try:
+            return super().send(data, flags)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise self._explain(exc) from None
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        t = self._tether
+        if t is not None and t.state != "connected":
+            self._pending_guard()
+        try:
+            super().sendall(data, flags)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise self._explain(exc) from None
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        t = self._tether
+        if t is None:
+            return super().sendto(data, *args)
+        if t.state != "connected":
+            self._pending_guard()
+        # A connected TCP socket ignores the address, as Linux does.
+        flags = args[0] if len(args) == 2 else 0
+        return super().send(data, flags)
+
+    def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0, address: Any = None) -> int:
+        t = self._tether
+        if t is None:
+            if address is None:
+                return super().sendmsg(buffers, ancdata, flags)
+            return super().sendmsg(buffers, ancdata, flags, address)
+        if t.state != "connected":
+            self._pending_guard()
+        return super().sendmsg(buffers, ancdata, flags)
+
+    # -- addresses -------------------------------------------------------------
+
+    def getpeername(self) -> Any:
+        t = self._tether
+        if t is None:
+            return super().getpeername()
+        self._check_open()
+        if t.state == "pending":
+            self._finish_pending(t, block=False)
+        if t.state != "connected" or t.peer is None:
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+        return t.peer
+
+    def getsockname(self) -> Any:
+        t = self._tether
+        if t is None:
+            return super().getsockname()
+        self._check_open()
+        if t.state == "connected" and t.local is not None:
+            return t.local
+        if self.family == _AF_INET6:
+            return ("::", 0, 0, 0)
+        return ("0.0.0.0", 0)
+
+    def _check_open(self) -> None:
+        if self.fileno() == -1:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+    # -- outbound only -----------------------------------------------------------
+
+    def bind(self, address: Any) -> None:
+        t = self._tether
+        if t is None:
+            super().bind(address)
+            return
+        host, port = _check_address(self.family, address, "bind")
+        if host in ("", "0.0.0.0", "::") and port == 0:
+            t.bound = True  # "any address, any port": what connect() does anyway
+            return
+        if _is_loopback(host) and t.state == "new":
+            # A socket on this host's loopback never reaches the gateway: it
+            # is for in-process plumbing such as the wake-up socket pairs
+            # pika and paho-mqtt build with bind/listen/connect.
+            self._make_local(t)
+            super().bind(address)
+            _local_listeners[self.getsockname()[:2]] = self
+            return
+        raise OSError(
+            errno.EACCES,
+            f"tether: sockets are outbound only; bind to {host or '*'}:{port} is not allowed "
+            "(only ('', 0), meaning any address and port, or a loopback address for a "
+            "socket local to this host)",
+        )
+
+    def _make_local(self, t: _Tether) -> None:
+        """Turn this (unused) tether socket into a plain kernel socket of its family."""
+        if t.real_family != self.family:
+            fresh = _StdSocket(self.family, _SOCK_STREAM)
+            try:
+                os.dup2(fresh.fileno(), self.fileno(), inheritable=False)
+            finally:
+                fresh.close()
+            _StdSocket.settimeout(self, self.gettimeout())
+        for name, value in t.options.items():
+            level, optname = OPTION_LEVELS[name]
+            decoded = decode_option(value, 8 if name == pb.SO_LINGER else None)
+            _StdSocket.setsockopt(self, level, optname, decoded)
+        self._tether = None
+
+    def listen(self, backlog: int = 0, /) -> None:
+        if self._tether is None:
+            super().listen(backlog)
+            return
+        raise _outbound_only("listen()")
+
+    def accept(self) -> tuple[_StdSocket, Any]:
+        if self._tether is None:
+            return super().accept()
+        raise _outbound_only("accept()")
+
+    def shutdown(self, how: int, /) -> None:
+        t = self._tether
+        if t is not None and t.state != "connected":
+            self._pending_guard()
+        super().shutdown(how)
+
+    # -- options -------------------------------------------------------------------
+
+    def setsockopt(self, level: int, optname: int, value: Any, optlen: int | None = None) -> None:
+        t = self._tether
+        if t is None:
+            if optlen is None:
+                super().setsockopt(level, optname, value)
+            else:
+                super().setsockopt(level, optname, value, optlen)
+            return
+        self._check_open()
+        set_option(t, level, optname, value)
+
+    def getsockopt(self, level: int, optname: int, buflen: int | None = None) -> Any:
+        t = self._tether
+        if t is None:
+            if buflen is None:
+                return super().getsockopt(level, optname)
+            return super().getsockopt(level, optname, buflen)
+        self._check_open()
+        is_so_error = (level, optname) == (_socket_mod.SOL_SOCKET, _socket_mod.SO_ERROR)
+        if is_so_error and t.state == "pending":
+            # The app saw the fd writable and asks how the connect went: wait for it.
+            self._finish_pending(t, block=True)
+        return get_option(t, int(self.type), level, optname, buflen)
+
+    # -- copies ----------------------------------------------------------------
+
+    def dup(self) -> socket:
+        sock = super().dup()
+        assert isinstance(sock, socket)
+        if self._tether is not None:
+            sock._tether = self._tether.copy()
+        return sock
+
+    def _explain(self, exc: OSError) -> OSError:
+        """A reset from the gateway's side: ask it why, and say so (e.g. reclaimed)."""
+        t = self._tether
+        if t is None or not t.descriptor or t.settings is None:
+            return exc
+        try:
+            response = control.channel(t.settings).request(
+                pb.Request(close_reason=pb.CloseReason(descriptor=t.descriptor)), timeout=2.0
+            )
+        except OSError:
+            return exc
+        reason = response.text.text
+        if reason.startswith(("reclaimed", "gateway shutting down")):
+            peer = t.peer or ("?", 0)
+            return type(exc)(exc.errno, f"tether: socket to {peer[0]}:{peer[1]} was {reason}")
+        return exc
+
+    # -- handoff (pickling) --------------------------------------------------------
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        if self._tether is None:
+            return super().__reduce_ex__(protocol)  # the stdlib's "cannot pickle" TypeError
+        from tether.client.handoff import hand_off, resume
+
+        return (resume, (hand_off(self),))
+
+    def __getstate__(self) -> Any:
+        raise TypeError(f"cannot pickle {self.__class__.__name__!r} object")
+
+
+def set_option(t: _Tether, level: int, optname: int, value: Any) -> None:
+    """setsockopt() for a tether socket: kept, and applied at the gateway once connected."""
+    name = OPTIONS.get((level, optname))
+    if name is None:
+        raise _unsupported_option(level, optname)
+    if value is None:
+        raise OSError(errno.EINVAL, f"tether: {option_label(level, optname)} needs a value")
+    encoded = encode_option(name, value)
+    if t.state == "connected":
+        _control(t, pb.Request(set_option=pb.SetOption(descriptor=t.descriptor, value=encoded)))
+    elif t.state in ("pending", "connecting"):
+        t.late_options.add(name)
+    t.options[name] = encoded
+
+
+def get_option(t: _Tether, sock_type: int, level: int, optname: int, buflen: int | None) -> Any:
+    """getsockopt() for a tether socket: the outbound socket's real value once connected."""
+    if level == _socket_mod.SOL_SOCKET and optname == _socket_mod.SO_ERROR:
+        err, t.error, t.exc = t.error, 0, None
+        return err if buflen is None else err.to_bytes(4, sys.byteorder)[:buflen]
+    if level == _socket_mod.SOL_SOCKET and optname == _socket_mod.SO_TYPE:
+        return sock_type if buflen is None else sock_type.to_bytes(4, sys.byteorder)[:buflen]
+    name = OPTIONS.get((level, optname))
+    if name is None:
+        raise _unsupported_option(level, optname)
+    if t.state == "connected":
+        response = _control(t, pb.Request(get_option=pb.GetOption(
+            descriptor=t.descriptor, name=name)))
+        return decode_option(response.option, buflen)
+    value = t.options.get(name)
+    if value is None:
+        return _default_option(level, optname, buflen)
+    return decode_option(value, buflen)
+
+
+def _control(t: _Tether, req: pb.Request) -> pb.Response:
+    assert t.settings is not None
+    return control.channel(t.settings).request(req)
+
+
+# Loopback listeners of this process (see socket.bind): connects to them go
+# straight to the kernel. Weak values: a closed, collected listener drops out.
+_local_listeners: weakref.WeakValueDictionary[tuple[str, int], socket] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_local_listener(address: Any) -> bool:
+    if not isinstance(address, tuple) or len(address) < 2:
+        return False
+    listener = _local_listeners.get((address[0], address[1]))
+    return listener is not None and listener.fileno() != -1
+
+
+def _readable(fd: int) -> bool:
+    import select
+
+    r, _, _ = select.select([fd], [], [], 0)
+    return bool(r)
+
+
+def _unsupported_option(level: int, optname: int) -> OSError:
+    return OSError(
+        errno.ENOPROTOOPT,
+        f"tether: socket option {option_label(level, optname)} is not supported "
+        f"(supported: {_SUPPORTED})",
+    )
+
+
+_defaults: dict[tuple[int, int, int | None], Any] = {}
+
+
+def _default_option(level: int, optname: int, buflen: int | None) -> Any:
+    """The kernel's default for an option on a fresh TCP socket (never connected)."""
+    key = (level, optname, buflen)
+    if key not in _defaults:
+        with _StdSocket(_AF_INET, _SOCK_STREAM) as probe:
+            if buflen is None:
+                _defaults[key] = probe.getsockopt(level, optname)
+            else:
+                _defaults[key] = probe.getsockopt(level, optname, buflen)
+    return _defaults[key]
+
+
+def _check_address(family: int, address: Any, op: str) -> tuple[str, int]:
+    """Validate like the stdlib does; returns (host, port)."""
+    fam = "AF_INET6" if family == _AF_INET6 else "AF_INET"
+    if not isinstance(address, tuple):
+        raise TypeError(f"{op}(): {fam} address must be tuple, not {type(address).__name__}")
+    want = (2, 4) if family == _AF_INET6 else (2, 2)
+    if not want[0] <= len(address) <= want[1]:
+        raise TypeError(
+            f"{op}(): {fam} address must be a pair (host, port)"
+            if family == _AF_INET
+            else f"{op}(): {fam} address must be a tuple (host, port[, flowinfo[, scopeid]])"
+        )
+    host, port = address[0], address[1]
+    if isinstance(host, bytes | bytearray):
+        host = bytes(host).decode("idna")
+    if not isinstance(host, str):
+        raise TypeError(f"str, bytes or bytearray expected, not {type(host).__name__}")
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise TypeError(f"'{type(port).__name__}' object cannot be interpreted as an integer")
+    if not 0 <= port <= 65535:
+        raise OverflowError(f"{op}(): port must be 0-65535.")
+    return host, port
+
+
+__all__ = ["socket"]
+
+
+def keepalive(sock: _StdSocket) -> None:
+    """Reset the gateway's idle clock for `sock` without sending it any data.
+
+    A socket with no traffic for the gateway's idle_timeout (10 minutes by
+    default) is reclaimed; an app that holds a quiet connection on purpose
+    calls this now and then.
+    """
+    t = getattr(sock, "_tether", None) or getattr(sock, "_tether_state", None)
+    if not isinstance(t, _Tether) or t.state != "connected":
+        raise OSError(errno.ENOTCONN, "tether: keepalive() needs a connected tether socket")
+    _control(t, pb.Request(touch=pb.Touch(descriptor=t.descriptor)))

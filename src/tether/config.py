@@ -1,0 +1,209 @@
+"""Gateway configuration: a TOML file validated completely at start-up.
+
+Every problem is reported as a :class:`~tether.errors.ConfigError` whose
+path points into the document (``gateway.listen[1]``, ``apps.billing.key``)
+before anything listens. Unknown keys are errors: a typo must not silently
+turn a setting off.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tether.endpoint import DEFAULT_PORT, Endpoint, parse_endpoint
+from tether.errors import ConfigError
+from tether.policy import PolicySet, parse_policy
+from tether.wire import DEFAULT_MAX_FRAME
+
+# App Engine reclaimed sockets idle for 10 minutes (2 minutes in the 2013 preview).
+DEFAULT_IDLE_TIMEOUT = 600.0
+# The outbound connect default: about what Linux's SYN retries give (~2 min) is
+# too long for a sandboxed worker; 30 s matches common client libraries.
+DEFAULT_CONNECT_TIMEOUT = 30.0
+DEFAULT_LISTEN: tuple[Endpoint, ...] = (Endpoint(host="127.0.0.1", port=DEFAULT_PORT),)
+RESOLVER_MODES = ("system", "static")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    name: str
+    key: str = field(repr=False)  # never in a repr, so never in a log
+    idle_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[Endpoint, ...] = DEFAULT_LISTEN
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    max_frame: int = DEFAULT_MAX_FRAME
+    # JSON lines, one per decision and per closed socket; None: the gateway's log
+    audit_log: str | None = None
+    # `tether sockets --admin` lists every app's sockets with this key
+    admin_key: str | None = field(default=None, repr=False)
+    resolver_mode: str = "system"
+    resolver_hosts: Mapping[str, list[str]] = field(default_factory=dict)
+    policy: PolicySet = field(default_factory=lambda: parse_policy(None))
+    apps: Mapping[str, AppConfig] = field(default_factory=dict)
+    source: str | None = None
+
+    @property
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        return [(e.host, e.port) for e in self.listen if not e.is_unix]
+
+    def with_listen(self, listen: tuple[Endpoint, ...]) -> Config:
+        return _replace(self, listen=listen)
+
+    def with_apps(self, apps: Mapping[str, AppConfig]) -> Config:
+        return _replace(self, apps=dict(apps))
+
+
+def _replace(config: Config, **changes: Any) -> Config:
+    from dataclasses import replace
+
+    return replace(config, **changes)
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate a TOML config; ``None`` gives the defaults."""
+    if path is None:
+        return Config()
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError("(file)", "not found", source=source) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("(file)", f"not valid TOML: {exc}", source=source) from exc
+    return parse_config(data, source=source)
+
+
+def parse_config(data: Mapping[str, Any], *, source: str | None = None) -> Config:
+    try:
+        return _parse(data, source)
+    except ConfigError as exc:
+        if exc.source is None and source is not None:
+            raise ConfigError(exc.path, exc.message, source=source) from exc
+        raise
+
+
+def _parse(data: Mapping[str, Any], source: str | None) -> Config:
+    _known(data, "", {"gateway", "resolver", "policy", "apps"})
+    gateway = _table(data, "gateway")
+    _known(
+        gateway,
+        "gateway",
+        {"listen", "idle_timeout", "connect_timeout", "max_frame", "audit_log", "admin_key"},
+    )
+    admin_key = gateway.get("admin_key")
+    if admin_key is not None and (not isinstance(admin_key, str) or not admin_key):
+        raise ConfigError("gateway.admin_key", "must be a non-empty string")
+    audit_log = gateway.get("audit_log")
+    if audit_log is not None and (not isinstance(audit_log, str) or not audit_log):
+        raise ConfigError("gateway.audit_log", "must be a file path")
+    listen: tuple[Endpoint, ...] = DEFAULT_LISTEN
+    if "listen" in gateway:
+        items = gateway["listen"]
+        if isinstance(items, str):
+            items = [items]
+        if not isinstance(items, list) or not items:
+            raise ConfigError("gateway.listen", "must be a non-empty list of addresses")
+        parsed = []
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise ConfigError(f"gateway.listen[{i}]", "must be a string")
+            try:
+                parsed.append(parse_endpoint(item))
+            except ValueError as exc:
+                raise ConfigError(f"gateway.listen[{i}]", str(exc)) from exc
+        listen = tuple(parsed)
+    idle = _seconds(gateway, "gateway", "idle_timeout", DEFAULT_IDLE_TIMEOUT)
+    connect_timeout = _seconds(gateway, "gateway", "connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+    max_frame = gateway.get("max_frame", DEFAULT_MAX_FRAME)
+    if isinstance(max_frame, bool) or not isinstance(max_frame, int) or not (
+        1024 <= max_frame <= 16 * 1024 * 1024
+    ):
+        raise ConfigError("gateway.max_frame", "must be a whole number from 1024 to 16777216")
+
+    resolver = _table(data, "resolver")
+    _known(resolver, "resolver", {"mode", "hosts"})
+    mode = resolver.get("mode", "system")
+    if mode not in RESOLVER_MODES:
+        raise ConfigError("resolver.mode", f"must be one of {', '.join(RESOLVER_MODES)}")
+    hosts_table = _table(resolver, "hosts", where="resolver.hosts")
+    hosts: dict[str, list[str]] = {}
+    for name, value in hosts_table.items():
+        addrs = [value] if isinstance(value, str) else value
+        if not isinstance(addrs, list) or not addrs or not all(isinstance(a, str) for a in addrs):
+            raise ConfigError(f"resolver.hosts.{name}", "must be an address or list of addresses")
+        for a in addrs:
+            try:
+                import ipaddress
+
+                ipaddress.ip_address(a)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"resolver.hosts.{name}", f"{a!r} is not a numeric IP address"
+                ) from exc
+        hosts[name.lower().rstrip(".")] = list(addrs)
+
+    apps_table = _table(data, "apps")
+    apps: dict[str, AppConfig] = {}
+    app_policies: dict[str, Mapping[str, Any]] = {}
+    for name, app in apps_table.items():
+        where = f"apps.{name}"
+        if not isinstance(app, Mapping):
+            raise ConfigError(where, "must be a table")
+        _known(app, where, {"key", "idle_timeout", "policy"})
+        key = app.get("key")
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{where}.key", "must be a non-empty string")
+        app_idle = _seconds(app, where, "idle_timeout", None) if "idle_timeout" in app else None
+        apps[name] = AppConfig(name=name, key=key, idle_timeout=app_idle)
+        if "policy" in app:
+            app_policies[name] = _table(app, "policy", where=f"{where}.policy")
+    policy = parse_policy(_table(data, "policy") or None, app_policies)
+    return Config(
+        listen=listen,
+        idle_timeout=idle,
+        connect_timeout=connect_timeout,
+        max_frame=max_frame,
+        audit_log=audit_log,
+        admin_key=admin_key,
+        resolver_mode=mode,
+        resolver_hosts=hosts,
+        policy=policy,
+        apps=apps,
+        source=source,
+    )
+
+
+def _known(table: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+    for key in table:
+        if key not in allowed:
+            path = f"{where}.{key}" if where else key
+            raise ConfigError(path, f"unknown setting (known: {', '.join(sorted(allowed))})")
+
+
+def _table(parent: Mapping[str, Any], key: str, *, where: str | None = None) -> Mapping[str, Any]:
+    value = parent.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(where or key, "must be a table")
+    return value
+
+
+def _seconds(table: Mapping[str, Any], where: str, key: str, default: Any) -> Any:
+    value = table.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+        0 < value < math.inf
+    ):
+        raise ConfigError(f"{where}.{key}", "must be a positive number of seconds")
+    return float(value)

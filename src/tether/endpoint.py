@@ -1,0 +1,76 @@
+"""Gateway endpoints as written in configs, flags and TETHER_GATEWAY.
+
+``host:port``, ``[v6addr]:port`` or ``unix:/path``. Shared by the gateway
+(where it listens) and the client (where it connects).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+DEFAULT_PORT = 7340  # unassigned by IANA at the time of writing; "TE" on a phone pad-ish
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str = ""
+    port: int = 0
+    path: str = ""  # set for a Unix socket
+
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.path)
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        if self.is_unix:
+            return socket.AF_UNIX
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    @property
+    def sockaddr(self) -> str | tuple[str, int]:
+        return self.path if self.is_unix else (self.host, self.port)
+
+    def __str__(self) -> str:
+        if self.is_unix:
+            return f"unix:{self.path}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Parse ``host:port``, ``[v6]:port`` or ``unix:/path``; ValueError says what is wrong."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise ValueError(f"{text!r}: a unix endpoint needs a path (unix:/run/tether.sock)")
+        return Endpoint(path=path)
+    bracketed = text.startswith("[")
+    if bracketed:
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r}: expected [IPv6]:PORT")
+        port_text = rest[1:] if rest else ""
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, ""
+        if ":" in host:
+            raise ValueError(f"{text!r}: put an IPv6 address in brackets, as [::1]:7340")
+    if not host:
+        raise ValueError(f"{text!r}: missing host (as 127.0.0.1:7340)")
+    port = DEFAULT_PORT
+    if port_text:
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+        port = int(port_text)
+    if bracketed or ":" in host:
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError as exc:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from exc
+    return Endpoint(host=host, port=port)

@@ -1,0 +1,202 @@
+"""The gateway's table of live sockets and the per-app meter.
+
+A descriptor is 128 random bits (``secrets.token_urlsafe(16)``), so it cannot
+be guessed, and it is bound to the app that created it: every lookup names
+the app, and another app's descriptor is never usable.
+
+A socket is ``attached`` (an app stream is relaying it), ``detaching`` (a
+handoff has begun) or ``handed-off`` (waiting for a Resume with its one-time
+token). A closed socket leaves a tombstone for a while, so an app that finds
+its socket gone can be told why ("reclaimed after 600 s idle").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tether.gateway.relay import Link
+
+log = logging.getLogger("tether.gateway")
+audit = logging.getLogger("tether.audit")
+
+DESCRIPTOR_BYTES = 16  # 128 bits: unguessable, as the issue requires
+TOKEN_BYTES = 16
+# Tombstones answer "why was my socket closed?"; an app asks right after it
+# sees the reset, so an hour and 10,000 entries are plenty (and bounded).
+TOMBSTONE_TTL = 3600.0
+TOMBSTONE_LIMIT = 10_000
+
+ATTACHED = "attached"
+DETACHING = "detaching"
+HANDED_OFF = "handed-off"
+
+
+@dataclass
+class AppUsage:
+    """Traffic an app has moved; ``bytes_out`` (app -> internet) is what is billed."""
+
+    bytes_out: int = 0
+    bytes_in: int = 0
+    sockets_opened: int = 0
+    connects_denied: int = 0
+
+
+@dataclass(eq=False)
+class SocketRecord:
+    descriptor: str
+    app: str
+    peer: tuple[Any, ...]
+    local: tuple[Any, ...]
+    transport: str
+    registry: Registry
+    created: float
+    last_active: float
+    bytes_out: int = 0
+    bytes_in: int = 0
+    idle_timeout: float = 600.0
+    link: Link | None = None
+    state: str = ATTACHED
+    token: str | None = None  # the resume token while handed off
+    handoffs: int = 0
+    closed_reason: str | None = None
+    wall_created: float = field(default_factory=time.time)
+
+    def touch(self) -> None:
+        self.last_active = self.registry.clock()
+
+    def new_token(self) -> str:
+        self.token = secrets.token_urlsafe(TOKEN_BYTES)
+        return self.token
+
+    def finish(self, reason: str) -> None:
+        if self.closed_reason is not None:
+            return
+        self.closed_reason = reason
+        self.registry.closed(self)
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    app: str
+    reason: str
+    peer: str
+    at: float
+
+
+class Registry:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._sockets: dict[str, SocketRecord] = {}
+        self._tombstones: OrderedDict[str, Tombstone] = OrderedDict()
+        self.usage: dict[str, AppUsage] = {}
+
+    def __len__(self) -> int:
+        return len(self._sockets)
+
+    def __iter__(self) -> Iterator[SocketRecord]:
+        return iter(list(self._sockets.values()))
+
+    def add(
+        self,
+        app: str,
+        peer: tuple[Any, ...],
+        local: tuple[Any, ...],
+        transport: str,
+        idle_timeout: float,
+    ) -> SocketRecord:
+        descriptor = secrets.token_urlsafe(DESCRIPTOR_BYTES)
+        now = self.clock()
+        record = SocketRecord(
+            descriptor=descriptor,
+            app=app,
+            peer=peer,
+            local=local,
+            transport=transport,
+            registry=self,
+            created=now,
+            last_active=now,
+            idle_timeout=idle_timeout,
+        )
+        self._sockets[descriptor] = record
+        self.app_usage(app).sockets_opened += 1
+        return record
+
+    def get(self, app: str, descriptor: str) -> SocketRecord | None:
+        record = self._sockets.get(descriptor)
+        if record is None or record.app != app:
+            return None
+        return record
+
+    def owner(self, descriptor: str) -> str | None:
+        """The app a live or recently closed descriptor belongs to."""
+        record = self._sockets.get(descriptor)
+        if record is not None:
+            return record.app
+        stone = self._tombstones.get(descriptor)
+        return stone.app if stone is not None else None
+
+    def tombstone(self, app: str, descriptor: str) -> Tombstone | None:
+        stone = self._tombstones.get(descriptor)
+        if stone is None or stone.app != app:
+            return None
+        if self.clock() - stone.at > TOMBSTONE_TTL:
+            return None
+        return stone
+
+    def idle(self, now: float | None = None) -> list[tuple[SocketRecord, float]]:
+        """Sockets idle past their timeout, with how long they have been idle."""
+        now = self.clock() if now is None else now
+        return [
+            (record, now - record.last_active)
+            for record in self._sockets.values()
+            if now - record.last_active >= record.idle_timeout
+        ]
+
+    def app_usage(self, app: str) -> AppUsage:
+        usage = self.usage.get(app)
+        if usage is None:
+            usage = self.usage[app] = AppUsage()
+        return usage
+
+    def closed(self, record: SocketRecord) -> None:
+        self._sockets.pop(record.descriptor, None)
+        now = self.clock()
+        self._tombstones[record.descriptor] = Tombstone(
+            record.app, record.closed_reason or "closed", _fmt(record.peer), now
+        )
+        while len(self._tombstones) > TOMBSTONE_LIMIT:
+            self._tombstones.popitem(last=False)
+        usage = self.app_usage(record.app)
+        usage.bytes_out += record.bytes_out
+        usage.bytes_in += record.bytes_in
+        # One structured line per socket, at close (the billing record).
+        audit.info(
+            json.dumps(
+                {
+                    "event": "close",
+                    "app": record.app,
+                    "descriptor": record.descriptor[:8],
+                    "transport": record.transport,
+                    "peer": _fmt(record.peer),
+                    "bytes_out": record.bytes_out,
+                    "bytes_in": record.bytes_in,
+                    "duration_s": round(now - record.created, 6),
+                    "handoffs": record.handoffs,
+                    "reason": record.closed_reason,
+                },
+                separators=(",", ":"),
+            )
+        )
+
+
+def _fmt(addr: tuple[Any, ...]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

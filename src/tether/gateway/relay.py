@@ -1,0 +1,282 @@
+"""The data path: bytes between an app's stream and its outbound socket.
+
+After a successful connect the app's transport and the outbound transport
+are joined by a :class:`Link`: two small protocols that write what one side
+receives to the other. Flow control is the transports' own: when one side's
+write buffer passes its high-water mark, asyncio calls ``pause_writing`` and
+the link stops reading the other side until it drains, so a slow reader
+never makes the gateway buffer without bound. Half-closes are passed on as
+``write_eof``. Metering is done here, where the bytes are relayed
+(smokescreen's InstrumentedConn): the counters live on the socket's record.
+
+A handoff (docs/handoff.md) detaches the app side without touching the
+outbound connection: the link stops reading the peer, lets the old holder
+drain what was already sent to it, and waits, with the peer's bytes held
+back by TCP flow control, until a new stream resumes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from typing import TYPE_CHECKING, cast
+
+from tether.gateway.registry import ATTACHED, DETACHING, HANDED_OFF
+
+if TYPE_CHECKING:
+    from tether.gateway.registry import SocketRecord
+
+log = logging.getLogger("tether.gateway")
+
+# How long a Resume may wait for the old holder's stream to finish closing
+# (it has already read the gateway's EOF, so this is one loop turn in practice).
+DETACH_SETTLE_TIMEOUT = 5.0
+
+
+class _Half(asyncio.Protocol):
+    """Receives on one transport, writes to the other."""
+
+    __slots__ = ("eof", "link", "other", "outgoing", "transport")
+
+    def __init__(self, link: Link, outgoing: bool) -> None:
+        self.link = link
+        # True for the app's side: what it receives is the app's outgoing traffic.
+        self.outgoing = outgoing
+        self.transport: asyncio.Transport | None = None
+        self.other: _Half | None = None
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        if not self.outgoing and self.link.starting:
+            self.transport.pause_reading()  # until the app has its ConnectResult
+
+    def data_received(self, data: bytes) -> None:
+        other = self.other
+        assert other is not None
+        if self.link.starting:
+            # Before the app has its ConnectResult (and before the socket is
+            # registered): held, and metered when it is passed on.
+            self.link.held.append(data)
+            return
+        record = self.link.record
+        if other.transport is None:
+            # The app side is detached (handoff): hold what slipped through
+            # before the pause took effect; it is sent first on resume.
+            self.link.held.append(data)
+        else:
+            other.transport.write(data)
+        if self.outgoing:
+            record.bytes_out += len(data)
+        else:
+            record.bytes_in += len(data)
+        record.last_active = record.registry.clock()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        link = self.link
+        other = self.other
+        assert other is not None
+        if self.outgoing and link.record.state == DETACHING:
+            # The old holder has sent its last byte: everything it wrote is
+            # now queued to the peer. Close our side after flushing what we
+            # sent it (its tail); connection_lost then marks it handed off.
+            assert self.transport is not None
+            self.transport.close()
+            return True
+        if other.transport is None:
+            return True  # the peer closed while handed off: passed on at resume
+        if other.eof:
+            link.close("closed by both sides")
+            return False
+        if other.transport.can_write_eof():
+            other.transport.write_eof()
+        return True  # keep our transport open: the other direction may still flow
+
+    def pause_writing(self) -> None:
+        # Our transport's buffer is full: stop reading the side that fills it.
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.link.holding and self.outgoing:
+            return  # the peer stays paused until the handoff completes
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        link = self.link
+        if self.outgoing and link.record.state in (DETACHING, HANDED_OFF):
+            link.detached(exc)
+            return
+        if exc is None:
+            reason = "closed by the app" if self.outgoing else "closed by the peer"
+        else:
+            who = "app" if self.outgoing else "peer"
+            reason = f"{who} connection lost: {exc}"
+        link.close(reason)
+
+
+class _TailEcho(asyncio.Protocol):
+    """On a resumed stream: send the first `remaining` bytes back, then relay.
+
+    Those bytes are the old holder's unread tail, which the new holder's fd
+    must deliver before anything else from the peer.
+    """
+
+    def __init__(self, link: Link, remaining: int) -> None:
+        self.link = link
+        self.remaining = remaining
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.link.app_side.transport
+        assert transport is not None
+        n = min(len(data), self.remaining)
+        transport.write(data[:n])
+        self.remaining -= n
+        if self.remaining == 0:
+            transport.set_protocol(self.link.app_side)
+            self.link.tail_sent()
+            if len(data) > n:
+                self.link.app_side.data_received(data[n:])
+
+    def eof_received(self) -> bool:
+        return self.link.app_side.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.link.app_side.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.link.app_side.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.link.app_side.resume_writing()
+
+
+class Link:
+    """One relayed socket: the app's stream joined to the outbound connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, record: SocketRecord | None) -> None:
+        self.loop = loop
+        # Set by bind() once the outbound transport exists; only then is the
+        # socket registered (a failed setup leaves no record behind).
+        self.record = cast("SocketRecord", record)
+        self.bound = record is not None
+        self.starting = record is None
+        self.app_side = _Half(self, outgoing=True)
+        self.peer_side = _Half(self, outgoing=False)
+        self.app_side.other = self.peer_side
+        self.peer_side.other = self.app_side
+        self.closed = False
+        self.holding = False  # peer reading paused for a handoff
+        self.held: list[bytes] = []
+        self.settled = asyncio.Event()  # set when the old holder's stream is gone
+
+    def bind(self, record: SocketRecord) -> None:
+        self.record = record
+        self.bound = True
+        record.link = self
+        if self.closed:  # the peer went away while the connect was being set up
+            record.finish("closed by the peer during connect")
+
+    def started(self) -> None:
+        """The app has its ConnectResult: let the peer's bytes flow.
+
+        uvloop starts reading a new transport after connection_made() even if
+        the protocol paused it there, so a first chunk may already be held.
+        """
+        self.starting = False
+        self.record.bytes_in += sum(map(len, self.held))
+        self.tail_sent()
+
+    # -- handoff ---------------------------------------------------------------
+
+    def begin_detach(self) -> None:
+        self.record.state = DETACHING
+        self.holding = True
+        self.settled.clear()
+        if self.peer_side.transport is not None:
+            self.peer_side.transport.pause_reading()
+
+    def detached(self, exc: Exception | None) -> None:
+        """The old holder's stream is closed: wait for a Resume."""
+        self.app_side.transport = None
+        self.record.state = HANDED_OFF
+        self.record.touch()  # waiting to be resumed counts as idle from now
+        if exc is not None:
+            log.info("socket %s: holder left during handoff: %s", self.record.descriptor[:8], exc)
+        self.settled.set()
+
+    def attach(self, transport: asyncio.Transport, tail_length: int, trailing: bytes) -> None:
+        """Join a resumed app stream; its first `tail_length` bytes are echoed back."""
+        record = self.record
+        record.state = ATTACHED
+        record.token = None
+        record.touch()
+        self.app_side.transport = transport
+        self.app_side.eof = False
+        if tail_length:
+            echo = _TailEcho(self, tail_length)
+            transport.set_protocol(echo)
+            if trailing:
+                echo.data_received(trailing)
+        else:
+            transport.set_protocol(self.app_side)
+            self.tail_sent()
+            if trailing:
+                self.app_side.data_received(trailing)
+
+    def tail_sent(self) -> None:
+        """The app stream is ready: the held bytes, the peer's EOF, then reading."""
+        transport = self.app_side.transport
+        assert transport is not None
+        for chunk in self.held:
+            transport.write(chunk)
+        self.held.clear()
+        if self.peer_side.eof and transport.can_write_eof():
+            transport.write_eof()
+        self.holding = False
+        if self.peer_side.transport is not None:
+            self.peer_side.transport.resume_reading()
+
+    # -- ending ------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """Close both transports (after flushing what is buffered) and log once."""
+        if self.closed:
+            return
+        self.closed = True
+        for half in (self.app_side, self.peer_side):
+            if half.transport is not None and not half.transport.is_closing():
+                half.transport.close()
+        self.settled.set()
+        if self.bound:
+            self.record.finish(reason)
+
+    def abort(self, reason: str, *, reset_app: bool = False) -> None:
+        """Drop both sides now, discarding buffered data (reclaim, shutdown).
+
+        With `reset_app` the app's stream gets a TCP reset rather than a FIN,
+        so its next call fails (ECONNRESET) instead of reading a clean EOF:
+        the client then asks the gateway why, and tells the app.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        app = self.app_side.transport
+        if reset_app and app is not None:
+            sock = app.get_extra_info("socket")
+            # On a Unix stream linger has no reset to give: the app sees EOF.
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        for half in (self.app_side, self.peer_side):
+            if half.transport is not None:
+                half.transport.abort()
+        self.settled.set()
+        if self.bound:
+            self.record.finish(reason)

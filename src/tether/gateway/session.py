@@ -1,0 +1,550 @@
+"""One app stream at the gateway: hello, then connects or control requests.
+
+The stream is driven by the sans-I/O :class:`tether.wire.Connection`. A
+protocol error closes this stream only, with an Error frame that says why;
+nothing in here can take the gateway down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hmac
+import json
+import logging
+import os
+import socket
+from collections.abc import Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, cast
+
+from tether import __version__
+from tether.gateway.registry import ATTACHED, DETACHING, HANDED_OFF, SocketRecord
+from tether.gateway.relay import DETACH_SETTLE_TIMEOUT, Link
+from tether.gateway.resolve import HostError
+from tether.policy import Decision, ResolutionError, Transport
+from tether.wire import (
+    NEED_DATA,
+    PAUSED,
+    PROTOCOL_VERSION,
+    Connection,
+    ConnectionClosed,
+    ProtocolError,
+    RemoteProtocolError,
+    Role,
+    State,
+    pb,
+)
+from tether.wire.convert import (
+    FAMILY_FROM_WIRE,
+    OPTION_LEVELS,
+    OPTION_NAMES,
+    address_to_wire,
+    decode_option,
+    encode_option,
+)
+
+if TYPE_CHECKING:
+    from tether.gateway.server import Gateway
+
+log = logging.getLogger("tether.gateway")
+audit = logging.getLogger("tether.audit")
+
+# Compared against when the app is unknown, so a wrong app name costs the
+# same time as a wrong key and timing does not reveal which apps exist.
+_DUMMY_KEY = os.urandom(32).hex()
+ADMIN_APP = "*"  # not a valid app table name in practice; see [gateway] admin_key
+
+
+class ClientSession(asyncio.Protocol):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.wire = Connection(Role.GATEWAY, max_frame=gateway.config.max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.app: str | None = None
+        self.admin = False  # the operator's identity: sees every app's sockets
+        self.peername = "?"
+        self._task: asyncio.Task[None] | None = None
+        self._switched = False
+
+    # -- asyncio protocol --------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peername = str(peer) if peer else "unix"
+        self.gateway.sessions.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.wire.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.wire.receive_data(b"")
+        self._process()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gateway.sessions.discard(self)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    # -- events ------------------------------------------------------------
+
+    def _process(self) -> None:
+        while self._task is None and not self._switched:
+            try:
+                event = self.wire.next_event()
+            except RemoteProtocolError as exc:
+                self._fail(exc)
+                return
+            if event is NEED_DATA or event is PAUSED:
+                return
+            if isinstance(event, ConnectionClosed):
+                self._close()
+                return
+            if isinstance(event, pb.ClientHello):
+                self._hello(event)
+            elif isinstance(event, pb.Connect):
+                self._start(self._connect(event))
+            elif isinstance(event, pb.Resume):
+                self._start(self._resume(event))
+            elif isinstance(event, pb.Request):
+                self._start(self._request(event))
+            elif isinstance(event, pb.Error):
+                log.info("stream %s sent an error: %s", self.peername, event.message)
+                self._close()
+                return
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+        assert self.transport is not None
+        # Read nothing more until this is answered: frames wait in the
+        # kernel, and early raw bytes after a Connect stay in order.
+        self.transport.pause_reading()
+        task = asyncio.ensure_future(coro)
+        self._task = task
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("internal error on stream %s", self.peername, exc_info=exc)
+            self._fail(ProtocolError(f"gateway internal error: {type(exc).__name__}"))
+            return
+        if self._switched or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        self._process()
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _fail(self, exc: ProtocolError) -> None:
+        log.info("closing stream %s: protocol error: %s", self.peername, exc)
+        if self.wire.state is not State.RELAY:  # raw bytes now: no frame can be sent
+            self._write(self.wire.send_error(exc))
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- hello -------------------------------------------------------------
+
+    def _hello(self, hello: pb.ClientHello) -> None:
+        reply = pb.ServerHello(protocol_version=PROTOCOL_VERSION, gateway_version=__version__)
+        if hello.protocol_version != PROTOCOL_VERSION:
+            reply.error.CopyFrom(
+                pb.Error(
+                    code=pb.Error.VERSION_MISMATCH,
+                    message=(
+                        f"tether: protocol version mismatch: the client speaks version "
+                        f"{hello.protocol_version}, this gateway speaks version "
+                        f"{PROTOCOL_VERSION} (gateway {__version__}); "
+                        "install matching tether versions"
+                    ),
+                )
+            )
+            log.warning(
+                "stream %s: client protocol version %d refused (client %s)",
+                self.peername,
+                hello.protocol_version,
+                hello.client_version or "unknown",
+            )
+        else:
+            config = self.gateway.config
+            if hello.app == ADMIN_APP:
+                # The operator's identity: may list every app's sockets, open none.
+                expected = config.admin_key or _DUMMY_KEY
+                known = config.admin_key is not None
+            else:
+                app = config.apps.get(hello.app)
+                expected = app.key if app is not None else _DUMMY_KEY
+                known = app is not None
+            ok = hmac.compare_digest(hello.key.encode(), expected.encode()) and known
+            if ok:
+                self.app = hello.app
+                self.admin = hello.app == ADMIN_APP
+            else:
+                reply.error.CopyFrom(
+                    pb.Error(
+                        code=pb.Error.AUTH_FAILED,
+                        message=f"tether: app '{hello.app}' authentication failed",
+                    )
+                )
+                # The key is never logged, not even a wrong one.
+                log.warning("stream %s: app %r authentication failed", self.peername, hello.app)
+        self._write(self.wire.send(reply))
+        if reply.HasField("error"):
+            self._close()
+
+    # -- connect -----------------------------------------------------------
+
+    async def _connect(self, req: pb.Connect) -> None:
+        assert self.app is not None and self.transport is not None
+        gw = self.gateway
+        app = self.app
+        if self.admin:
+            self._write(self.wire.send(_result_error(pb.Error.PERMISSION_DENIED, errno.EACCES,
+                "tether: the admin identity can list sockets but not open them")))
+            return
+        if req.transport != pb.TRANSPORT_TCP:
+            self._write(self.wire.send(_result_error(pb.Error.UNSUPPORTED, 0,
+                "tether: only TCP streams are offered on this gateway version")))
+            return
+        family = FAMILY_FROM_WIRE.get(req.family, socket.AF_UNSPEC)
+        try:
+            decision = await gw.decide(app, req.host, req.port, Transport.TCP)
+        except ResolutionError as exc:
+            self._write(self.wire.send(_result_error(pb.Error.GAI, exc.eai, exc.message)))
+            return
+        if not decision.allowed:
+            gw.registry.app_usage(app).connects_denied += 1
+            log_decision(decision, outcome="denied")
+            self._write(self.wire.send(pb.ConnectResult(error=pb.Error(
+                code=pb.Error.PERMISSION_DENIED, errno=errno.EACCES,
+                message=decision.describe(), rule=decision.rule))))
+            return
+        addresses = [a for a in decision.addresses if _family_ok(a, family)]
+        if not addresses:
+            log_decision(decision, outcome=f"no {_family_name(family)} address")
+            self._write(self.wire.send(_result_error(pb.Error.SYSTEM, errno.EAFNOSUPPORT,
+                f"tether: {req.host} has no {_family_name(family)} address the policy allows")))
+            return
+        timeout = req.timeout if req.timeout > 0 else gw.config.connect_timeout
+        try:
+            sock = await asyncio.wait_for(
+                self._open(addresses, req.port, req.options), timeout
+            )
+        except TimeoutError:
+            log_decision(decision, outcome=f"connect timed out after {timeout:g} s")
+            self._write(self.wire.send(_result_error(pb.Error.TIMEOUT, errno.ETIMEDOUT,
+                f"timed out connecting to {req.host}:{req.port} after {timeout:g} s")))
+            return
+        except OSError as exc:
+            log_decision(decision, outcome=f"connect failed: {exc.strerror or exc}")
+            self._write(self.wire.send(_result_error(pb.Error.SYSTEM, exc.errno or errno.EIO,
+                exc.strerror or str(exc))))
+            return
+        await self._relay(sock, decision, req.options)
+
+    async def _open(
+        self, addresses: list[str], port: int, options: Iterable[pb.OptionValue]
+    ) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        last: OSError | None = None
+        for address in addresses:
+            fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+            sock = socket.socket(fam, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                for opt in options:
+                    apply_option(sock, opt)
+                await loop.sock_connect(sock, (address, port))
+                return sock
+            except OSError as exc:
+                sock.close()
+                last = exc
+            except BaseException:
+                sock.close()
+                raise
+        assert last is not None
+        raise last
+
+    async def _relay(
+        self, sock: socket.socket, decision: Decision, options: Iterable[pb.OptionValue]
+    ) -> None:
+        assert self.app is not None and self.transport is not None
+        gw = self.gateway
+        loop = asyncio.get_running_loop()
+        peer = sock.getpeername()
+        local = sock.getsockname()
+        link = Link(loop, None)
+        # The peer side starts paused (Link.starting): nothing of the peer may
+        # reach the app's stream before the ConnectResult, and the options
+        # must be final before the app can ask for them.
+        try:
+            await loop.create_connection(lambda: link.peer_side, sock=sock)
+            nodelay = next((o.int_value for o in options if o.name == pb.TCP_NODELAY), 0)
+            # asyncio and uvloop switch Nagle off on every transport: put back
+            # the app's choice, or the kernel default it expects.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
+        except OSError as exc:
+            sock.close()
+            if link.peer_side.transport is not None:
+                link.peer_side.transport.abort()
+            log_decision(decision, outcome=f"outbound setup failed: {exc}")
+            self._write(self.wire.send(_result_error(pb.Error.SYSTEM, exc.errno or errno.EIO,
+                f"tether: outbound setup failed: {exc.strerror or exc}")))
+            return
+        record = gw.registry.add(self.app, peer, local, "tcp", gw.idle_timeout(self.app))
+        link.bind(record)
+        log_decision(decision, outcome="connected", descriptor=record.descriptor, chosen=peer)
+        self._write(self.wire.send(pb.ConnectResult(
+            descriptor=record.descriptor,
+            peer=address_to_wire(peer, sock.family),
+            local=address_to_wire(local, sock.family),
+        )))
+        trailing = self.wire.trailing_data
+        self._switched = True
+        gw.sessions.discard(self)
+        self.transport.set_protocol(link.app_side)
+        link.app_side.connection_made(self.transport)
+        link.started()
+        if trailing:
+            link.app_side.data_received(trailing)
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # -- control requests --------------------------------------------------
+
+    async def _request(self, req: pb.Request) -> None:
+        assert self.app is not None
+        response = pb.Response(id=req.id)
+        try:
+            await self._answer(req, response)
+        except ResolutionError as exc:
+            response.ClearField("result")
+            response.error.CopyFrom(pb.Error(code=pb.Error.GAI, errno=exc.eai, message=exc.message))
+        except HostError as exc:
+            response.error.CopyFrom(
+                pb.Error(code=pb.Error.HOST_NOT_FOUND, errno=exc.herrno, message=str(exc))
+            )
+        except OSError as exc:
+            response.error.CopyFrom(
+                pb.Error(code=pb.Error.SYSTEM, errno=exc.errno or errno.EIO,
+                         message=exc.strerror or str(exc))
+            )
+        self._write(self.wire.send(response))
+
+    async def _answer(self, req: pb.Request, response: pb.Response) -> None:
+        assert self.app is not None
+        gw = self.gateway
+        op = req.WhichOneof("op")
+        if op == "getaddrinfo":
+            response.addrinfo.CopyFrom(await gw.resolver.getaddrinfo(req.getaddrinfo))
+        elif op == "gethostbyname":
+            response.host.CopyFrom(await gw.resolver.gethostbyname_ex(req.gethostbyname.name))
+        elif op == "gethostbyaddr":
+            response.host.CopyFrom(await gw.resolver.gethostbyaddr(req.gethostbyaddr.address))
+        elif op == "getnameinfo":
+            response.nameinfo.CopyFrom(await gw.resolver.getnameinfo(req.getnameinfo))
+        elif op in ("set_option", "get_option", "touch"):
+            descriptor = getattr(req, op).descriptor
+            record = self._live(descriptor, response)
+            if record is None:
+                return
+            record.touch()  # any operation resets the idle clock
+            if op == "touch":
+                response.done = True
+                return
+            link = record.link
+            if link is None or link.peer_side.transport is None:
+                response.error.CopyFrom(pb.Error(code=pb.Error.CLOSED, errno=errno.EBADF,
+                    message=f"tether: socket {descriptor[:8]}... is closing"))
+                return
+            sock = link.peer_side.transport.get_extra_info("socket")
+            if op == "set_option":
+                apply_option(sock, req.set_option.value)
+                response.done = True
+            else:
+                response.option.CopyFrom(read_option(sock, req.get_option.name))
+        elif op == "detach":
+            record = self._live(req.detach.descriptor, response)
+            if record is None:
+                return
+            if record.state != ATTACHED or record.link is None:
+                response.error.CopyFrom(pb.Error(code=pb.Error.INVALID_REQUEST,
+                    errno=errno.EINVAL,
+                    message=f"tether: socket {record.descriptor[:8]}... is {record.state}, "
+                    "not attached: it cannot be handed off now"))
+                return
+            record.link.begin_detach()
+            record.handoffs += 1
+            response.handoff.token = record.new_token()
+        elif op == "close_reason":
+            descriptor = req.close_reason.descriptor
+            live = gw.registry.get(self.app, descriptor)
+            stone = gw.registry.tombstone(self.app, descriptor)
+            if live is not None:
+                response.text.text = f"open ({live.state})"
+            elif stone is not None:
+                response.text.text = stone.reason
+            else:
+                response.error.CopyFrom(pb.Error(code=pb.Error.NOT_FOUND, errno=errno.EBADF,
+                    message=f"tether: no socket {descriptor[:8]}... for app '{self.app}'"))
+        elif op == "list_sockets":
+            now = gw.registry.clock()
+            for record in gw.registry:
+                if record.app != self.app and not self.admin:
+                    continue
+                family = socket.AF_INET6 if ":" in str(record.peer[0]) else socket.AF_INET
+                response.sockets.sockets.append(pb.SocketInfo(
+                    app=record.app,
+                    descriptor_prefix=record.descriptor[:8],
+                    peer=address_to_wire(record.peer, family),
+                    state=record.state,
+                    bytes_out=record.bytes_out,
+                    bytes_in=record.bytes_in,
+                    idle_seconds=max(0.0, now - record.last_active),
+                    age_seconds=max(0.0, now - record.created),
+                    transport=pb.TRANSPORT_TCP if record.transport == "tcp" else pb.TRANSPORT_UDP,
+                ))
+            if not response.HasField("sockets"):
+                response.sockets.SetInParent()
+        else:
+            response.error.CopyFrom(pb.Error(code=pb.Error.UNSUPPORTED,
+                message=f"tether: request {op!r} is not supported by this gateway"))
+
+    def _live(self, descriptor: str, response: pb.Response) -> SocketRecord | None:
+        """This app's live socket, or None with the error filled in (why it is gone)."""
+        assert self.app is not None
+        gw = self.gateway
+        record = gw.registry.get(self.app, descriptor)
+        if record is not None:
+            return record
+        response.error.CopyFrom(self._gone(descriptor))
+        return None
+
+    def _gone(self, descriptor: str) -> pb.Error:
+        assert self.app is not None
+        gw = self.gateway
+        owner = gw.registry.owner(descriptor)
+        if owner is not None and owner != self.app:
+            return pb.Error(code=pb.Error.PERMISSION_DENIED, errno=errno.EACCES,
+                message=f"tether: socket {descriptor[:8]}... belongs to another app; "
+                f"app '{self.app}' may not use it")
+        stone = gw.registry.tombstone(self.app, descriptor)
+        if stone is not None:
+            return pb.Error(code=pb.Error.CLOSED, errno=errno.ECONNRESET,
+                message=f"tether: socket to {stone.peer} was {stone.reason}")
+        return pb.Error(code=pb.Error.NOT_FOUND, errno=errno.EBADF,
+            message=f"tether: no socket {descriptor[:8]}... for app '{self.app}'")
+
+    # -- resume ------------------------------------------------------------
+
+    async def _resume(self, req: pb.Resume) -> None:
+        assert self.app is not None and self.transport is not None
+        gw = self.gateway
+        record = gw.registry.get(self.app, req.descriptor)
+        if record is None:
+            self._write(self.wire.send(pb.ConnectResult(error=self._gone(req.descriptor))))
+            return
+        link = record.link
+        if record.state == DETACHING and link is not None and req.token == record.token:
+            # The old holder has read our EOF but its close is still in flight.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(link.settled.wait(), DETACH_SETTLE_TIMEOUT)
+        token = record.token
+        if (
+            record.state != HANDED_OFF
+            or link is None
+            or token is None
+            or not hmac.compare_digest(req.token.encode(), token.encode())
+        ):
+            already = record.state == ATTACHED
+            self._write(self.wire.send(pb.ConnectResult(error=pb.Error(
+                code=pb.Error.ALREADY_RESUMED if already else pb.Error.INVALID_REQUEST,
+                errno=errno.EALREADY if already else errno.EINVAL,
+                message=(
+                    f"tether: socket {record.descriptor[:8]}... was already resumed: "
+                    "a pickled socket can be resumed once"
+                    if already else
+                    f"tether: socket {record.descriptor[:8]}... is {record.state}; "
+                    "this handoff cannot be resumed"
+                )))))
+            return
+        family = socket.AF_INET6 if ":" in str(record.peer[0]) else socket.AF_INET
+        self._write(self.wire.send(pb.ConnectResult(
+            descriptor=record.descriptor,
+            peer=address_to_wire(record.peer, family),
+            local=address_to_wire(record.local, family),
+        )))
+        trailing = self.wire.trailing_data
+        self._switched = True
+        gw.sessions.discard(self)
+        link.attach(self.transport, req.tail_length, trailing)
+        log.info("socket %s resumed by app %r", record.descriptor[:8], self.app)
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+def apply_option(sock: socket.socket, value: pb.OptionValue) -> None:
+    level, optname = OPTION_LEVELS[value.name]
+    if value.name == pb.SO_LINGER:
+        packed = decode_option(value, 8)
+        assert isinstance(packed, bytes)
+        sock.setsockopt(level, optname, packed)
+    else:
+        sock.setsockopt(level, optname, value.int_value)
+
+
+def read_option(sock: socket.socket, name: pb.OptionName.ValueType) -> pb.OptionValue:
+    level, optname = OPTION_LEVELS[name]
+    if name == pb.SO_LINGER:
+        return encode_option(name, sock.getsockopt(level, optname, 8))
+    return pb.OptionValue(name=name, int_value=sock.getsockopt(level, optname))
+
+
+def _result_error(code: pb.Error.Code.ValueType, err: int, message: str) -> pb.ConnectResult:
+    return pb.ConnectResult(error=pb.Error(code=code, errno=err, message=message))
+
+
+def _family_ok(address: str, family: int) -> bool:
+    if family == socket.AF_UNSPEC:
+        return True
+    return (":" in address) == (family == socket.AF_INET6)
+
+
+def _family_name(family: int) -> str:
+    names = {int(socket.AF_INET): "IPv4", int(socket.AF_INET6): "IPv6"}
+    return names.get(family, "usable")
+
+
+def log_decision(
+    decision: Decision,
+    *,
+    outcome: str,
+    descriptor: str = "",
+    chosen: tuple[Any, ...] | None = None,
+) -> None:
+    """One audit line per decision, written once its outcome is known.
+
+    The descriptor is shortened to 8 characters: enough to match the close
+    line, too little to use the socket.
+    """
+    record: dict[str, object] = {"event": "decision", **decision.to_log(), "outcome": outcome}
+    if descriptor:
+        record["descriptor"] = descriptor[:8]
+    if chosen is not None:
+        record["chosen"] = f"[{chosen[0]}]:{chosen[1]}" if ":" in chosen[0] else (
+            f"{chosen[0]}:{chosen[1]}")
+    audit.info(json.dumps(record, separators=(",", ":"), default=str))
+
+
+__all__ = ["OPTION_NAMES", "ClientSession", "apply_option", "log_decision", "read_option"]

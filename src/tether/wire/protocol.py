@@ -1,0 +1,405 @@
+"""The client <-> gateway protocol as a sans-I/O state machine.
+
+Feed received bytes to :meth:`Connection.receive_data`, pull events with
+:meth:`Connection.next_event`, and turn outgoing messages into bytes with
+:meth:`Connection.send`. There are no sockets in here: the asyncio gateway and
+the blocking client drive the same machine (the shape follows h11).
+
+A stream starts with :data:`PREAMBLE`, then length-delimited frames (4-byte
+big-endian length + one serialized ``Frame``). After a successful
+``ConnectResult`` the stream switches to raw bytes: the machine's state
+becomes :attr:`State.RELAY` and whatever followed the last frame is in
+:attr:`Connection.trailing_data`.
+
+Order (each side enforces what it receives and what it sends):
+
+* client -> gateway: ``ClientHello`` first, exactly once; then ``Connect``
+  (or ``Resume``, which is answered the same way) or ``Request`` frames. The
+  client may pipeline them behind the hello.
+* gateway -> client: ``ServerHello`` first; then one ``ConnectResult`` per
+  ``Connect``/``Resume`` and one ``Response`` per ``Request``, in order.
+* either side may send ``Error`` (a protocol error) and close.
+
+The gateway answers one message at a time: after an event that needs an
+answer, :meth:`next_event` returns :data:`PAUSED` until the answer is sent.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import deque
+from typing import Final, TypeAlias
+
+from google.protobuf.message import DecodeError
+
+from tether.wire._pb import tether_pb2 as pb
+
+PROTOCOL_VERSION: Final = 1
+PREAMBLE: Final = b"TTHR"
+
+# Control messages are small; the largest is a resolver answer, and 64 KiB
+# holds well over a thousand addresses. A bigger frame is a broken or hostile
+# peer, refused before any of it is buffered.
+DEFAULT_MAX_FRAME: Final = 64 * 1024
+
+_LENGTH = struct.Struct(">I")
+
+Message: TypeAlias = (
+    pb.ClientHello
+    | pb.ServerHello
+    | pb.Connect
+    | pb.Resume
+    | pb.ConnectResult
+    | pb.Request
+    | pb.Response
+    | pb.Error
+)
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    GATEWAY = "gateway"
+
+
+class State(enum.Enum):
+    HELLO = "hello"  # the hello exchange has not completed
+    READY = "ready"  # framed; Connect / Request allowed
+    CONNECTING = "connecting"  # a Connect awaits its ConnectResult
+    RELAY = "relay"  # switched to raw bytes
+    CLOSED = "closed"  # an Error was sent or received, or the peer hung up
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "need-data"
+    PAUSED = "paused"
+
+
+NEED_DATA: Final = _Sentinel.NEED_DATA
+PAUSED: Final = _Sentinel.PAUSED
+
+
+class ConnectionClosed:
+    """The peer closed the stream at a frame boundary (clean end of stream)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "ConnectionClosed()"
+
+
+Event: TypeAlias = Message | ConnectionClosed
+
+
+class ProtocolError(Exception):
+    """Base class: the stream broke the protocol and must be closed."""
+
+    def __init__(self, message: str, code: int = pb.Error.PROTOCOL) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def to_error(self) -> pb.Error:
+        return pb.Error(code=self.code, message=str(self))  # type: ignore[arg-type]
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow here."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to send something the protocol does not allow here."""
+
+
+_FIELD_BY_TYPE: Final[dict[type[Message], str]] = {
+    pb.ClientHello: "client_hello",
+    pb.ServerHello: "server_hello",
+    pb.Connect: "connect",
+    pb.Resume: "resume",
+    pb.ConnectResult: "connect_result",
+    pb.Request: "request",
+    pb.Response: "response",
+    pb.Error: "error",
+}
+
+
+def encode_frame(message: Message) -> bytes:
+    """Serialize one message as a length-delimited frame (no order checks)."""
+    frame = pb.Frame()
+    getattr(frame, _FIELD_BY_TYPE[type(message)]).CopyFrom(message)
+    body = frame.SerializeToString()
+    return _LENGTH.pack(len(body)) + body
+
+
+class _Side:
+    """What one direction of the stream has carried so far."""
+
+    __slots__ = ("connecting", "hello_done", "requests")
+
+    def __init__(self) -> None:
+        self.hello_done = False
+        self.connecting = False
+        self.requests = 0  # Requests sent that still await their Response
+
+
+class Connection:
+    """One stream between an app and the gateway, seen from `role`."""
+
+    def __init__(self, role: Role, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        if max_frame < 16:
+            raise ValueError("max_frame must be at least 16 bytes")
+        self.role = role
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._events: deque[Event] = deque()
+        self._eof = False
+        self._preamble_seen = role is Role.CLIENT  # only the gateway expects one
+        self._preamble_sent = role is Role.GATEWAY
+        # What the client has asked for and the gateway has not yet answered.
+        self._pending = _Side()
+        self._hello_received = False
+        self._hello_answered = False
+        self._awaiting_answer = False  # gateway: an event needs an answer first
+        self._resuming = False  # the Connect in progress is a Resume
+        self._state = State.HELLO
+        self.trailing_data = b""
+        self.peer_version: int | None = None
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def their_role(self) -> Role:
+        return Role.GATEWAY if self.role is Role.CLIENT else Role.CLIENT
+
+    # -- receiving ---------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Add received bytes; ``b""`` means the peer closed its side."""
+        if self._state is State.RELAY:
+            raise LocalProtocolError("receive_data() after the switch to raw bytes")
+        if self._eof and data:
+            raise LocalProtocolError("receive_data() after end of stream")
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event | _Sentinel:
+        """The next event, or NEED_DATA / PAUSED. Raises RemoteProtocolError."""
+        if self._state is State.CLOSED:
+            return ConnectionClosed()
+        if self._state is State.RELAY:
+            raise LocalProtocolError("next_event() after the switch to raw bytes")
+        if self._awaiting_answer:
+            return PAUSED
+        try:
+            message = self._parse_one()
+        except RemoteProtocolError:
+            self._state = State.CLOSED
+            raise
+        if message is None:
+            if self._eof:
+                if self._buf or not self._preamble_seen:
+                    self._state = State.CLOSED
+                    if not self._buf and not self._preamble_seen:
+                        return ConnectionClosed()
+                    raise RemoteProtocolError(
+                        f"stream ended inside a frame ({len(self._buf)} bytes left over)"
+                    )
+                self._state = State.CLOSED
+                return ConnectionClosed()
+            return NEED_DATA
+        self._check_receive(message)
+        return message
+
+    def _parse_one(self) -> Message | None:
+        buf = self._buf
+        if not self._preamble_seen:
+            if len(buf) < len(PREAMBLE):
+                if not PREAMBLE.startswith(bytes(buf)):
+                    raise self._bad_preamble()
+                return None
+            if buf[: len(PREAMBLE)] != PREAMBLE:
+                raise self._bad_preamble()
+            del buf[: len(PREAMBLE)]
+            self._preamble_seen = True
+        if len(buf) < _LENGTH.size:
+            return None
+        (length,) = _LENGTH.unpack_from(buf)
+        if length > self.max_frame:
+            raise RemoteProtocolError(
+                f"frame of {length} bytes is over the limit of {self.max_frame} bytes"
+            )
+        end = _LENGTH.size + length
+        if len(buf) < end:
+            return None
+        frame = pb.Frame()
+        try:
+            frame.ParseFromString(bytes(buf[_LENGTH.size : end]))
+        except (DecodeError, UnicodeDecodeError) as exc:
+            # The pure-Python protobuf backend reports bad UTF-8 as UnicodeDecodeError.
+            raise RemoteProtocolError(f"undecodable frame: {exc}") from exc
+        del buf[:end]
+        kind = frame.WhichOneof("msg")
+        if kind is None:
+            # Unknown fields (a message type from a newer protocol) land here.
+            raise RemoteProtocolError("unknown message (empty or unrecognised frame)")
+        message: Message = getattr(frame, kind)
+        return message
+
+    def _bad_preamble(self) -> RemoteProtocolError:
+        head = bytes(self._buf[: len(PREAMBLE)])
+        return RemoteProtocolError(
+            f"not a tether client: stream starts with {head!r}, expected {PREAMBLE!r}"
+        )
+
+    def _check_receive(self, message: Message) -> None:
+        kind = type(message).__name__
+        if isinstance(message, pb.Error):
+            self._state = State.CLOSED
+            return
+        if self.role is Role.GATEWAY:
+            if isinstance(message, pb.ClientHello):
+                if self._hello_received:
+                    raise self._remote(f"{kind} sent twice")
+                self._hello_received = True
+                self.peer_version = message.protocol_version
+                self._awaiting_answer = True
+                return
+            if not self._hello_received:
+                raise self._remote(f"{kind} before ClientHello")
+            if isinstance(message, pb.Connect | pb.Resume):
+                if self._state is not State.READY:
+                    raise self._remote(f"{kind} while {self._state.value}")
+                self._resuming = isinstance(message, pb.Resume)
+                self._state = State.CONNECTING
+                self._awaiting_answer = True
+                return
+            if isinstance(message, pb.Request):
+                self._awaiting_answer = True
+                return
+            raise self._remote(f"{kind} is not something a client may send")
+        # client side
+        if isinstance(message, pb.ServerHello):
+            if not self._pending.hello_done:
+                raise self._remote("ServerHello before ClientHello")
+            if self._state is not State.HELLO:
+                raise self._remote(f"{kind} sent twice")
+            self.peer_version = message.protocol_version
+            if message.HasField("error"):
+                self._state = State.CLOSED
+            else:
+                self._state = State.CONNECTING if self._pending.connecting else State.READY
+            return
+        if self._state is State.HELLO:
+            raise self._remote(f"{kind} before ServerHello")
+        if isinstance(message, pb.ConnectResult):
+            if not self._pending.connecting:
+                raise self._remote("ConnectResult without a Connect")
+            if self._pending.requests:
+                raise self._remote("ConnectResult before the Response owed for a Request")
+            self._pending.connecting = False
+            if message.HasField("error"):
+                # A refused Resume is followed by raw tail bytes: the stream
+                # cannot go back to frames, so it ends.
+                self._state = State.CLOSED if self._resuming else State.READY
+            else:
+                self._switch_to_relay()
+            return
+        if isinstance(message, pb.Response):
+            if self._pending.requests == 0:
+                raise self._remote("Response without a Request")
+            self._pending.requests -= 1
+            return
+        raise self._remote(f"{kind} is not something a gateway may send")
+
+    def _remote(self, text: str) -> RemoteProtocolError:
+        self._state = State.CLOSED
+        return RemoteProtocolError(f"out of order: {text}")
+
+    def _switch_to_relay(self) -> None:
+        self._state = State.RELAY
+        self.trailing_data = bytes(self._buf)
+        self._buf.clear()
+
+    # -- sending -----------------------------------------------------------
+
+    def send(self, message: Message) -> bytes:
+        """Bytes that carry `message`; raises LocalProtocolError if out of order."""
+        self._check_send(message)
+        data = encode_frame(message)
+        if not self._preamble_sent:
+            self._preamble_sent = True
+            data = PREAMBLE + data
+        return data
+
+    def _check_send(self, message: Message) -> None:
+        kind = type(message).__name__
+        if self._state in (State.CLOSED, State.RELAY):
+            raise LocalProtocolError(f"cannot send {kind}: stream is {self._state.value}")
+        if isinstance(message, pb.Error):
+            self._state = State.CLOSED
+            return
+        if self.role is Role.CLIENT:
+            if isinstance(message, pb.ClientHello):
+                if self._pending.hello_done:
+                    raise LocalProtocolError("ClientHello sent twice")
+                self._pending.hello_done = True
+                return
+            if not self._pending.hello_done:
+                raise LocalProtocolError(f"{kind} before ClientHello")
+            if isinstance(message, pb.Connect | pb.Resume):
+                if self._pending.connecting or self._state is State.CONNECTING:
+                    raise LocalProtocolError("a Connect is already in progress")
+                self._resuming = isinstance(message, pb.Resume)
+                self._pending.connecting = True
+                if self._state is State.READY:
+                    self._state = State.CONNECTING
+                return
+            if isinstance(message, pb.Request):
+                if self._pending.connecting:
+                    raise LocalProtocolError("Request on a stream with a Connect in progress")
+                self._pending.requests += 1
+                return
+            raise LocalProtocolError(f"a client cannot send {kind}")
+        # gateway side: only answers, in order
+        if isinstance(message, pb.ServerHello):
+            if not self._hello_received or self._hello_answered:
+                raise LocalProtocolError("ServerHello must answer exactly one ClientHello")
+            self._hello_answered = True
+            self._awaiting_answer = False
+            self._state = State.CLOSED if message.HasField("error") else State.READY
+            return
+        if not self._hello_answered:
+            raise LocalProtocolError(f"{kind} before ServerHello")
+        if isinstance(message, pb.ConnectResult):
+            if self._state is not State.CONNECTING:
+                raise LocalProtocolError("ConnectResult without a Connect")
+            self._awaiting_answer = False
+            if message.HasField("error"):
+                self._state = State.CLOSED if self._resuming else State.READY
+            else:
+                self._switch_to_relay()
+            return
+        if isinstance(message, pb.Response):
+            if not self._awaiting_answer or self._state is not State.READY:
+                raise LocalProtocolError("Response without a Request")
+            self._awaiting_answer = False
+            return
+        raise LocalProtocolError(f"a gateway cannot send {kind}")
+
+    def send_error(self, error: ProtocolError | pb.Error) -> bytes:
+        """Bytes of an Error frame; the stream is closed afterwards."""
+        if self._state is State.RELAY:
+            # The stream carries the peer's raw bytes now: a frame would corrupt them.
+            raise LocalProtocolError("send_error() after the switch to raw bytes")
+        message = error.to_error() if isinstance(error, ProtocolError) else error
+        data = encode_frame(message)
+        if not self._preamble_sent:
+            self._preamble_sent = True
+            data = PREAMBLE + data
+        self._state = State.CLOSED
+        return data

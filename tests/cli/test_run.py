@@ -1,0 +1,132 @@
+"""`tether run`: every Python process of the command goes through tether."""
+
+from __future__ import annotations
+
+import socket as std
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import Gateway
+
+CHILD = textwrap.dedent(
+    """
+    import socket, subprocess, sys
+    port = int(sys.argv[1])
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"ping")
+    print(type(s).__module__, s.recv(4).decode(), s.getpeername()[1] == port)
+    s.close()
+    try:
+        socket.create_connection(("127.0.0.1", 25), timeout=5)
+    except PermissionError as exc:
+        print("denied", "port 25" in str(exc))
+    if len(sys.argv) > 2:  # a grandchild Python process is covered too
+        out = subprocess.run([sys.executable, "-c",
+            "import socket; print(socket.socket.__module__)"],
+            capture_output=True, text=True, check=True).stdout.strip()
+        print("grandchild", out)
+    """
+)
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    srv = std.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join(5)
+    srv.close()
+
+
+def tether_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tether.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def test_run_with_a_gateway(gateway: Gateway, echo_port: int, tmp_path: Path) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    result = tether_cli(
+        "run", "--gateway", gateway.address, "--app", gateway.app, "--key", gateway.key,
+        "--", sys.executable, str(script), str(echo_port), "grandchild",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "tether.client.sock ping True"
+    assert lines[1] == "denied True"
+    assert lines[2] == "grandchild tether.client.sock"
+
+
+def test_run_dev_mode_uses_local_config(echo_port: int, tmp_path: Path) -> None:
+    (tmp_path / "tether.toml").write_text(
+        f'[resolver]\nmode = "static"\n[policy]\nallow = ["127.0.0.1:{echo_port}"]\n'
+    )
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    result = tether_cli("run", "--", sys.executable, str(script), str(echo_port), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "development gateway on 127.0.0.1:" in result.stderr
+    assert result.stdout.splitlines()[:2] == ["tether.client.sock ping True", "denied True"]
+
+
+def test_run_dev_mode_applies_policy(echo_port: int, tmp_path: Path) -> None:
+    # No allow rule for the port: loopback stays denied in development mode too.
+    (tmp_path / "tether.toml").write_text('[resolver]\nmode = "static"\n')
+    code = (
+        "import socket\n"
+        "try:\n"
+        f"    socket.create_connection(('127.0.0.1', {echo_port}), timeout=5)\n"
+        "except PermissionError as exc:\n"
+        "    print('denied:', exc)\n"
+    )
+    result = tether_cli("run", "--", sys.executable, "-c", code, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("denied: ")
+    assert "loopback" in result.stdout
+
+
+def test_run_passes_the_exit_status(tmp_path: Path) -> None:
+    (tmp_path / "tether.toml").write_text("")
+    result = tether_cli("run", "--", sys.executable, "-c", "raise SystemExit(7)", cwd=tmp_path)
+    assert result.returncode == 7
+
+
+def test_run_needs_a_command() -> None:
+    result = tether_cli("run")
+    assert result.returncode == 2
+    assert "give a command" in result.stderr
+
+
+def test_run_bad_dev_config(tmp_path: Path) -> None:
+    (tmp_path / "tether.toml").write_text("[gateway]\nidle_timeout = 0\n")
+    result = tether_cli("run", "--", sys.executable, "-c", "pass", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "gateway.idle_timeout" in result.stderr

@@ -1,0 +1,1114 @@
+"""Socket handoff in one process: pickle a live tether socket, unpickle it, go on.
+
+Every test runs against the session's real gateway process (``tethered``) and
+a small stdlib peer on loopback. Pickling *moves* the connection: the tests
+check the bytes on both sides exactly (nothing lost, duplicated or
+reordered), the one-time token, ownership, what a pickle carries and what it
+must not, the protocol-client helper ``tether.client.handoff.dumps`` and the
+gateway's memory bound while a socket changes hands. Handoffs between
+processes are in tests/integration/test_handoff_processes.py; idle
+reclamation in tests/gateway/test_idle.py.
+
+Tests marked ``xfail(strict=True)`` show a bug that is reported, not fixed
+here; each reason names the place and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import io
+import pickle
+import poplib
+import select
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.reduction import ForkingPickler
+from types import TracebackType
+from typing import Any
+
+import pytest
+import trustme
+from support import Gateway
+
+import tether
+from tether.client import control, handoff
+from tether.client.settings import Settings, current
+from tether.client.stream import Deadline, connect_fd, hello, new_wire, read_until
+from tether.demo.servers import (
+    MAILBOX_MESSAGE,
+    PASSWORD,
+    USER,
+    HTTPServer,
+    IMAPServer,
+    POP3Server,
+    SMTPServer,
+    client_context,
+    make_ca,
+)
+from tether.endpoint import parse_endpoint
+from tether.wire import pb
+
+TIMEOUT = 10.0
+MiB = 1024 * 1024
+
+
+def _stdlib_socket_class() -> type[socket.socket]:
+    # socket.socket may already be tether's subclass: walk back to the stdlib's.
+    for cls in socket.socket.__mro__:
+        if cls.__module__ == "socket" and cls.__name__ == "socket":
+            return cls
+    raise RuntimeError("no stdlib socket class in socket.socket's MRO")
+
+
+StdSocket = _stdlib_socket_class()
+
+
+def stream(seed: bytes, offset: int, n: int) -> bytes:
+    """n bytes at `offset` of a deterministic stream: any slip shows as a mismatch."""
+    block = 64 * 1024
+    first, last = offset // block, (offset + n + block - 1) // block
+    data = b"".join(
+        hashlib.shake_128(seed + k.to_bytes(8, "big")).digest(block) for k in range(first, last)
+    )
+    start = offset - first * block
+    return data[start : start + n]
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 256 * 1024))
+        if not chunk:
+            raise AssertionError(f"EOF after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_all(sock: socket.socket, limit: int = 256 * MiB) -> bytes:
+    buf = bytearray()
+    while chunk := sock.recv(256 * 1024):
+        buf += chunk
+        assert len(buf) <= limit
+    return bytes(buf)
+
+
+def wait_readable(sock: socket.socket, timeout: float = TIMEOUT) -> None:
+    r, _, _ = select.select([sock], [], [], timeout)
+    assert r, "nothing arrived"
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+class Peer:
+    """A one-connection stdlib server on loopback running `handler(conn)` in a thread.
+
+    The handler's exception (if any) is re-raised by the ``with`` block's end,
+    so a failed check in the peer fails the test.
+    """
+
+    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = StdSocket(family, socket.SOCK_STREAM)
+        self.listener.bind((host, 0))
+        self.listener.listen(4)
+        self.listener.settimeout(TIMEOUT)
+        self.port: int = self.listener.getsockname()[1]
+        self.address = (host, self.port)
+        self.error: BaseException | None = None
+        self.result: Any = None
+        self.conn: socket.socket | None = None
+        self.thread = threading.Thread(target=self._run, args=(handler,), daemon=True)
+        self.thread.start()
+
+    def _run(self, handler: Callable[[socket.socket], Any]) -> None:
+        try:
+            with self.listener:
+                conn, _ = self.listener.accept()
+            self.conn = conn
+            with conn:
+                conn.settimeout(TIMEOUT)
+                self.result = handler(conn)
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if typ is not None:
+            # The test failed: unblock the handler rather than wait for its timeout.
+            self.listener.close()
+            if self.conn is not None:
+                with contextlib.suppress(OSError):
+                    self.conn.shutdown(socket.SHUT_RDWR)
+        self.thread.join(TIMEOUT * 2)
+        self.listener.close()
+        if typ is None:
+            assert not self.thread.is_alive(), "the peer did not finish"
+            if self.error is not None:
+                raise self.error
+
+
+def echo(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+def list_sockets(gw: Gateway, app: str | None = None, key: str | None = None) -> list[Any]:
+    """The gateway's live sockets as the test app sees them (its own only)."""
+    settings = Settings(
+        gateway=parse_endpoint(gw.address), app=app or gw.app, key=key or gw.key
+    )
+    channel = control.ControlChannel(settings)
+    try:
+        response = channel.request(pb.Request(list_sockets=pb.ListSockets()))
+    finally:
+        channel.close()
+    return list(response.sockets.sockets)
+
+
+def connect(port: int, host: str = "127.0.0.1", timeout: float | None = TIMEOUT) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    assert type(sock).__module__ == "tether.client.sock"
+    return sock
+
+
+def as_app(gw: Gateway, app: str) -> None:
+    key = gw.key if app == gw.app else f"{app}-{gw.key}"
+    tether.install(gateway=gw.address, app=app, key=key)
+
+
+# -- exactly-once bytes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 100_000, 6 * MiB], ids=["1B", "100kB", "6MiB"])
+def test_unread_data_in_flight_is_read_first_exactly(tethered: Gateway, size: int) -> None:
+    """The peer's bytes the old holder never read are the new holder's first bytes.
+
+    6 MiB is more than the kernel buffers on the way hold: at pickling time part
+    of it sits in the old holder's fd, part in the gateway, part still in the
+    peer's send buffer, held back by flow control.
+    """
+    head = stream(b"unread", 0, size)
+
+    def peer(conn: socket.socket) -> None:
+        conn.sendall(head)
+        assert recv_exact(conn, 4) == b"next"
+        conn.sendall(b"after")
+        assert conn.recv(1) == b""
+
+    with Peer(peer) as p:
+        old = connect(p.port)
+        wait_readable(old)  # some of it is in the old holder's kernel buffer, unread
+        blob = pickle.dumps(old)
+        new = pickle.loads(blob)
+        with new:
+            got = recv_exact(new, size)
+            assert got == head, "unread bytes lost, duplicated or reordered"
+            new.sendall(b"next")
+            assert recv_exact(new, 5) == b"after"
+            new.shutdown(socket.SHUT_WR)
+            assert new.recv(1) == b""
+
+
+def test_partly_read_then_handed_off_continues_at_the_right_byte(tethered: Gateway) -> None:
+    data = stream(b"partly", 0, 2 * MiB)
+
+    def peer(conn: socket.socket) -> None:
+        conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        assert conn.recv(1) == b""
+
+    with Peer(peer) as p:
+        sock = connect(p.port)
+        got = bytearray()
+        for cut in (1, 7, 65_536, 300_001):  # hand off after odd amounts, four times
+            got += recv_exact(sock, cut)
+            sock = pickle.loads(pickle.dumps(sock))
+            # Let the gateway take in the whole tail before the next handoff: a
+            # handoff begun mid-echo hits the relay.py race pinned (strict xfail)
+            # by test_detach_during_tail_echo_keeps_the_peer_held. Remove once fixed.
+            time.sleep(0.05)
+        with sock:
+            got += recv_all(sock)  # the peer's EOF arrives after its last byte, once
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+        assert bytes(got) == data
+
+
+def test_written_before_pickling_reaches_peer_before_written_after(tethered: Gateway) -> None:
+    before = stream(b"before", 0, 3 * MiB)  # more than the buffers: still in flight
+    after = stream(b"after", 0, 1 * MiB)
+
+    def peer(conn: socket.socket) -> bytes:
+        time.sleep(0.2)  # let the writer's bytes pile up in the buffers first
+        return recv_all(conn)
+
+    with Peer(peer) as p:
+        sock = connect(p.port)
+        sock.sendall(before)
+        resumed = pickle.loads(pickle.dumps(sock))
+        with resumed:
+            resumed.sendall(after)
+            resumed.shutdown(socket.SHUT_WR)
+            assert resumed.recv(1) == b""
+    assert p.result == before + after
+
+
+def test_peer_eof_before_handoff_is_delivered_once(tethered: Gateway) -> None:
+    def peer(conn: socket.socket) -> None:
+        conn.sendall(b"bye")
+        conn.shutdown(socket.SHUT_WR)
+        assert recv_exact(conn, 5) == b"still"  # half-closed: the app may still write
+        assert conn.recv(1) == b""
+
+    with Peer(peer) as p:
+        sock = connect(p.port)
+        wait_for(lambda: len(sock.recv(16, socket.MSG_PEEK)) == 3)
+        resumed = pickle.loads(pickle.dumps(sock))
+        with resumed:
+            assert recv_exact(resumed, 3) == b"bye"
+            assert resumed.recv(1) == b""
+            again = pickle.loads(pickle.dumps(resumed))  # after EOF was read, too
+        with again:
+            assert again.recv(1) == b""
+            again.sendall(b"still")
+            again.shutdown(socket.SHUT_WR)
+
+
+# -- move semantics, one-time token, ownership -----------------------------------
+
+
+def test_original_refuses_io_after_pickling(tethered: Gateway) -> None:
+    with Peer(echo) as p:
+        sock = connect(p.port)
+        blob = pickle.dumps(sock)
+        calls: dict[str, Callable[[], object]] = {
+            "recv": lambda: sock.recv(1),
+            "recv_into": lambda: sock.recv_into(bytearray(1)),
+            "send": lambda: sock.send(b"x"),
+            "sendall": lambda: sock.sendall(b"x"),
+            "shutdown": lambda: sock.shutdown(socket.SHUT_RDWR),
+        }
+        for name, call in calls.items():
+            with pytest.raises(OSError, match="handed off") as info:
+                call()
+            assert info.value.errno == errno.EBADF, name
+        with pytest.raises(OSError, match="already handed off"):
+            pickle.dumps(sock)
+        with pytest.raises(OSError, match="needs a connected tether socket"):
+            tether.keepalive(sock)
+        assert sock.fileno() == -1
+        sock.close()  # harmless, and no ResourceWarning later
+        with pickle.loads(blob) as resumed:
+            resumed.sendall(b"ok")
+            assert recv_exact(resumed, 2) == b"ok"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/tether/client/sock.py _check_open() and _connect(): a handed-off socket's "
+    "getpeername/getsockname/getsockopt/setsockopt/connect raise a bare 'Bad file "
+    "descriptor' (EBADF) instead of the 'handed off' message recv/send give; fix: check "
+    "t.state == 'handed-off' in _check_open() and _connect() and raise the same OSError "
+    "as _pending_guard()",
+)
+def test_original_says_handed_off_for_every_call(tethered: Gateway) -> None:
+    with Peer(echo) as p:
+        sock = connect(p.port)
+        blob = pickle.dumps(sock)
+        try:
+            calls: list[Callable[[], object]] = [
+                sock.getpeername,
+                sock.getsockname,
+                lambda: sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                lambda: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+                lambda: sock.connect(("127.0.0.1", p.port)),
+            ]
+            for call in calls:
+                with pytest.raises(OSError, match="handed off"):
+                    call()
+        finally:
+            pickle.loads(blob).close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/tether/client/sock.py _Tether.copy(): a dup() of a socket keeps its own "
+    "state 'connected' when the original is pickled, and its recv() returns b'' (a clean "
+    "EOF the peer never sent) while the connection lives on elsewhere; fix: share the "
+    "handed-off flag between copies (e.g. a shared mutable cell in _Tether.copy) so a dup "
+    "raises the same 'handed off' OSError",
+)
+def test_dup_of_handed_off_socket_says_handed_off(tethered: Gateway) -> None:
+    with Peer(echo) as p:
+        sock = connect(p.port)
+        copy = sock.dup()
+        blob = pickle.dumps(sock)
+        try:
+            with copy, pytest.raises(OSError, match="handed off"):
+                copy.recv(1)
+        finally:
+            pickle.loads(blob).close()
+
+
+def test_unpickling_twice_gives_one_live_handle(tethered: Gateway) -> None:
+    with Peer(echo) as p:
+        blob = pickle.dumps(connect(p.port))
+        first = pickle.loads(blob)
+        with first:
+            with pytest.raises(OSError, match="already resumed") as info:
+                pickle.loads(blob)
+            assert not isinstance(info.value, PermissionError)
+            first.sendall(b"still mine")
+            assert recv_exact(first, 10) == b"still mine"
+            mine = [s for s in list_sockets(tethered) if s.peer.port == p.port]
+            assert [s.state for s in mine] == ["attached"]
+        # Once the resumed copy is closed the payload is dead for good.
+        assert wait_for(lambda: not [s for s in list_sockets(tethered) if s.peer.port == p.port])
+        with pytest.raises(OSError, match="closed"):
+            pickle.loads(blob)
+
+
+def test_concurrent_unpickles_exactly_one_wins(tethered: Gateway) -> None:
+    with Peer(echo) as p:
+        blob = pickle.dumps(connect(p.port))
+        start = threading.Barrier(4)
+        won: list[socket.socket] = []
+        lost: list[OSError] = []
+        lock = threading.Lock()
+
+        def race() -> None:
+            start.wait(TIMEOUT)
+            try:
+                sock = pickle.loads(blob)
+            except OSError as exc:
+                with lock:
+                    lost.append(exc)
+                return
+            with lock:
+                won.append(sock)
+
+        threads = [threading.Thread(target=race) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT * 2)
+        try:
+            assert len(won) == 1, f"{len(won)} live handles"
+            assert len(lost) == 3
+            assert all("already resumed" in str(e) for e in lost), [str(e) for e in lost]
+            won[0].sendall(b"x")
+            assert recv_exact(won[0], 1) == b"x"
+        finally:
+            for sock in won:
+                sock.close()
+
+
+def test_other_app_gets_permission_error_and_token_survives(tethered: Gateway) -> None:
+    with Peer(echo) as p:
+        blob = pickle.dumps(connect(p.port))
+        as_app(tethered, "other")
+        with pytest.raises(PermissionError, match="belongs to another app"):
+            pickle.loads(blob)
+        # The refusal does not burn the token: the owner can still resume.
+        as_app(tethered, tethered.app)
+        with pickle.loads(blob) as sock:
+            sock.sendall(b"owner")
+            assert recv_exact(sock, 5) == b"owner"
+
+
+def test_unpickling_without_configuration_is_a_clear_error(tethered: Gateway) -> None:
+    with Peer(echo) as p:
+        blob = pickle.dumps(connect(p.port))
+        tether.uninstall()  # no settings at all in this process now
+        with pytest.raises(ConnectionError, match="no gateway configured"):
+            pickle.loads(blob)
+        as_app(tethered, tethered.app)
+        with pickle.loads(blob) as sock:
+            sock.sendall(b"y")
+            assert recv_exact(sock, 1) == b"y"
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_no_secret_in_the_pickle(tethered: Gateway, protocol: int) -> None:
+    secret = current().key
+    with Peer(echo) as p:
+        sock = connect(p.port)
+        sock.sendall(b"tail")  # a tail in the payload too
+        wait_readable(sock)
+        blob = pickle.dumps(sock, protocol=protocol)
+        for form in (secret.encode(), secret.encode("utf-16-le"), secret.encode().hex().encode()):
+            assert form not in blob
+        with pickle.loads(blob) as resumed:
+            assert recv_exact(resumed, 4) == b"tail"
+
+
+def test_forking_pickler_and_multiprocessing_pipe(tethered: Gateway) -> None:
+    """multiprocessing's own pickler moves the socket the same way."""
+    import multiprocessing
+
+    with Peer(echo) as p:
+        sock = connect(p.port)
+        payload = bytes(ForkingPickler.dumps(sock))
+        with pytest.raises(OSError, match="handed off"):
+            sock.recv(1)
+        moved = ForkingPickler.loads(payload)
+        # Connection.send() pickles with ForkingPickler, synchronously.
+        a, b = multiprocessing.get_context("spawn").Pipe()
+        with a, b:
+            a.send(moved)
+            with pytest.raises(OSError, match="handed off"):
+                moved.send(b"x")
+            with b.recv() as received:
+                received.sendall(b"via pipe")
+                assert recv_exact(received, 8) == b"via pipe"
+                assert received.getpeername() == ("127.0.0.1", p.port)
+
+
+FORKING_PICKLER_LATE_IMPORT = textwrap.dedent(
+    """
+    import sys, tether
+    tether.install(gateway=sys.argv[1], app=sys.argv[2], key=sys.argv[3])
+    import socket
+    from multiprocessing.reduction import ForkingPickler  # first imported now
+    sock = socket.create_connection(("127.0.0.1", int(sys.argv[4])), timeout=10)
+    payload = bytes(ForkingPickler.dumps(sock))
+    try:
+        sock.send(b"")
+        print("not moved:", b"resume" in payload)
+    except OSError as exc:
+        print("moved:", exc)
+    sock.close()
+    """
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="multiprocessing.reduction registers socket.socket -> _reduce_socket (fd "
+    "passing) when first imported; after tether.install() (e.g. under `tether run`, whose "
+    "sitecustomize installs before the app imports multiprocessing) that is tether's class, "
+    "so ForkingPickler shares the raw gateway-stream fd instead of handing off. Fix in "
+    "src/tether/client/install.py install(): import multiprocessing.reduction before "
+    "patching, and/or ForkingPickler.register(tether socket class, reducer calling "
+    "sock.__reduce_ex__) for sockets whose _tether is set",
+)
+def test_forking_pickler_hands_off_when_multiprocessing_is_imported_late(
+    gateway: Gateway,
+) -> None:
+    with Peer(echo) as p:
+        out = subprocess.run(
+            [sys.executable, "-c", FORKING_PICKLER_LATE_IMPORT, gateway.address,
+             gateway.app, gateway.key, str(p.port)],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout
+    assert "moved:" in out and "handed off" in out, out
+
+
+# -- what a resumed socket keeps -------------------------------------------------
+
+
+def test_peer_timeout_and_options_preserved(tethered: Gateway) -> None:
+    with Peer(echo) as p:
+        sock = connect(p.port, timeout=3.25)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        peer, local = sock.getpeername(), sock.getsockname()
+        resumed = pickle.loads(pickle.dumps(sock))
+        with resumed:
+            assert resumed.getpeername() == peer == ("127.0.0.1", p.port)
+            assert resumed.getsockname() == local
+            assert resumed.gettimeout() == 3.25
+            assert (resumed.family, resumed.type) == (socket.AF_INET, socket.SOCK_STREAM)
+            assert resumed.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            assert resumed.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+            resumed.sendall(b"opt")
+            assert recv_exact(resumed, 3) == b"opt"
+
+
+def test_default_nagle_and_blocking_modes_preserved(tethered: Gateway) -> None:
+    with Peer(echo) as p:
+        blocking = connect(p.port, timeout=None)
+        resumed = pickle.loads(pickle.dumps(blocking))
+        with resumed:
+            assert resumed.gettimeout() is None
+            assert resumed.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+            resumed.setblocking(False)
+            again = pickle.loads(pickle.dumps(resumed))
+        with again:
+            assert again.gettimeout() == 0.0
+            with pytest.raises(BlockingIOError):
+                again.recv(1)
+            again.sendall(b"nb")
+            wait_readable(again)
+            assert again.recv(2) == b"nb"
+
+
+def test_ipv6_peer_preserved(tethered: Gateway) -> None:
+    try:
+        probe = StdSocket(socket.AF_INET6, socket.SOCK_STREAM)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    with Peer(echo, host="::1") as p:
+        sock = socket.create_connection(("::1", p.port), timeout=TIMEOUT)
+        peer = sock.getpeername()
+        with pickle.loads(pickle.dumps(sock)) as resumed:
+            assert resumed.family == socket.AF_INET6
+            assert resumed.getpeername() == peer
+            assert resumed.getpeername()[:2] == ("::1", p.port)
+            resumed.sendall(b"six")
+            assert recv_exact(resumed, 3) == b"six"
+
+
+# -- what cannot be pickled ------------------------------------------------------
+
+
+def test_unconnected_and_closed_sockets_refuse(tethered: Gateway) -> None:
+    with socket.socket() as fresh, pytest.raises(OSError, match="only a connected socket"):
+        pickle.dumps(fresh)
+    with Peer(echo) as p:
+        sock = connect(p.port)
+        sock.close()
+        with pytest.raises(OSError, match="only a connected socket"):
+            pickle.dumps(sock)
+
+
+def test_plain_sockets_still_refuse_pickling(tethered: Gateway) -> None:
+    a, b = socket.socketpair()  # AF_UNIX: the stdlib's own behaviour
+    with a, b, pytest.raises(TypeError, match="cannot pickle"):
+        pickle.dumps(a)
+
+
+@pytest.fixture(scope="module")
+def tls_ca() -> tuple[trustme.CA, ssl.SSLContext]:
+    return make_ca()
+
+
+@pytest.fixture(scope="module")
+def https_server(tls_ca: tuple[trustme.CA, ssl.SSLContext]) -> Iterator[HTTPServer]:
+    with HTTPServer(tls_ca[1]) as server:
+        yield server
+
+
+def test_ssl_socket_cannot_be_pickled_and_stays_usable(
+    https_server: HTTPServer, tls_ca: tuple[trustme.CA, ssl.SSLContext], tethered: Gateway
+) -> None:
+    """TLS state lives in this process's OpenSSL: no handoff, and no damage."""
+    context = client_context(tls_ca[0])
+    raw = connect(https_server.address[1])
+    with context.wrap_socket(raw, server_hostname="www.test") as tls:
+        with pytest.raises(TypeError, match="cannot pickle"):
+            pickle.dumps(tls)
+        tls.sendall(b"GET / HTTP/1.0\r\nHost: www.test\r\n\r\n")
+        assert recv_all(tls).startswith(b"HTTP/1.1 200")
+
+
+def test_reader_and_writer_objects_cannot_be_pickled_alone(tethered: Gateway) -> None:
+    with Peer(echo) as p, connect(p.port) as sock:
+        for mode in ("rb", "wb", "r", "rwb"):
+            with sock.makefile(mode) as f, pytest.raises(TypeError, match="cannot pickle"):
+                pickle.dumps(f)
+        sock.sendall(b"intact")  # refusing to pickle a file left the socket alone
+        assert recv_exact(sock, 6) == b"intact"
+
+
+# -- protocol clients --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pop3_server() -> Iterator[POP3Server]:
+    with POP3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def smtp_server() -> Iterator[SMTPServer]:
+    with SMTPServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def imap_server() -> Iterator[IMAPServer]:
+    with IMAPServer() as server:
+        yield server
+
+
+def _pop3(server: POP3Server) -> poplib.POP3:
+    client = poplib.POP3("127.0.0.1", server.address[1], timeout=TIMEOUT)
+    client.user(USER)
+    client.pass_(PASSWORD)
+    return client
+
+
+def _pipeline_two(client: poplib.POP3) -> None:
+    """STAT and NOOP sent together; STAT's reply read, NOOP's left in the reader's buffer."""
+    client._putcmd("STAT")
+    client._putcmd("NOOP")
+    sock = client.sock
+    # Both replies on the fd before the first readline, so the reader takes both.
+    assert wait_for(lambda: sock.recv(64, socket.MSG_PEEK).count(b"\r\n") >= 2)
+    assert client._getresp().startswith(b"+OK 1 ")
+    assert client.file.peek() == b"+OK\r\n"  # buffered in the reader, not in the kernel
+
+
+def test_pop3_session_continues_after_handoff(
+    pop3_server: POP3Server, tethered: Gateway
+) -> None:
+    client = _pop3(pop3_server)
+    blob = handoff.dumps(client)
+    with pytest.raises(OSError, match="handed off"):
+        client.stat()
+    client.file.close()
+    resumed = pickle.loads(blob)
+    assert isinstance(resumed, poplib.POP3)
+    assert resumed.stat() == (1, len(MAILBOX_MESSAGE))
+    _, lines, _ = resumed.retr(1)
+    assert b"\r\n".join(lines) + b"\r\n" == MAILBOX_MESSAGE
+    assert resumed.quit().startswith(b"+OK")
+
+
+def test_pop3_buffered_reply_moves_with_the_client(
+    pop3_server: POP3Server, tethered: Gateway
+) -> None:
+    client = _pop3(pop3_server)
+    _pipeline_two(client)
+    resumed = pickle.loads(handoff.dumps(client))
+    assert resumed._getresp() == b"+OK"  # NOOP's reply, from the old reader's buffer
+    _, lines, _ = resumed.retr(1)
+    assert lines[0].startswith(b"From: ")
+    resumed.quit()
+
+
+def test_plain_pickle_of_a_client_fails_after_moving_its_socket(
+    pop3_server: POP3Server, tethered: Gateway
+) -> None:
+    """Documented limit: only handoff.dumps() carries a makefile() reader.
+
+    Plain pickle cannot pickle the reader at all (TypeError) - after it has
+    already moved the socket, which is then lost to this process.
+    """
+    client = _pop3(pop3_server)
+    _pipeline_two(client)
+    with pytest.raises(TypeError, match="BufferedReader"):
+        pickle.dumps(client)
+    with pytest.raises(OSError, match="handed off"):
+        client.sock.recv(1)
+    client.file.close()
+
+
+def test_smtp_sendmail_after_handoff(smtp_server: SMTPServer, tethered: Gateway) -> None:
+    before = len(smtp_server.messages)
+    client = smtplib.SMTP("mail.test", smtp_server.address[1], timeout=TIMEOUT)
+    client.ehlo("producer.test")
+    resumed = pickle.loads(handoff.dumps(client))
+    refused = resumed.sendmail(
+        "producer@mail.test", ["worker@mail.test"], b"Subject: handed off\r\n\r\nbody\r\n"
+    )
+    assert refused == {}
+    resumed.quit()
+    got = smtp_server.wait_for_messages(before + 1)[before]
+    assert got.helo == "producer.test"  # the same SMTP session: EHLO came before the handoff
+    assert got.rcpt_tos == ("worker@mail.test",)
+
+
+def test_smtp_buffered_reply_moves_with_the_client(
+    smtp_server: SMTPServer, tethered: Gateway
+) -> None:
+    client = smtplib.SMTP("127.0.0.1", smtp_server.address[1], timeout=TIMEOUT)
+    client.ehlo()
+    client.putcmd("noop")
+    client.putcmd("rset")
+    sock = client.sock
+    assert sock is not None
+    assert wait_for(lambda: sock.recv(64, socket.MSG_PEEK).count(b"\r\n") >= 2)
+    assert client.getreply()[0] == 250
+    assert client.file is not None and client.file.peek().startswith(b"250")
+    resumed = pickle.loads(handoff.dumps(client))
+    assert resumed.getreply()[0] == 250  # RSET's reply, carried from the buffer
+    assert resumed.noop()[0] == 250
+    resumed.quit()
+
+
+def test_imap_session_continues_after_handoff(
+    imap_server: IMAPServer, tethered: Gateway
+) -> None:
+    import imaplib
+
+    client = imaplib.IMAP4("127.0.0.1", imap_server.address[1], timeout=TIMEOUT)
+    client.login(USER, PASSWORD)
+    resumed = pickle.loads(handoff.dumps(client))
+    assert resumed.select("INBOX")[0] == "OK"
+    typ, data = resumed.fetch("1", "(RFC822)")
+    assert typ == "OK"
+    assert isinstance(data[0], tuple) and data[0][1] == MAILBOX_MESSAGE
+    resumed.logout()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/tether/client/handoff.py dumps(): after pickling, the ORIGINAL client's "
+    "makefile() reader still holds the bytes that were moved into the tail, so the old "
+    "object returns them too (delivered twice, once per holder); fix: once the pickle is "
+    "made, drop them from each reader (reader.read(len(prefix)), non-blocking since "
+    "buffered) or close the reader",
+)
+def test_original_client_reader_does_not_keep_moved_bytes(
+    pop3_server: POP3Server, tethered: Gateway
+) -> None:
+    client = _pop3(pop3_server)
+    _pipeline_two(client)
+    resumed = pickle.loads(handoff.dumps(client))
+    try:
+        with pytest.raises(OSError, match="handed off"):
+            client.file.readline()  # the reply now belongs to `resumed`
+    finally:
+        assert resumed._getresp() == b"+OK"
+        resumed.quit()
+        client.file.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/tether/client/handoff.py dumps()/_attributes(): only obj itself and its "
+    "direct attributes are searched for readers, but _Pickler.reducer_override rebuilds "
+    "EVERY tether reader; a client inside a dict/list/task object loses its reader's "
+    "buffered bytes silently (the resumed client waits for a reply that was dropped). "
+    "Fix: find readers with a dry-run pickling pass (reducer_override recording readers, "
+    "stubbing tether sockets) before taking prefixes - which also lets dumps() fail before "
+    "anything is handed off when something in obj cannot be pickled",
+)
+def test_client_nested_in_a_payload_keeps_buffered_bytes(
+    pop3_server: POP3Server, tethered: Gateway
+) -> None:
+    client = _pop3(pop3_server)
+    _pipeline_two(client)
+    task = pickle.loads(handoff.dumps({"session": client, "message": 1}))
+    resumed = task["session"]
+    resumed.sock.settimeout(1.0)
+    try:
+        assert resumed._getresp() == b"+OK"
+    finally:
+        resumed.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/tether/client/handoff.py dumps(): pickling visits the socket before a later "
+    "unpicklable attribute, so the connection is detached (handed off to nobody) and then "
+    "dumps() raises; the app keeps neither a payload nor a usable socket. Fix: a dry-run "
+    "pass with tether sockets stubbed before the real dump (see the nested-reader bug)",
+)
+def test_dumps_that_fails_leaves_the_socket_usable(
+    pop3_server: POP3Server, tethered: Gateway
+) -> None:
+    client = _pop3(pop3_server)
+    client.lock = threading.Lock()  # type: ignore[attr-defined]  # not picklable
+    with pytest.raises(TypeError):
+        handoff.dumps(client)
+    try:
+        assert client.stat()[0] == 1
+    finally:
+        client.file.close()
+        client.sock.close()
+
+
+NNTP_GREETING = b"200 tether test news server ready\r\n"
+
+
+def _nntp_peer(conn: socket.socket) -> None:
+    conn.sendall(NNTP_GREETING)
+    f = conn.makefile("rb")
+    with f:
+        while line := f.readline():
+            verb = line.split()[0].upper() if line.split() else b""
+            if verb == b"QUIT":
+                conn.sendall(b"205 bye\r\n")
+                return
+            if verb == b"DATE":
+                conn.sendall(b"111 20260101000000\r\n")
+            else:
+                conn.sendall(b"500 unknown command\r\n")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/tether/client/handoff.py _tether_reader(): only io.BufferedReader "
+    "(makefile('rb')) is recognised, but nntplib - the issue's App Engine example - "
+    "uses makefile('rwb') (io.BufferedRWPair); handoff.dumps(nntp) raises TypeError after "
+    "the socket was already handed off. Fix: also handle BufferedRWPair (peek() its "
+    "buffered bytes, require the write side flushed, rebuild with makefile('rwb'))",
+)
+def test_nntp_client_can_be_handed_off(tethered: Gateway) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        nntplib = pytest.importorskip("nntplib")  # removed in Python 3.13
+    with Peer(_nntp_peer) as p:
+        client = nntplib.NNTP("127.0.0.1", p.port, readermode=False, timeout=TIMEOUT)
+        try:
+            blob = handoff.dumps(client)
+        except TypeError:
+            client.file.close()
+            raise AssertionError("handoff.dumps(nntplib.NNTP) failed") from None
+        resumed = pickle.loads(blob)
+        assert resumed.date()
+        resumed.quit()
+
+
+class TextSession:
+    def __init__(self, sock: socket.socket) -> None:
+        self.text = sock.makefile("r", encoding="ascii")  # pickled before the socket
+        self.sock = sock
+
+
+def test_text_mode_reader_is_refused(tethered: Gateway) -> None:
+    """A text reader (makefile('r')) is not carried: pickling it is a TypeError."""
+
+    with Peer(echo) as p, connect(p.port) as sock:
+        session = TextSession(sock)
+        with session.text, pytest.raises(TypeError, match="TextIOWrapper"):
+            handoff.dumps(session)
+        sock.sendall(b"ok")  # the reader came first, so the socket was not touched
+        assert recv_exact(sock, 2) == b"ok"
+
+
+# -- the gateway's memory while a socket changes hands ------------------------------
+
+
+def _detached(gw: Gateway, port: int) -> handoff.HandoffState:
+    sock = connect(port)
+    return handoff.hand_off(sock)
+
+
+def _raw_resume(state: handoff.HandoffState, tail_length: int) -> socket.socket:
+    """A bare stream that resumes `state` announcing `tail_length` tail bytes."""
+    settings = current()
+    raw = StdSocket(settings.gateway.family, socket.SOCK_STREAM)
+    try:
+        connect_fd(raw.fileno(), settings, Deadline(TIMEOUT))
+        wire = new_wire()
+        raw.sendall(
+            wire.send(hello(settings))
+            + wire.send(
+                pb.Resume(descriptor=state.descriptor, token=state.token, tail_length=tail_length)
+            )
+        )
+        events = read_until(raw, wire, Deadline(TIMEOUT), pb.ConnectResult)
+        result = events[-1]
+        assert isinstance(result, pb.ConnectResult) and not result.HasField("error"), result
+    except BaseException:
+        raw.close()
+        raise
+    return raw
+
+
+def _push_without_reading(
+    sock: socket.socket, limit: int, data: bytes, stall: float = 1.0
+) -> int:
+    """Write to `sock` without ever reading, until it takes no bytes for `stall` s."""
+    sock.setblocking(False)
+    pushed, stalled_at, deadline = 0, time.monotonic(), time.monotonic() + 20
+    while pushed < limit and time.monotonic() - stalled_at < stall and time.monotonic() < deadline:
+        try:
+            pushed += sock.send(data[: limit - pushed])
+            stalled_at = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.01)
+        except OSError:
+            break  # the gateway refused and closed: bounded too
+    return pushed
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/tether/gateway/relay.py _TailEcho: the resumed stream's tail is echoed "
+    "with no backpressure (its pause_writing pauses the peer, not the app stream it "
+    "echoes) and Resume.tail_length is unbounded (session.py _resume), so an app that "
+    "announces a huge tail and never reads makes the gateway buffer without limit "
+    "(256 MiB pushed -> ~290 MB gateway RSS in a manual run): one sandboxed app can OOM "
+    "the gateway. Fix: cap tail_length (the real tail is bounded by socket buffers, "
+    "e.g. 64 MiB) and pause the app transport's reading while the echo is above its "
+    "high-water mark (the client then has to read the echo while sending the tail)",
+)
+def test_tail_echo_is_bounded_when_the_app_does_not_read(tethered: Gateway) -> None:
+    with Peer(echo) as p:
+        raw = _raw_resume(_detached(tethered, p.port), tail_length=1 << 40)
+        with raw:
+            pushed = _push_without_reading(raw, 64 * MiB, bytes(64 * MiB))
+        assert pushed < 32 * MiB, f"the gateway took {pushed >> 20} MiB the app never read"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/tether/gateway/relay.py Link.tail_sent(): resumes reading the peer "
+    "unconditionally, even when the resumed app transport is already above its high-water "
+    "mark (paused by the tail echo); asyncio calls pause_writing only on crossing the "
+    "mark, so the peer's bytes then pile up in the gateway without limit while the app "
+    "does not read. Fix: track the app side's paused state in _Half (pause_writing/"
+    "resume_writing) and resume the peer in tail_sent() only if the app side is not paused",
+)
+def test_peer_is_held_back_after_resume_when_the_app_does_not_read(tethered: Gateway) -> None:
+    pushed = [0]
+
+    def blaster(conn: socket.socket) -> None:
+        pushed[0] = _push_without_reading(conn, 64 * MiB, bytes(64 * MiB), stall=3.0)
+
+    with Peer(blaster) as p:
+        state = _detached(tethered, p.port)
+        tail = 8 * MiB  # a large (forged) tail: the echo fills the app transport's buffer
+        raw = _raw_resume(state, tail_length=tail)
+        with raw:
+            _push_without_reading(raw, tail, bytes(tail))
+            p.thread.join(30)
+    assert pushed[0] < 32 * MiB, f"the gateway took {pushed[0] >> 20} MiB the app never read"
+
+
+def test_resume_sends_the_tail_first_and_repr_hides_it(tethered: Gateway) -> None:
+    with Peer(echo) as p:
+        state = _detached(tethered, p.port)
+        state = dataclasses.replace(state, tail=b"secret-looking tail bytes")
+        assert b"secret-looking" not in repr(state).encode()
+        with handoff.resume(state) as sock:
+            assert recv_exact(sock, 25) == b"secret-looking tail bytes"
+            sock.sendall(b"z")
+            assert recv_exact(sock, 1) == b"z"
+
+
+class Job:
+    """A task object of the app's own: a socket, its reader, other state."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+        self.notes = io.BytesIO(b"notes")
+
+
+def test_own_object_with_socket_and_reader(tethered: Gateway) -> None:
+    """handoff.dumps() carries ordinary attributes (including BytesIO) as pickle does."""
+
+    with Peer(echo) as p:
+        job = Job(connect(p.port))
+        job.sock.sendall(b"line one\nline two\n")
+        assert job.reader.readline() == b"line one\n"
+        moved = pickle.loads(handoff.dumps(job))
+        job.reader.close()
+        with moved.sock, moved.reader:
+            assert moved.notes.getvalue() == b"notes"
+            assert moved.reader.readline() == b"line two\n"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/tether/client/handoff.py _resume_stream(): the whole tail is sent before the "
+    "gateway's answer is read; when the gateway refuses the Resume (already resumed, other "
+    "app, reclaimed) it closes the stream with tail bytes unread, the kernel resets it, and "
+    "the app gets BrokenPipeError/ConnectionResetError instead of the gateway's message "
+    "(real tails are several MiB: up to ~9 MiB in the ring test). Fix: send hello+Resume, "
+    "read the ConnectResult, then send the tail (or, on a send error, still read the answer)",
+)
+def test_second_unpickle_of_a_large_tail_says_already_resumed(tethered: Gateway) -> None:
+    with Peer(echo) as p:
+        state = _detached(tethered, p.port)
+        state = dataclasses.replace(state, tail=bytes(16 * MiB))  # as large as real tails get
+        first = handoff.resume(state)
+        with first:
+            with pytest.raises(OSError, match="already resumed"):
+                handoff.resume(state)
+            assert len(recv_exact(first, 16 * MiB)) == 16 * MiB
+
+
+# -- the gateway's handoff state machine, observed in-process -------------------------
+
+
+@pytest.fixture
+def embedded() -> Iterator[tuple[Any, Settings]]:
+    """An in-thread gateway (never with install() active) and settings for app 'a'."""
+    from tether.config import parse_config
+    from tether.gateway.embedded import EmbeddedGateway
+
+    assert not tether.installed()
+    config = parse_config({
+        "gateway": {"listen": ["127.0.0.1:0"]},
+        "resolver": {"mode": "static"},
+        "policy": {"allow": ["127.0.0.0/8:*"]},
+        "apps": {"a": {"key": "key-a"}},
+    })
+    gw = EmbeddedGateway(config)
+    endpoint = gw.start()[0]
+    settings = Settings(gateway=parse_endpoint(str(endpoint)), app="a", key="key-a")
+    from tether.client import settings as client_settings
+
+    client_settings.configure(settings)
+    try:
+        yield gw, settings
+    finally:
+        client_settings.configure(None)
+        control.close_all()
+        gw.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/tether/gateway/relay.py Link.tail_sent(): when a new Detach arrives while "
+    "the previous resume's tail is still being echoed (the new holder read less than the "
+    "tail and pickled at once), tail_sent() runs during DETACHING and sets holding=False "
+    "and resumes reading the peer; the peer's EOF can then meet the detaching app's EOF "
+    "and close the link ('closed by both sides': resume fails), seen in ~15% of runs of "
+    "a read-1-byte-and-pickle loop and ~1/3 of ring runs. Fix: in tail_sent() clear "
+    "holding and resume the peer only if record.state == ATTACHED",
+)
+def test_detach_during_tail_echo_keeps_the_peer_held(embedded: tuple[Any, Settings]) -> None:
+    import tether.socket as tsock
+
+    gw, settings = embedded
+    data = stream(b"echoing", 0, 3 * MiB)
+
+    def peer(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # aborted at the end of the test
+            conn.sendall(data)
+            conn.recv(1)
+
+    p = Peer(peer)
+    sock = tsock.create_connection(("127.0.0.1", p.port), timeout=TIMEOUT)
+    wait_readable(sock)
+    time.sleep(0.2)  # let the buffers fill: a tail of a few MiB
+    state = handoff.hand_off(sock)
+    assert len(state.tail) > 1
+    raw = _raw_resume(state, tail_length=len(state.tail))
+    with raw:
+        raw.sendall(state.tail[:-1])  # the gateway echoes all but the last byte ...
+        assert recv_exact(raw, len(state.tail) - 1) == state.tail[:-1]
+        link = gw.call(lambda: next(
+            r for r in gw.gateway.registry if r.descriptor == state.descriptor).link)
+        # ... a new handoff begins (what pickle.dumps does first) ...
+        control.channel(settings).request(
+            pb.Request(detach=pb.Detach(descriptor=state.descriptor)))
+        raw.sendall(state.tail[-1:])  # ... and only then does the tail complete.
+        assert recv_exact(raw, 1) == state.tail[-1:]
+        held, reading = gw.call(lambda: (link.holding, link.peer_side.transport.is_reading()))
+        gw.call(lambda: link.abort("test over"))
+    p.thread.join(TIMEOUT)
+    p.listener.close()
+    assert (held, reading) == (True, False), "the peer was resumed in the middle of a handoff"
