@@ -56,6 +56,7 @@ from tether.demo.servers import (
     make_ca,
 )
 from tether.endpoint import parse_endpoint
+from tether.gateway.relay import MAX_RESUME_TAIL
 from tether.wire import pb
 
 TIMEOUT = 10.0
@@ -323,14 +324,6 @@ def test_original_refuses_io_after_pickling(tethered: Gateway) -> None:
             assert recv_exact(resumed, 2) == b"ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/tether/client/sock.py _check_open() and _connect(): a handed-off socket's "
-    "getpeername/getsockname/getsockopt/setsockopt/connect raise a bare 'Bad file "
-    "descriptor' (EBADF) instead of the 'handed off' message recv/send give; fix: check "
-    "t.state == 'handed-off' in _check_open() and _connect() and raise the same OSError "
-    "as _pending_guard()",
-)
 def test_original_says_handed_off_for_every_call(tethered: Gateway) -> None:
     with Peer(echo) as p:
         sock = connect(p.port)
@@ -350,14 +343,6 @@ def test_original_says_handed_off_for_every_call(tethered: Gateway) -> None:
             pickle.loads(blob).close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/tether/client/sock.py _Tether.copy(): a dup() of a socket keeps its own "
-    "state 'connected' when the original is pickled, and its recv() returns b'' (a clean "
-    "EOF the peer never sent) while the connection lives on elsewhere; fix: share the "
-    "handed-off flag between copies (e.g. a shared mutable cell in _Tether.copy) so a dup "
-    "raises the same 'handed off' OSError",
-)
 def test_dup_of_handed_off_socket_says_handed_off(tethered: Gateway) -> None:
     with Peer(echo) as p:
         sock = connect(p.port)
@@ -497,21 +482,12 @@ FORKING_PICKLER_LATE_IMPORT = textwrap.dedent(
         print("not moved:", b"resume" in payload)
     except OSError as exc:
         print("moved:", exc)
+        ForkingPickler.loads(payload).close()  # so the peer sees the end
     sock.close()
     """
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="multiprocessing.reduction registers socket.socket -> _reduce_socket (fd "
-    "passing) when first imported; after tether.install() (e.g. under `tether run`, whose "
-    "sitecustomize installs before the app imports multiprocessing) that is tether's class, "
-    "so ForkingPickler shares the raw gateway-stream fd instead of handing off. Fix in "
-    "src/tether/client/install.py install(): import multiprocessing.reduction before "
-    "patching, and/or ForkingPickler.register(tether socket class, reducer calling "
-    "sock.__reduce_ex__) for sockets whose _tether is set",
-)
 def test_forking_pickler_hands_off_when_multiprocessing_is_imported_late(
     gateway: Gateway,
 ) -> None:
@@ -941,34 +917,32 @@ def _push_without_reading(
     return pushed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/tether/gateway/relay.py _TailEcho: the resumed stream's tail is echoed "
-    "with no backpressure (its pause_writing pauses the peer, not the app stream it "
-    "echoes) and Resume.tail_length is unbounded (session.py _resume), so an app that "
-    "announces a huge tail and never reads makes the gateway buffer without limit "
-    "(256 MiB pushed -> ~290 MB gateway RSS in a manual run): one sandboxed app can OOM "
-    "the gateway. Fix: cap tail_length (the real tail is bounded by socket buffers, "
-    "e.g. 64 MiB) and pause the app transport's reading while the echo is above its "
-    "high-water mark (the client then has to read the echo while sending the tail)",
-)
-def test_tail_echo_is_bounded_when_the_app_does_not_read(tethered: Gateway) -> None:
+def test_resume_announcing_a_tail_over_the_limit_is_refused(tethered: Gateway) -> None:
+    """The gateway echoes a tail without waiting for the app, so its size is capped."""
     with Peer(echo) as p:
-        raw = _raw_resume(_detached(tethered, p.port), tail_length=1 << 40)
+        state = _detached(tethered, p.port)
+        forged = dataclasses.replace(state, tail=bytes(MAX_RESUME_TAIL + 1))
+        with pytest.raises(OSError, match="over the gateway's limit") as info:
+            handoff.resume(forged)
+        assert info.value.errno == errno.EMSGSIZE
+        with handoff.resume(state) as sock:  # refused before the token was spent
+            sock.sendall(b"still here")
+            assert recv_exact(sock, 10) == b"still here"
+
+
+def test_tail_echo_is_bounded_when_the_app_does_not_read(tethered: Gateway) -> None:
+    def sink(conn: socket.socket) -> None:
+        time.sleep(4)  # reads nothing while the app pushes
+
+    with Peer(sink) as p:
+        raw = _raw_resume(_detached(tethered, p.port), tail_length=8 * MiB)
         with raw:
-            pushed = _push_without_reading(raw, 64 * MiB, bytes(64 * MiB))
-        assert pushed < 32 * MiB, f"the gateway took {pushed >> 20} MiB the app never read"
+            pushed = _push_without_reading(raw, 128 * MiB, bytes(128 * MiB))
+    # The tail (8 MiB) is echoed into the gateway's memory; past it only the
+    # kernels' socket buffers on the way to a peer that does not read.
+    assert pushed < 48 * MiB, f"the gateway took {pushed >> 20} MiB the app never read"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/tether/gateway/relay.py Link.tail_sent(): resumes reading the peer "
-    "unconditionally, even when the resumed app transport is already above its high-water "
-    "mark (paused by the tail echo); asyncio calls pause_writing only on crossing the "
-    "mark, so the peer's bytes then pile up in the gateway without limit while the app "
-    "does not read. Fix: track the app side's paused state in _Half (pause_writing/"
-    "resume_writing) and resume the peer in tail_sent() only if the app side is not paused",
-)
 def test_peer_is_held_back_after_resume_when_the_app_does_not_read(tethered: Gateway) -> None:
     pushed = [0]
 
@@ -1019,15 +993,6 @@ def test_own_object_with_socket_and_reader(tethered: Gateway) -> None:
             assert moved.reader.readline() == b"line two\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/tether/client/handoff.py _resume_stream(): the whole tail is sent before the "
-    "gateway's answer is read; when the gateway refuses the Resume (already resumed, other "
-    "app, reclaimed) it closes the stream with tail bytes unread, the kernel resets it, and "
-    "the app gets BrokenPipeError/ConnectionResetError instead of the gateway's message "
-    "(real tails are several MiB: up to ~9 MiB in the ring test). Fix: send hello+Resume, "
-    "read the ConnectResult, then send the tail (or, on a send error, still read the answer)",
-)
 def test_second_unpickle_of_a_large_tail_says_already_resumed(tethered: Gateway) -> None:
     with Peer(echo) as p:
         state = _detached(tethered, p.port)
@@ -1069,16 +1034,6 @@ def embedded() -> Iterator[tuple[Any, Settings]]:
         gw.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/tether/gateway/relay.py Link.tail_sent(): when a new Detach arrives while "
-    "the previous resume's tail is still being echoed (the new holder read less than the "
-    "tail and pickled at once), tail_sent() runs during DETACHING and sets holding=False "
-    "and resumes reading the peer; the peer's EOF can then meet the detaching app's EOF "
-    "and close the link ('closed by both sides': resume fails), seen in ~15% of runs of "
-    "a read-1-byte-and-pickle loop and ~1/3 of ring runs. Fix: in tail_sent() clear "
-    "holding and resume the peer only if record.state == ATTACHED",
-)
 def test_detach_during_tail_echo_keeps_the_peer_held(embedded: tuple[Any, Settings]) -> None:
     import tether.socket as tsock
 

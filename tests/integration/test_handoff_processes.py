@@ -279,16 +279,6 @@ def _log_tail(gateway: Gateway, lines: int = 15) -> str:
     return "\n".join([line for line in gateway.process.log if "decision" not in line][-lines:])
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="flaky until two bugs in src/tether/gateway/relay.py Link.tail_sent() are fixed "
-    "(each shown deterministically, strict, in tests/client/test_handoff.py): a Detach that "
-    "arrives while the previous tail is still echoed resumes the peer mid-handoff, and the "
-    "link can close ('closed by both sides', ~1 run in 3 here); and the peer is resumed "
-    "even when the app transport is paused, so tails snowball (payloads up to ~31 MB, 13 s "
-    "instead of ~5 s). Not strict because the race is intermittent; with both fixed "
-    "(state check + paused flag in tail_sent) this passed every run: remove the marker then",
-)
 def test_ring_of_processes_bidirectional_stream(gateway: Gateway) -> None:
     """>= 32 MiB each way, >= 200 handoffs among 3 processes, every byte once and in order."""
     peer = RingPeer()

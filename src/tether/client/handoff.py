@@ -144,10 +144,15 @@ def _resume_stream(sock: socket, t: Any, state: HandoffState, settings: Settings
         descriptor=state.descriptor, token=state.token, tail_length=len(state.tail)
     )
     t.state = "connecting"
-    data = t.wire.send(hello(settings)) + t.wire.send(request) + state.tail
-    send_all(sock, data, deadline)
+    send_all(sock, t.wire.send(hello(settings)) + t.wire.send(request), deadline)
     sock._await_result(t, deadline)
-    return sock._take_error(t) if t.error else None
+    if t.error:
+        return sock._take_error(t)
+    # Only now the tail: a refused Resume closes the stream, and tail bytes
+    # it never read would turn the gateway's message into a reset. The
+    # gateway echoes the tail ahead of anything new from the peer.
+    send_all(sock, state.tail, deadline)
+    return None
 
 
 # -- protocol clients (smtplib, poplib, imaplib, nntplib ...) -------------------

@@ -100,6 +100,12 @@ def install(
         if resolved is not None:
             _settings.configure(resolved)
         if _saved is None:
+            # multiprocessing.reduction registers fd passing for whatever
+            # socket.socket is when it is first imported; imported after the
+            # patch, ForkingPickler would share the raw gateway stream instead
+            # of handing the socket off. Importing it first costs ~2 ms.
+            import multiprocessing.reduction  # noqa: F401
+
             replacements = _replacements()
             _saved = {name: getattr(_std, name) for name in replacements}
             for name, value in replacements.items():

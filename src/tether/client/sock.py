@@ -77,6 +77,13 @@ _SUPPORTED = ", ".join(
 )
 
 
+class _Moved:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+
 class _Tether:
     """Per-socket state of a tether TCP socket."""
 
@@ -89,12 +96,13 @@ class _Tether:
         "late_options",
         "local",
         "lock",
+        "moved",
         "options",
         "peer",
         "prefix",
         "real_family",
         "settings",
-        "state",
+        "stage",
         "target",
         "wire",
     )
@@ -102,7 +110,10 @@ class _Tether:
     def __init__(self, settings: Settings | None) -> None:
         self.settings = settings
         self.wire: Connection | None = None
-        self.state = "new"  # new -> pending -> connected | new (after a failure)
+        self.stage = "new"  # new -> pending -> connected | new (after a failure)
+        # Shared by dup() copies: once one of them is handed off, every copy's
+        # state is "handed-off" (their fds all lead to the detached stream).
+        self.moved = _Moved()
         self.descriptor = ""
         self.peer: tuple[Any, ...] | None = None
         self.local: tuple[Any, ...] | None = None
@@ -124,6 +135,17 @@ class _Tether:
         # when it handed the socket off; they travel ahead of the kernel tail.
         self.prefix = b""
 
+    @property
+    def state(self) -> str:
+        return "handed-off" if self.moved.done else self.stage
+
+    @state.setter
+    def state(self, value: str) -> None:
+        if value == "handed-off":
+            self.moved.done = True
+        else:
+            self.stage = value
+
     def copy(self) -> _Tether:
         other = _Tether(self.settings)
         for name in self.__slots__:
@@ -131,6 +153,13 @@ class _Tether:
         other.options = dict(self.options)  # the lock stays shared: same stream
         other.late_options = set(self.late_options)
         return other
+
+
+def _refuse_if_handed_off(t: _Tether | None) -> None:
+    if t is not None and t.state == "handed-off":
+        raise OSError(
+            errno.EBADF, "tether: this socket was handed off (pickled); use the unpickled copy"
+        )
 
 
 def _outbound_only(what: str) -> OSError:
@@ -222,8 +251,7 @@ class socket(_StdSocket):
         return 0
 
     def _connect(self, t: _Tether, address: Any) -> None:
-        if self.fileno() == -1:
-            raise OSError(errno.EBADF, "Bad file descriptor")
+        self._check_open()
         host, port = _check_address(self.family, address, "connect")
         if t.state == "connected":
             raise OSError(errno.EISCONN, "Transport endpoint is already connected")
@@ -394,11 +422,7 @@ class socket(_StdSocket):
 
     def _pending_guard(self) -> None:
         t = self._tether
-        if t is not None and t.state == "handed-off":
-            raise OSError(
-                errno.EBADF,
-                "tether: this socket was handed off (pickled); use the unpickled copy",
-            )
+        _refuse_if_handed_off(t)
         if t is not None and t.state == "connecting":
             # Another thread is in a blocking connect(): a blocking call waits
             # for it, as the stdlib's would; a non-blocking one does not.
@@ -530,6 +554,7 @@ class socket(_StdSocket):
         return ("0.0.0.0", 0)
 
     def _check_open(self) -> None:
+        _refuse_if_handed_off(self._tether)
         if self.fileno() == -1:
             raise OSError(errno.EBADF, "Bad file descriptor")
 

@@ -35,11 +35,20 @@ log = logging.getLogger("tether.gateway")
 # (it has already read the gateway's EOF, so this is one loop turn in practice).
 DETACH_SETTLE_TIMEOUT = 5.0
 
+# The largest tail a Resume may announce. A real tail is what the old holder
+# had not read: at most its kernel receive buffer (Linux tcp_rmem max, 6 MiB
+# by default), what was in flight from the gateway (tcp_wmem max, 4 MiB, plus
+# our write buffer's high-water mark) and a makefile() reader's buffer; the
+# ring test's largest was ~9 MiB. The gateway echoes the tail back without
+# waiting for the app to read (it is inside pickle.loads until the echo is
+# queued), so this bounds what one resume can make the gateway buffer.
+MAX_RESUME_TAIL = 32 * 1024 * 1024
+
 
 class _Half(asyncio.Protocol):
     """Receives on one transport, writes to the other."""
 
-    __slots__ = ("eof", "link", "other", "outgoing", "transport")
+    __slots__ = ("eof", "link", "other", "outgoing", "paused", "transport")
 
     def __init__(self, link: Link, outgoing: bool) -> None:
         self.link = link
@@ -48,6 +57,9 @@ class _Half(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.other: _Half | None = None
         self.eof = False
+        # Our transport's write buffer is above its high-water mark (asyncio
+        # says so only when it crosses, so the state must be remembered).
+        self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -99,10 +111,12 @@ class _Half(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # Our transport's buffer is full: stop reading the side that fills it.
+        self.paused = True
         if self.other is not None and self.other.transport is not None:
             self.other.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.paused = False
         if self.link.holding and self.outgoing:
             return  # the peer stays paused until the handoff completes
         if self.other is not None and self.other.transport is not None:
@@ -150,6 +164,9 @@ class _TailEcho(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.link.app_side.connection_lost(exc)
 
+    # The peer is held while the tail is echoed; the app side only records
+    # that its buffer is full, so tail_sent() leaves the peer paused until the
+    # app has read the echo (the echo itself is bounded by MAX_RESUME_TAIL).
     def pause_writing(self) -> None:
         self.link.app_side.pause_writing()
 
@@ -219,6 +236,11 @@ class Link:
         record.touch()
         self.app_side.transport = transport
         self.app_side.eof = False
+        self.app_side.paused = False  # a new transport starts below its high-water mark
+        if self.peer_side.paused:
+            # The peer's buffer is still full from before the handoff: the new
+            # stream waits, as the old one did, until the peer drains it.
+            transport.pause_reading()
         if tail_length:
             echo = _TailEcho(self, tail_length)
             transport.set_protocol(echo)
@@ -239,8 +261,13 @@ class Link:
         self.held.clear()
         if self.peer_side.eof and transport.can_write_eof():
             transport.write_eof()
+        if self.record.state != ATTACHED:
+            # A new Detach arrived while this tail was still being echoed:
+            # the peer stays held for the next holder.
+            return
         self.holding = False
-        if self.peer_side.transport is not None:
+        if self.peer_side.transport is not None and not self.app_side.paused:
+            # Still paused: resume_writing() resumes the peer once the app reads.
             self.peer_side.transport.resume_reading()
 
     # -- ending ------------------------------------------------------------------

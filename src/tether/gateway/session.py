@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from tether import __version__
 from tether.gateway.registry import ATTACHED, DETACHING, HANDED_OFF, SocketRecord
-from tether.gateway.relay import DETACH_SETTLE_TIMEOUT, Link
+from tether.gateway.relay import DETACH_SETTLE_TIMEOUT, MAX_RESUME_TAIL, Link
 from tether.gateway.resolve import HostError
 from tether.policy import Decision, ResolutionError, Transport
 from tether.wire import (
@@ -454,6 +454,13 @@ class ClientSession(asyncio.Protocol):
         record = gw.registry.get(self.app, req.descriptor)
         if record is None:
             self._write(self.wire.send(pb.ConnectResult(error=self._gone(req.descriptor))))
+            return
+        if req.tail_length > MAX_RESUME_TAIL:
+            # Refused before the token is checked, so it stays valid.
+            self._write(self.wire.send(pb.ConnectResult(error=pb.Error(
+                code=pb.Error.INVALID_REQUEST, errno=errno.EMSGSIZE,
+                message=f"tether: resuming socket {record.descriptor[:8]}...: a tail of "
+                f"{req.tail_length} bytes is over the gateway's limit of {MAX_RESUME_TAIL}"))))
             return
         link = record.link
         if record.state == DETACHING and link is not None and req.token == record.token:
