@@ -329,14 +329,15 @@ class DNSServer:
             limit = query.payload if query.edns >= 0 else _CLASSIC_UDP_LIMIT
             if self.truncate_above is not None:
                 limit = min(limit, self.truncate_above)
-            wire = response.to_wire()
+            # max_size: measure the whole answer here rather than let dnspython raise TooBig.
+            wire = response.to_wire(max_size=65535)
             if truncate or len(wire) > limit:
                 response.answer.clear()
                 response.authority.clear()
                 response.additional.clear()
                 response.flags |= dns.flags.TC
             return response.to_wire()
-        return response.to_wire()
+        return response.to_wire(max_size=65535)
 
     def _fill(self, response: dns.message.Message, qname: dns.name.Name, rdtype: int) -> None:
         records = self._table.records
