@@ -741,14 +741,6 @@ def test_imap_session_continues_after_handoff(
     resumed.logout()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/tether/client/handoff.py dumps(): after pickling, the ORIGINAL client's "
-    "makefile() reader still holds the bytes that were moved into the tail, so the old "
-    "object returns them too (delivered twice, once per holder); fix: once the pickle is "
-    "made, drop them from each reader (reader.read(len(prefix)), non-blocking since "
-    "buffered) or close the reader",
-)
 def test_original_client_reader_does_not_keep_moved_bytes(
     pop3_server: POP3Server, tethered: Gateway
 ) -> None:
@@ -764,16 +756,6 @@ def test_original_client_reader_does_not_keep_moved_bytes(
         client.file.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/tether/client/handoff.py dumps()/_attributes(): only obj itself and its "
-    "direct attributes are searched for readers, but _Pickler.reducer_override rebuilds "
-    "EVERY tether reader; a client inside a dict/list/task object loses its reader's "
-    "buffered bytes silently (the resumed client waits for a reply that was dropped). "
-    "Fix: find readers with a dry-run pickling pass (reducer_override recording readers, "
-    "stubbing tether sockets) before taking prefixes - which also lets dumps() fail before "
-    "anything is handed off when something in obj cannot be pickled",
-)
 def test_client_nested_in_a_payload_keeps_buffered_bytes(
     pop3_server: POP3Server, tethered: Gateway
 ) -> None:
@@ -788,13 +770,6 @@ def test_client_nested_in_a_payload_keeps_buffered_bytes(
         resumed.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/tether/client/handoff.py dumps(): pickling visits the socket before a later "
-    "unpicklable attribute, so the connection is detached (handed off to nobody) and then "
-    "dumps() raises; the app keeps neither a payload nor a usable socket. Fix: a dry-run "
-    "pass with tether sockets stubbed before the real dump (see the nested-reader bug)",
-)
 def test_dumps_that_fails_leaves_the_socket_usable(
     pop3_server: POP3Server, tethered: Gateway
 ) -> None:
@@ -827,14 +802,6 @@ def _nntp_peer(conn: socket.socket) -> None:
                 conn.sendall(b"500 unknown command\r\n")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/tether/client/handoff.py _tether_reader(): only io.BufferedReader "
-    "(makefile('rb')) is recognised, but nntplib - the issue's App Engine example - "
-    "uses makefile('rwb') (io.BufferedRWPair); handoff.dumps(nntp) raises TypeError after "
-    "the socket was already handed off. Fix: also handle BufferedRWPair (peek() its "
-    "buffered bytes, require the write side flushed, rebuild with makefile('rwb'))",
-)
 def test_nntp_client_can_be_handed_off(tethered: Gateway) -> None:
     import warnings
 

@@ -22,6 +22,7 @@ token works once; another app gets PermissionError. See docs/handoff.md.
 from __future__ import annotations
 
 import _socket
+import contextlib
 import errno
 import io
 import pickle
@@ -31,7 +32,7 @@ from typing import Any
 
 from tether.client import control
 from tether.client.settings import Settings, current
-from tether.client.sock import _StdSocket, socket
+from tether.client.sock import RW_PAIRS, _StdSocket, socket
 from tether.client.stream import Deadline, hello, new_wire, send_all
 from tether.wire import pb
 
@@ -158,18 +159,27 @@ def _resume_stream(sock: socket, t: Any, state: HandoffState, settings: Settings
 # -- protocol clients (smtplib, poplib, imaplib, nntplib ...) -------------------
 
 
+Reader = io.BufferedReader | io.BufferedRWPair
+
+
 def _tether_reader(obj: Any) -> socket | None:
-    """The tether socket under a makefile('rb') reader, if that is what obj is."""
+    """The tether socket under a makefile('rb') or makefile('rwb') object, if obj is one."""
     if isinstance(obj, io.BufferedReader):
         raw = obj.raw
-        sock = getattr(raw, "_sock", None)
-        if isinstance(raw, _socket_mod.SocketIO) and isinstance(sock, socket):
-            return sock
+    elif isinstance(obj, io.BufferedRWPair):
+        return RW_PAIRS.get(obj)  # nntplib's makefile("rwb")
+    else:
+        return None
+    sock = getattr(raw, "_sock", None)
+    if isinstance(raw, _socket_mod.SocketIO) and isinstance(sock, socket):
+        return sock
     return None
 
 
-def _take_buffered(reader: io.BufferedReader, sock: socket) -> bytes:
+def _take_buffered(reader: Reader, sock: socket) -> bytes:
     """What the reader holds but the app has not read yet, without blocking."""
+    if isinstance(reader, io.BufferedRWPair):
+        reader.flush()  # what the app wrote goes to the peer before the handoff
     was = sock.gettimeout()
     sock.setblocking(False)
     try:
@@ -180,43 +190,90 @@ def _take_buffered(reader: io.BufferedReader, sock: socket) -> bytes:
         sock.settimeout(was)
 
 
+def _drop_buffered(reader: Reader, n: int) -> None:
+    """Discard the `n` bytes moved out of `reader`: they belong to the new holder now."""
+    if n:
+        with contextlib.suppress(OSError):
+            reader.read(n)  # all buffered: no read reaches the (closed) socket
+
+
+class _Sink:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+class _DryRun(pickle.Pickler):
+    """Pickles with tether sockets and readers stubbed, recording the readers.
+
+    Run before anything is handed off, so an object that cannot be pickled
+    fails with the socket still usable, and so readers anywhere in the
+    object graph are found (not only attributes of the top object).
+    """
+
+    def __init__(self, protocol: int | None) -> None:
+        super().__init__(_Sink(), protocol)
+        self.readers: dict[int, tuple[Reader, socket]] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, socket) and obj._tether is not None:
+            return (int, ())
+        sock = _tether_reader(obj)
+        if sock is None:
+            return NotImplemented
+        self.readers[id(obj)] = (obj, sock)
+        return (int, ())
+
+
 class _Pickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         sock = _tether_reader(obj)
         if sock is None:
             return NotImplemented
-        return (_rebuild_reader, (sock,))
+        mode = "rwb" if isinstance(obj, io.BufferedRWPair) else "rb"
+        return (_rebuild_reader, (sock, mode))
 
 
-def _rebuild_reader(sock: socket) -> io.BufferedReader:
-    reader = sock.makefile("rb")
-    assert isinstance(reader, io.BufferedReader)
+def _rebuild_reader(sock: socket, mode: str = "rb") -> Reader:
+    reader = sock.makefile("rwb") if mode == "rwb" else sock.makefile("rb")
+    assert isinstance(reader, (io.BufferedReader, io.BufferedRWPair))
     return reader
 
 
 def dumps(obj: Any, protocol: int | None = None) -> bytes:
-    """pickle.dumps for objects that hold a tether socket and a makefile() reader.
+    """pickle.dumps for objects that hold a tether socket and its makefile() reader.
 
-    Protocol clients (``poplib.POP3``, ``smtplib.SMTP``, ``imaplib.IMAP4``)
-    read through ``sock.makefile('rb')``, whose buffer may hold bytes the
-    client has not consumed yet. Plain pickle cannot carry a reader; this
-    moves its buffered bytes into the socket's tail, so the resumed client's
-    fresh reader returns them first. Load with plain ``pickle.loads``.
+    Protocol clients (``poplib.POP3``, ``smtplib.SMTP``, ``imaplib.IMAP4``,
+    ``nntplib.NNTP``) read through ``sock.makefile('rb')`` (or ``'rwb'``),
+    whose buffer may hold bytes the client has not consumed yet. Plain pickle
+    cannot carry a reader; this moves its buffered bytes into the socket's
+    tail, so the resumed client's fresh reader returns them first, and drops
+    them from the original reader. `obj` may be any picklable object graph
+    (a task payload holding clients). A first pass pickles with the sockets
+    stubbed, so an unpicklable `obj` raises before anything is handed off.
+    Load with plain ``pickle.loads``.
     """
-    readers = [
-        (value, sock)
-        for value in _attributes(obj)
-        if (sock := _tether_reader(value)) is not None
-    ]
-    for reader, sock in readers:
+    dry = _DryRun(protocol)
+    dry.dump(obj)
+    moved: list[tuple[Reader, int]] = []
+    seen: set[int] = set()
+    for reader, sock in dry.readers.values():
+        if id(sock) in seen:
+            raise ValueError(
+                "tether: two readers over one socket; hand off an object with one makefile()"
+            )
+        seen.add(id(sock))
         t = sock._tether
         assert t is not None
         t.prefix = _take_buffered(reader, sock)
+        moved.append((reader, len(t.prefix)))
     buf = io.BytesIO()
-    _Pickler(buf, protocol).dump(obj)
+    try:
+        _Pickler(buf, protocol).dump(obj)
+    finally:
+        for _reader, sock in dry.readers.values():
+            t = sock._tether
+            assert t is not None
+            t.prefix = b""
+    for reader, n in moved:
+        _drop_buffered(reader, n)
     return buf.getvalue()
-
-
-def _attributes(obj: Any) -> list[Any]:
-    values = list(vars(obj).values()) if hasattr(obj, "__dict__") else []
-    return [obj, *values]

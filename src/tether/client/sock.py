@@ -18,6 +18,7 @@ base class.
 from __future__ import annotations
 
 import errno
+import io
 import ipaddress
 import os
 import socket as _socket_mod
@@ -42,6 +43,8 @@ from tether.wire.convert import (
 )
 
 _StdSocket = _socket_mod.socket
+# makefile("rwb") objects of tether sockets, for handoff.dumps().
+RW_PAIRS: weakref.WeakKeyDictionary[io.BufferedRWPair, socket] = weakref.WeakKeyDictionary()
 _AF_INET = _socket_mod.AF_INET
 _AF_INET6 = _socket_mod.AF_INET6
 _SOCK_STREAM = _socket_mod.SOCK_STREAM
@@ -643,6 +646,23 @@ class socket(_StdSocket):
         return get_option(t, int(self.type), level, optname, buflen)
 
     # -- copies ----------------------------------------------------------------
+
+    def makefile(
+        self,
+        mode: str = "r",
+        buffering: int | None = None,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> Any:
+        f = super().makefile(  # type: ignore[call-overload]
+            mode, buffering, encoding=encoding, errors=errors, newline=newline
+        )
+        if self._tether is not None and isinstance(f, io.BufferedRWPair):
+            # A pair does not expose its SocketIO; handoff.dumps() finds the socket here.
+            RW_PAIRS[f] = self
+        return f
 
     def dup(self) -> socket:
         sock = super().dup()
