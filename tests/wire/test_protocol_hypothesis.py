@@ -64,13 +64,28 @@ client_hellos = st.builds(
     pb.ClientHello, protocol_version=u32, app=text, key=text, client_version=text
 )
 server_hellos = st.builds(pb.ServerHello, protocol_version=u32, gateway_version=text)
+# Stream connects: a successful answer switches the stream to raw bytes.
 connects = st.builds(
     pb.Connect,
-    transport=st.sampled_from([pb.TRANSPORT_TCP, pb.TRANSPORT_UDP]),
+    transport=st.sampled_from([pb.TRANSPORT_UNSPECIFIED, pb.TRANSPORT_TCP]),
     family=st.sampled_from([pb.FAMILY_UNSPEC, pb.FAMILY_INET, pb.FAMILY_INET6]),
     host=text,
     port=st.integers(0, 65535),
     timeout=st.floats(0, 120, allow_nan=False),
+)
+# UDP association opens: a successful answer keeps the stream framed.
+udp_opens = st.builds(
+    pb.Connect,
+    transport=st.just(pb.TRANSPORT_UDP),
+    family=st.sampled_from([pb.FAMILY_UNSPEC, pb.FAMILY_INET, pb.FAMILY_INET6]),
+    host=text,
+    port=st.integers(0, 65535),
+    source=st.builds(pb.Address, host=text, port=st.integers(0, 65535)),
+)
+allows = st.builds(
+    lambda h, p: pb.Request(allow_destination=pb.AllowDestination(host=h, port=p)),
+    text,
+    st.integers(0, 65535),
 )
 _ops = st.one_of(
     st.builds(lambda n: pb.Request(gethostbyname=pb.GetHostByName(name=n)), text),
@@ -112,6 +127,8 @@ any_message: st.SearchStrategy[Message] = st.one_of(
     client_hellos,
     server_hellos,
     connects,
+    udp_opens,
+    allows,
     st.just(CONNECTED),
     st.just(REFUSED),
     _ops,
@@ -262,6 +279,46 @@ def test_client_connect_result_then_raw_any_split(
     whole = run_client(sent, [stream])
     assert whole == ([S_HELLO, *answers, CONNECTED], raw, State.RELAY)
     assert run_client(sent, data.draw(splits(stream))) == whole
+
+
+@FAST
+@given(
+    hello=client_hellos,
+    opening=udp_opens,
+    requests=st.lists(st.one_of(_ops, allows), max_size=8),
+    data=st.data(),
+)
+def test_udp_association_stays_framed_any_split(
+    hello: pb.ClientHello,
+    opening: pb.Connect,
+    requests: list[pb.Request],
+    data: st.DataObject,
+) -> None:
+    # After a UDP association opens, requests (AllowDestination among them)
+    # stay frames on both ends; nothing is taken for raw bytes.
+    for i, request in enumerate(requests, start=1):
+        request.id = i
+    stream = PREAMBLE + frames(hello, opening, *requests)
+    whole = run_gateway([stream], connect_ok=True)
+    assert whole == ([hello, opening, *requests], b"", State.ASSOCIATED)
+    assert run_gateway(data.draw(splits(stream)), connect_ok=True) == whole
+
+    sent: list[Message] = [pb.ClientHello(protocol_version=PROTOCOL_VERSION), opening]
+    answers = [respond(r) for r in requests]
+    client = Connection(CLIENT)
+    for message in sent:
+        client.send(message)
+    client.receive_data(frames(S_HELLO, CONNECTED))
+    assert client.next_event() == S_HELLO
+    assert client.next_event() == CONNECTED
+    assert client.state is State.ASSOCIATED
+    for request in requests:
+        client.send(request)
+    if answers:  # receive_data(b"") would mean end of stream
+        client.receive_data(frames(*answers))
+    assert [client.next_event() for _ in answers] == answers
+    assert client.next_event() is NEED_DATA
+    assert client.state is State.ASSOCIATED
 
 
 # -- (b) hostile input ------------------------------------------------------------------

@@ -64,6 +64,32 @@ REFUSED = pb.ConnectResult(
     error=pb.Error(code=pb.Error.PERMISSION_DENIED, message="denied", rule="deny *")
 )
 ERROR = pb.Error(code=pb.Error.PROTOCOL, message="bye")
+# A UDP association: an unconnected socket (no peer named) and a connected one.
+UDP_OPEN = pb.Connect(
+    transport=pb.TRANSPORT_UDP,
+    family=pb.FAMILY_INET,
+    source=pb.Address(family=pb.FAMILY_INET, host="127.0.0.1", port=50000),
+)
+UDP_OPEN_TO = pb.Connect(
+    transport=pb.TRANSPORT_UDP,
+    family=pb.FAMILY_INET,
+    host="127.0.0.1",
+    port=53,
+    source=pb.Address(family=pb.FAMILY_INET, host="127.0.0.1", port=50000),
+)
+UDP_OPENED = pb.ConnectResult(
+    descriptor="u-1", local=pb.Address(family=pb.FAMILY_INET, host="0.0.0.0", port=40001)
+)
+
+
+def allow(i: int, port: int = 53) -> pb.Request:
+    return pb.Request(id=i, allow_destination=pb.AllowDestination(host="127.0.0.1", port=port))
+
+
+def route(i: int) -> pb.Response:
+    peer = pb.Address(family=pb.FAMILY_INET, host="127.0.0.1", port=53)
+    relay = pb.Address(family=pb.FAMILY_INET, host="127.0.0.1", port=40002)
+    return pb.Response(id=i, destination=pb.Destination(peer=peer, relay=relay))
 
 
 def req(i: int) -> pb.Request:
@@ -234,6 +260,44 @@ LEGAL: list[tuple[str, list[Turn], State]] = [
         ],
         State.RELAY,
     ),
+    (
+        "udp-association-then-destinations",
+        [
+            ("c", HELLO),
+            ("c", UDP_OPEN),
+            ("g", S_HELLO),
+            ("g", UDP_OPENED),
+            ("c", allow(1)),
+            ("g", route(1)),
+            ("c", allow(2, 54)),
+            ("c", req(3)),
+            ("g", resp_failed(2)),
+            ("g", resp(3)),
+        ],
+        State.ASSOCIATED,
+    ),
+    (
+        "udp-connected-association",
+        [("c", HELLO), ("g", S_HELLO), ("c", UDP_OPEN_TO), ("g", UDP_OPENED)],
+        State.ASSOCIATED,
+    ),
+    (
+        "udp-refused-then-tcp-connect",
+        [
+            ("c", HELLO),
+            ("g", S_HELLO),
+            ("c", UDP_OPEN_TO),
+            ("g", REFUSED),
+            ("c", CONNECT),
+            ("g", CONNECTED),
+        ],
+        State.RELAY,
+    ),
+    (
+        "gateway-error-on-association",
+        [("c", HELLO), ("c", UDP_OPEN), ("g", S_HELLO), ("g", UDP_OPENED), ("g", ERROR)],
+        State.CLOSED,
+    ),
     ("client-error-first", [("c", ERROR)], State.CLOSED),
     ("client-error-after-hello", [("c", HELLO), ("g", S_HELLO), ("c", ERROR)], State.CLOSED),
     ("gateway-error-first", [("g", ERROR)], State.CLOSED),
@@ -387,6 +451,39 @@ ILLEGAL = [
         "request-while-connecting",
         (("c", HELLO), ("c", CONNECT), ("c", req(1))),
         sides=("sender",),
+    ),
+    # a UDP association's stream carries requests only; AllowDestination nowhere else
+    Illegal(
+        "connect-on-association",
+        (("c", HELLO), ("c", UDP_OPEN), ("g", S_HELLO), ("g", UDP_OPENED), ("c", CONNECT)),
+    ),
+    Illegal(
+        "second-association",
+        (("c", HELLO), ("c", UDP_OPEN), ("g", S_HELLO), ("g", UDP_OPENED), ("c", UDP_OPEN)),
+    ),
+    Illegal(
+        "resume-on-association",
+        (
+            ("c", HELLO),
+            ("c", UDP_OPEN),
+            ("g", S_HELLO),
+            ("g", UDP_OPENED),
+            ("c", pb.Resume(descriptor="d", token="t")),
+        ),
+    ),
+    Illegal("allow-destination-on-plain-stream", (("c", HELLO), ("g", S_HELLO), ("c", allow(1)))),
+    Illegal(
+        "allow-destination-after-refused-association",
+        (("c", HELLO), ("g", S_HELLO), ("c", UDP_OPEN), ("g", REFUSED), ("c", allow(1))),
+    ),
+    Illegal(
+        "allow-destination-while-opening",
+        (("c", HELLO), ("c", UDP_OPEN), ("c", allow(1))),
+        sides=("sender",),
+    ),
+    Illegal(
+        "connect-result-on-association",
+        (("c", HELLO), ("c", UDP_OPEN), ("g", S_HELLO), ("g", UDP_OPENED), ("g", UDP_OPENED)),
     ),
     # a message only the other role may send
     Illegal("gateway-sends-client-hello", (("c", HELLO), ("g", S_HELLO), ("g", HELLO))),

@@ -18,6 +18,11 @@ Order (each side enforces what it receives and what it sends):
   client may pipeline them behind the hello.
 * gateway -> client: ``ServerHello`` first; then one ``ConnectResult`` per
   ``Connect``/``Resume`` and one ``Response`` per ``Request``, in order.
+* a successful ``ConnectResult`` to a UDP ``Connect`` (``TRANSPORT_UDP``)
+  does not switch to raw bytes: the stream becomes the datagram
+  association's own control stream (:attr:`State.ASSOCIATED`), framed,
+  carrying only ``Request``/``Response``. ``AllowDestination`` is valid
+  there and nowhere else; another ``Connect`` or a ``Resume`` is not.
 * either side may send ``Error`` (a protocol error) and close.
 
 The gateway answers one message at a time: after an event that needs an
@@ -29,6 +34,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import Final, TypeAlias
 
 from google.protobuf.message import DecodeError
@@ -67,6 +73,7 @@ class State(enum.Enum):
     READY = "ready"  # framed; Connect / Request allowed
     CONNECTING = "connecting"  # a Connect awaits its ConnectResult
     RELAY = "relay"  # switched to raw bytes
+    ASSOCIATED = "associated"  # a UDP association's control stream: requests only
     CLOSED = "closed"  # an Error was sent or received, or the peer hung up
 
 
@@ -122,6 +129,10 @@ _FIELD_BY_TYPE: Final[dict[type[Message], str]] = {
 }
 
 
+def _opens_association(message: pb.Connect | pb.Resume) -> bool:
+    return isinstance(message, pb.Connect) and message.transport == pb.TRANSPORT_UDP
+
+
 def encode_frame(message: Message) -> bytes:
     """Serialize one message as a length-delimited frame (no order checks)."""
     frame = pb.Frame()
@@ -160,6 +171,7 @@ class Connection:
         self._hello_answered = False
         self._awaiting_answer = False  # gateway: an event needs an answer first
         self._resuming = False  # the Connect in progress is a Resume
+        self._datagram = False  # the Connect in progress opens a UDP association
         self._state = State.HELLO
         self.trailing_data = b""
         self.peer_version: int | None = None
@@ -275,10 +287,12 @@ class Connection:
                 if self._state is not State.READY:
                     raise self._remote(f"{kind} while {self._state.value}")
                 self._resuming = isinstance(message, pb.Resume)
+                self._datagram = _opens_association(message)
                 self._state = State.CONNECTING
                 self._awaiting_answer = True
                 return
             if isinstance(message, pb.Request):
+                self._check_op(message, self._remote)
                 self._awaiting_answer = True
                 return
             raise self._remote(f"{kind} is not something a client may send")
@@ -302,12 +316,7 @@ class Connection:
             if self._pending.requests:
                 raise self._remote("ConnectResult before the Response owed for a Request")
             self._pending.connecting = False
-            if message.HasField("error"):
-                # A refused Resume is followed by raw tail bytes: the stream
-                # cannot go back to frames, so it ends.
-                self._state = State.CLOSED if self._resuming else State.READY
-            else:
-                self._switch_to_relay()
+            self._connect_answered(message)
             return
         if isinstance(message, pb.Response):
             if self._pending.requests == 0:
@@ -319,6 +328,22 @@ class Connection:
     def _remote(self, text: str) -> RemoteProtocolError:
         self._state = State.CLOSED
         return RemoteProtocolError(f"out of order: {text}")
+
+    def _connect_answered(self, result: pb.ConnectResult) -> None:
+        """The state after a ConnectResult, on either side."""
+        if result.HasField("error"):
+            # A refused Resume is followed by raw tail bytes: the stream
+            # cannot go back to frames, so it ends.
+            self._state = State.CLOSED if self._resuming else State.READY
+        elif self._datagram:
+            self._state = State.ASSOCIATED
+        else:
+            self._switch_to_relay()
+
+    def _check_op(self, request: pb.Request, fail: Callable[[str], ProtocolError]) -> None:
+        """AllowDestination belongs on an association's stream, and only there."""
+        if request.WhichOneof("op") == "allow_destination" and self._state is not State.ASSOCIATED:
+            raise fail(f"AllowDestination while {self._state.value} (not a UDP association)")
 
     def _switch_to_relay(self) -> None:
         self._state = State.RELAY
@@ -354,7 +379,10 @@ class Connection:
             if isinstance(message, pb.Connect | pb.Resume):
                 if self._pending.connecting or self._state is State.CONNECTING:
                     raise LocalProtocolError("a Connect is already in progress")
+                if self._state is State.ASSOCIATED:
+                    raise LocalProtocolError(f"{kind} on a UDP association's stream")
                 self._resuming = isinstance(message, pb.Resume)
+                self._datagram = _opens_association(message)
                 self._pending.connecting = True
                 if self._state is State.READY:
                     self._state = State.CONNECTING
@@ -362,6 +390,7 @@ class Connection:
             if isinstance(message, pb.Request):
                 if self._pending.connecting:
                     raise LocalProtocolError("Request on a stream with a Connect in progress")
+                self._check_op(message, LocalProtocolError)
                 self._pending.requests += 1
                 return
             raise LocalProtocolError(f"a client cannot send {kind}")
@@ -379,13 +408,10 @@ class Connection:
             if self._state is not State.CONNECTING:
                 raise LocalProtocolError("ConnectResult without a Connect")
             self._awaiting_answer = False
-            if message.HasField("error"):
-                self._state = State.CLOSED if self._resuming else State.READY
-            else:
-                self._switch_to_relay()
+            self._connect_answered(message)
             return
         if isinstance(message, pb.Response):
-            if not self._awaiting_answer or self._state is not State.READY:
+            if not self._awaiting_answer or self._state not in (State.READY, State.ASSOCIATED):
                 raise LocalProtocolError("Response without a Request")
             self._awaiting_answer = False
             return

@@ -347,6 +347,7 @@ class Connect(_message.Message):
     PORT_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     transport: Global___Transport.ValueType
     family: Global___Family.ValueType
     host: _builtins.str
@@ -358,6 +359,16 @@ class Connect(_message.Message):
     def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptionValue]:
         """Options set before connect(), applied to the outbound socket first."""
 
+    @_builtins.property
+    def source(self) -> Global___Address:
+        """UDP only (transport = TRANSPORT_UDP): open a datagram association
+        instead of a stream. `source` is the app's own UDP socket, which will
+        exchange datagrams with the gateway's relay sockets; its host must be
+        the address this stream comes from. `host`/`port` may be empty/0 (an
+        unconnected socket: destinations are allowed one by one with
+        AllowDestination) or name the one peer of a connected socket.
+        """
+
     def __init__(
         self,
         *,
@@ -367,10 +378,11 @@ class Connect(_message.Message):
         port: _builtins.int = ...,
         timeout: _builtins.float = ...,
         options: _abc.Iterable[Global___OptionValue] | None = ...,
+        source: Global___Address | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "host", b"host", "options", b"options", "port", b"port", "timeout", b"timeout", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "host", b"host", "options", b"options", "port", b"port", "source", b"source", "timeout", b"timeout", "transport", b"transport"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -384,6 +396,7 @@ class ConnectResult(_message.Message):
     PEER_FIELD_NUMBER: _builtins.int
     LOCAL_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    RELAY_FIELD_NUMBER: _builtins.int
     descriptor: _builtins.str
     """Opaque, unguessable, bound to the app that created it."""
     @_builtins.property
@@ -398,6 +411,13 @@ class ConnectResult(_message.Message):
     def error(self) -> Global___Error:
         """Set when the connect failed; the stream stays usable for another Connect."""
 
+    @_builtins.property
+    def relay(self) -> Global___Address:
+        """UDP only: the gateway's relay socket for `peer` (when a peer was named).
+        The stream does not switch to raw bytes: it stays framed and carries
+        the association's requests; closing it ends the association.
+        """
+
     def __init__(
         self,
         *,
@@ -405,10 +425,11 @@ class ConnectResult(_message.Message):
         peer: Global___Address | None = ...,
         local: Global___Address | None = ...,
         error: Global___Error | None = ...,
+        relay: Global___Address | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "local", b"local", "peer", b"peer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "local", b"local", "peer", b"peer", "relay", b"relay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "error", b"error", "local", b"local", "peer", b"peer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "error", b"error", "local", b"local", "peer", b"peer", "relay", b"relay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -818,6 +839,66 @@ class Touch(_message.Message):
 Global___Touch: _TypeAlias = Touch  # noqa: Y015
 
 @_typing.final
+class AllowDestination(_message.Message):
+    """UDP, on an association's own stream only: may the app send to host:port?
+    Decided by the policy (transport UDP); answered with a Destination, or
+    PERMISSION_DENIED. Asked once per new destination.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    """name or numeric address, exactly as the app gave it"""
+    port: _builtins.int
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "port", b"port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllowDestination: _TypeAlias = AllowDestination  # noqa: Y015
+
+@_typing.final
+class Destination(_message.Message):
+    """Where datagrams for `peer` go: the app sends them to `relay`, and the
+    gateway's relay sends the peer's replies back from `relay`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    RELAY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def peer(self) -> Global___Address:
+        """the validated numeric address datagrams reach"""
+
+    @_builtins.property
+    def relay(self) -> Global___Address:
+        """the gateway's relay socket for that peer"""
+
+    def __init__(
+        self,
+        *,
+        peer: Global___Address | None = ...,
+        relay: Global___Address | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer", "relay", b"relay"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer", "relay", b"relay"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Destination: _TypeAlias = Destination  # noqa: Y015
+
+@_typing.final
 class ListSockets(_message.Message):
     """The live sockets of the asking app (all apps for the gateway's admin)."""
 
@@ -934,6 +1015,7 @@ class Request(_message.Message):
     CLOSE_REASON_FIELD_NUMBER: _builtins.int
     TOUCH_FIELD_NUMBER: _builtins.int
     LIST_SOCKETS_FIELD_NUMBER: _builtins.int
+    ALLOW_DESTINATION_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     @_builtins.property
     def getaddrinfo(self) -> Global___GetAddrInfo: ...
@@ -955,6 +1037,8 @@ class Request(_message.Message):
     def touch(self) -> Global___Touch: ...
     @_builtins.property
     def list_sockets(self) -> Global___ListSockets: ...
+    @_builtins.property
+    def allow_destination(self) -> Global___AllowDestination: ...
     def __init__(
         self,
         *,
@@ -969,12 +1053,13 @@ class Request(_message.Message):
         close_reason: Global___CloseReason | None = ...,
         touch: Global___Touch | None = ...,
         list_sockets: Global___ListSockets | None = ...,
+        allow_destination: Global___AllowDestination | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["close_reason", b"close_reason", "detach", b"detach", "get_option", b"get_option", "getaddrinfo", b"getaddrinfo", "gethostbyaddr", b"gethostbyaddr", "gethostbyname", b"gethostbyname", "getnameinfo", b"getnameinfo", "list_sockets", b"list_sockets", "op", b"op", "set_option", b"set_option", "touch", b"touch"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allow_destination", b"allow_destination", "close_reason", b"close_reason", "detach", b"detach", "get_option", b"get_option", "getaddrinfo", b"getaddrinfo", "gethostbyaddr", b"gethostbyaddr", "gethostbyname", b"gethostbyname", "getnameinfo", b"getnameinfo", "list_sockets", b"list_sockets", "op", b"op", "set_option", b"set_option", "touch", b"touch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_reason", b"close_reason", "detach", b"detach", "get_option", b"get_option", "getaddrinfo", b"getaddrinfo", "gethostbyaddr", b"gethostbyaddr", "gethostbyname", b"gethostbyname", "getnameinfo", b"getnameinfo", "id", b"id", "list_sockets", b"list_sockets", "op", b"op", "set_option", b"set_option", "touch", b"touch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_destination", b"allow_destination", "close_reason", b"close_reason", "detach", b"detach", "get_option", b"get_option", "getaddrinfo", b"getaddrinfo", "gethostbyaddr", b"gethostbyaddr", "gethostbyname", b"gethostbyname", "getnameinfo", b"getnameinfo", "id", b"id", "list_sockets", b"list_sockets", "op", b"op", "set_option", b"set_option", "touch", b"touch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["getaddrinfo", "gethostbyname", "gethostbyaddr", "getnameinfo", "set_option", "get_option", "detach", "close_reason", "touch", "list_sockets"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["getaddrinfo", "gethostbyname", "gethostbyaddr", "getnameinfo", "set_option", "get_option", "detach", "close_reason", "touch", "list_sockets", "allow_destination"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 
@@ -994,6 +1079,7 @@ class Response(_message.Message):
     HANDOFF_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     SOCKETS_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     done: _builtins.bool
     """for requests with nothing to return"""
@@ -1015,6 +1101,8 @@ class Response(_message.Message):
     def text(self) -> Global___Text: ...
     @_builtins.property
     def sockets(self) -> Global___SocketList: ...
+    @_builtins.property
+    def destination(self) -> Global___Destination: ...
     def __init__(
         self,
         *,
@@ -1028,12 +1116,13 @@ class Response(_message.Message):
         handoff: Global___Handoff | None = ...,
         text: Global___Text | None = ...,
         sockets: Global___SocketList | None = ...,
+        destination: Global___Destination | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["addrinfo", b"addrinfo", "done", b"done", "error", b"error", "handoff", b"handoff", "host", b"host", "nameinfo", b"nameinfo", "option", b"option", "result", b"result", "sockets", b"sockets", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["addrinfo", b"addrinfo", "destination", b"destination", "done", b"done", "error", b"error", "handoff", b"handoff", "host", b"host", "nameinfo", b"nameinfo", "option", b"option", "result", b"result", "sockets", b"sockets", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addrinfo", b"addrinfo", "done", b"done", "error", b"error", "handoff", b"handoff", "host", b"host", "id", b"id", "nameinfo", b"nameinfo", "option", b"option", "result", b"result", "sockets", b"sockets", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addrinfo", b"addrinfo", "destination", b"destination", "done", b"done", "error", b"error", "handoff", b"handoff", "host", b"host", "id", b"id", "nameinfo", b"nameinfo", "option", b"option", "result", b"result", "sockets", b"sockets", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["addrinfo", "host", "nameinfo", "option", "done", "handoff", "text", "sockets"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["addrinfo", "host", "nameinfo", "option", "done", "handoff", "text", "sockets", "destination"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
