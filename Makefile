@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
-	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,demo]'
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,demo,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
