@@ -57,6 +57,8 @@ __all__ = ["DNSServer", "Query", "Record"]
 _CLASSIC_UDP_LIMIT = 512
 # Longest CNAME chain followed inside the table before giving up (loops end here too).
 _MAX_CHAIN = 16
+# Ports tried for a UDP port whose TCP twin is free too.
+_BIND_TRIES = 20
 
 
 def _stdlib_socket_class() -> type[socket.socket]:
@@ -207,17 +209,23 @@ class DNSServer:
     def start(self) -> DNSServer:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock_class = _stdlib_socket_class()
-        udp = sock_class(family, socket.SOCK_DGRAM)
-        udp.bind((self.host, 0))
+        # The kernel picks a free UDP port; the same TCP port may be taken (by any
+        # TCP socket, even an outgoing one), so try again with another one then.
+        for tries_left in reversed(range(_BIND_TRIES)):
+            udp = sock_class(family, socket.SOCK_DGRAM)
+            udp.bind((self.host, 0))
+            tcp = sock_class(family, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                tcp.bind((self.host, udp.getsockname()[1]))
+            except OSError:
+                udp.close()
+                tcp.close()
+                if not tries_left:
+                    raise
+                continue
+            break
         self.port = udp.getsockname()[1]
-        tcp = sock_class(family, socket.SOCK_STREAM)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            tcp.bind((self.host, self.port))
-        except OSError:
-            udp.close()
-            tcp.close()
-            raise
         tcp.listen(16)
         self._udp, self._tcp = udp, tcp
         self._stop.clear()

@@ -8,6 +8,7 @@ turn a setting off.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import tomllib
 from collections.abc import Mapping
@@ -26,7 +27,23 @@ DEFAULT_IDLE_TIMEOUT = 600.0
 # too long for a sandboxed worker; 30 s matches common client libraries.
 DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_LISTEN: tuple[Endpoint, ...] = (Endpoint(host="127.0.0.1", port=DEFAULT_PORT),)
-RESOLVER_MODES = ("system", "static")
+RESOLVER_MODES = ("system", "static", "upstream")
+# Settings only `upstream` mode reads; naming one in another mode is an error.
+_UPSTREAM_KEYS = ("servers", "timeout", "attempts", "cache_size", "min_ttl", "max_ttl")
+# The DNS port (RFC 1035), for a server given without one.
+_DNS_PORT = 53
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """``[resolver]`` settings of ``mode = "upstream"``; defaults in tether.resolver."""
+
+    servers: tuple[tuple[str, int], ...]
+    timeout: float = 2.0  # tether.resolver.upstream.DEFAULT_TIMEOUT (dnspython's)
+    attempts: int = 2  # glibc's resolv.conf default
+    cache_size: int = 100_000  # tether.resolver.cache.DEFAULT_CACHE_SIZE (dnspython's)
+    min_ttl: float = 0.0
+    max_ttl: float = 86_400.0  # Unbound's cache-max-ttl
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,9 @@ class Config:
     admin_key: str | None = field(default=None, repr=False)
     resolver_mode: str = "system"
     resolver_hosts: Mapping[str, list[str]] = field(default_factory=dict)
+    resolver_upstream: UpstreamConfig | None = None
+    # getaddrinfo/gethostbyname leave out addresses the app's policy denies
+    resolver_hide_denied: bool = False
     policy: PolicySet = field(default_factory=lambda: parse_policy(None))
     apps: Mapping[str, AppConfig] = field(default_factory=dict)
     source: str | None = None
@@ -132,10 +152,17 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
         raise ConfigError("gateway.max_frame", "must be a whole number from 1024 to 16777216")
 
     resolver = _table(data, "resolver")
-    _known(resolver, "resolver", {"mode", "hosts"})
+    _known(resolver, "resolver", {"mode", "hosts", "hide_denied", *_UPSTREAM_KEYS})
     mode = resolver.get("mode", "system")
     if mode not in RESOLVER_MODES:
         raise ConfigError("resolver.mode", f"must be one of {', '.join(RESOLVER_MODES)}")
+    upstream = _upstream(resolver) if mode == "upstream" else None
+    for setting in _UPSTREAM_KEYS:
+        if setting in resolver and mode != "upstream":
+            raise ConfigError(f"resolver.{setting}", 'only used when resolver.mode is "upstream"')
+    hide_denied = resolver.get("hide_denied", False)
+    if not isinstance(hide_denied, bool):
+        raise ConfigError("resolver.hide_denied", "must be true or false")
     hosts_table = _table(resolver, "hosts", where="resolver.hosts")
     hosts: dict[str, list[str]] = {}
     for name, value in hosts_table.items():
@@ -144,8 +171,6 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
             raise ConfigError(f"resolver.hosts.{name}", "must be an address or list of addresses")
         for a in addrs:
             try:
-                import ipaddress
-
                 ipaddress.ip_address(a)
             except ValueError as exc:
                 raise ConfigError(
@@ -178,10 +203,81 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
         admin_key=admin_key,
         resolver_mode=mode,
         resolver_hosts=hosts,
+        resolver_upstream=upstream,
+        resolver_hide_denied=hide_denied,
         policy=policy,
         apps=apps,
         source=source,
     )
+
+
+def _upstream(resolver: Mapping[str, Any]) -> UpstreamConfig:
+    servers = resolver.get("servers")
+    if not isinstance(servers, list) or not servers:
+        raise ConfigError(
+            "resolver.servers", 'must be a non-empty list of "address[:port]" (upstream mode)'
+        )
+    parsed: list[tuple[str, int]] = []
+    for i, item in enumerate(servers):
+        where = f"resolver.servers[{i}]"
+        if not isinstance(item, str):
+            raise ConfigError(where, "must be a string")
+        server = _dns_server(item)
+        if server is None:
+            raise ConfigError(
+                where,
+                f"{item!r} is not a numeric address with an optional port "
+                '(as "127.0.0.1", "127.0.0.1:5353", "::1" or "[::1]:5353")',
+            )
+        parsed.append(server)
+    defaults = UpstreamConfig(servers=())
+    attempts = resolver.get("attempts", defaults.attempts)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 10:
+        raise ConfigError("resolver.attempts", "must be a whole number from 1 to 10")
+    cache_size = resolver.get("cache_size", defaults.cache_size)
+    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+        raise ConfigError("resolver.cache_size", "must be a whole number, 0 (no cache) or more")
+    ttls: dict[str, float] = {}
+    for key in ("min_ttl", "max_ttl"):
+        value = resolver.get(key, getattr(defaults, key))
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise ConfigError(f"resolver.{key}", "must be a number of seconds, 0 or more")
+        if not value < math.inf:
+            raise ConfigError(f"resolver.{key}", "must be a finite number of seconds")
+        ttls[key] = float(value)
+    if ttls["min_ttl"] > ttls["max_ttl"]:
+        limit = ttls["max_ttl"]
+        raise ConfigError("resolver.min_ttl", f"must not exceed resolver.max_ttl ({limit:g})")
+    return UpstreamConfig(
+        servers=tuple(parsed),
+        timeout=_seconds(resolver, "resolver", "timeout", defaults.timeout),
+        attempts=attempts,
+        cache_size=cache_size,
+        min_ttl=ttls["min_ttl"],
+        max_ttl=ttls["max_ttl"],
+    )
+
+
+def _dns_server(text: str) -> tuple[str, int] | None:
+    """``addr``, ``addr:port``, ``v6`` or ``[v6]:port``; None if it is none of them."""
+    host, port_text = text.strip(), ""
+    if host.startswith("["):
+        host, _, rest = host[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                return None
+            port_text = rest[1:]
+    elif host.count(":") == 1:
+        host, _, port_text = host.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not port_text:
+        return host, _DNS_PORT
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        return None
+    return host, int(port_text)
 
 
 def _known(table: Mapping[str, Any], where: str, allowed: set[str]) -> None:

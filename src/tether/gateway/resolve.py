@@ -3,8 +3,14 @@
 Two sources, in order: the config's static hosts table (``[resolver.hosts]``;
 operators' overrides and the test suites' loopback names), then, in
 ``system`` mode, the gateway host's own resolver (libc, run in a thread by
-the event loop). In ``static`` mode an unknown name fails with EAI_NONAME and
-nothing is asked of any DNS server.
+the event loop), or in ``upstream`` mode the configured DNS servers
+(`tether.resolver.UpstreamResolver`, asyncio, cached). In ``static`` mode an
+unknown name fails with EAI_NONAME and nothing is asked of any DNS server.
+Connects (`lookup`) and the apps' own lookups use the same sources, so what
+an app resolves is what its connect is decided on.
+
+With ``[resolver] hide_denied = true`` the apps' lookups of a name leave out
+the addresses the app's policy would deny (docs/resolution.md).
 
 The answers have the stdlib's shapes so the client can hand them to the app
 unchanged: glibc's getaddrinfo lists one entry per socket type (STREAM,
@@ -16,9 +22,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from tether.policy import ResolutionError
+from tether.policy import Decider, ResolutionError, Transport
+from tether.resolver.cache import TTLCache
+from tether.resolver.upstream import QueryResult, UpstreamResolver
 from tether.wire import pb
 from tether.wire.convert import (
     FAMILY_FROM_WIRE,
@@ -27,6 +37,9 @@ from tether.wire.convert import (
     SOCKTYPE_TO_WIRE,
     address_to_wire,
 )
+
+if TYPE_CHECKING:
+    from tether.config import Config
 
 _PROTO_FOR_TYPE = {
     socket.SOCK_STREAM: socket.IPPROTO_TCP,
@@ -60,29 +73,87 @@ def _gai_message(code: int) -> str:
     return messages.get(code, "Name resolution failed")
 
 
+# h_errno TRY_AGAIN and its hstrerror() text, for a PTR lookup no server answered.
+_TRY_AGAIN = 2
+
+
 class GatewayResolver:
-    def __init__(self, mode: str, hosts: Mapping[str, Sequence[str]]) -> None:
-        if mode not in ("system", "static"):
+    def __init__(
+        self,
+        mode: str,
+        hosts: Mapping[str, Sequence[str]],
+        *,
+        upstream: UpstreamResolver | None = None,
+        decider: Callable[[], Decider] | None = None,
+    ) -> None:
+        if mode not in ("system", "static", "upstream"):
             raise ValueError(f"unknown resolver mode {mode!r}")
+        if (mode == "upstream") != (upstream is not None):
+            raise ValueError("an upstream resolver is given exactly in upstream mode")
         self.mode = mode
+        self.upstream = upstream
+        # Set: the apps' lookups hide what this decider denies them (hide_denied).
+        self.decider = decider
         self.hosts = {k.lower().rstrip("."): list(v) for k, v in hosts.items()}
         self._reverse: dict[str, str] = {}
         for name, addrs in self.hosts.items():
             for a in addrs:
                 self._reverse.setdefault(str(ipaddress.ip_address(a)), name)
 
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        *,
+        decider: Callable[[], Decider] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> GatewayResolver:
+        """The resolver `config` describes; `decider` is used only with hide_denied."""
+        upstream = None
+        settings = config.resolver_upstream
+        if config.resolver_mode == "upstream":
+            assert settings is not None
+            cache: TTLCache[tuple[str, int], QueryResult] = TTLCache(
+                settings.cache_size,
+                min_ttl=settings.min_ttl,
+                max_ttl=settings.max_ttl,
+                clock=clock or time.monotonic,
+            )
+            upstream = UpstreamResolver(
+                settings.servers, timeout=settings.timeout, attempts=settings.attempts, cache=cache
+            )
+        return cls(
+            config.resolver_mode,
+            config.resolver_hosts,
+            upstream=upstream,
+            decider=decider if config.resolver_hide_denied else None,
+        )
+
     def _static(self, name: str) -> list[str] | None:
         return self.hosts.get(name.lower().rstrip("."))
+
+    async def _forward(self, name: str, family: int) -> tuple[str, list[str]] | None:
+        """(canonical name, addresses) from the table or the upstream servers.
+
+        None in system mode for a name the table lacks: libc answers those.
+        """
+        found = self._static(name)
+        if found is not None:
+            return name, list(found)
+        if self.mode == "static":
+            raise _gai(socket.EAI_NONAME)
+        if self.upstream is None:
+            return None
+        answer = await self.upstream.host(name, family)
+        return answer.canonical, list(answer.addresses)
 
     # -- for connects ------------------------------------------------------
 
     async def lookup(self, name: str) -> list[str]:
         """Numeric addresses for `name`, in preference order; ResolutionError if none."""
-        found = self._static(name)
-        if found is not None:
-            return list(found)
-        if self.mode == "static":
-            raise _gai(socket.EAI_NONAME)
+        forward = await self._forward(name, socket.AF_UNSPEC)
+        if forward is not None:
+            return forward[1]
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
@@ -97,7 +168,27 @@ class GatewayResolver:
 
     # -- for the apps' own lookups ----------------------------------------
 
-    async def getaddrinfo(self, req: pb.GetAddrInfo) -> pb.AddrInfoList:
+    async def getaddrinfo(self, req: pb.GetAddrInfo, app: str = "") -> pb.AddrInfoList:
+        out = await self._getaddrinfo(req)
+        host = req.host if req.has_host else None
+        if self.decider is None or not host or _is_numeric(host):
+            return out
+        # hide_denied: judge each entry as the connect (or datagram) it would make.
+        kept = _PolicyView(self.decider(), app, host)
+        entries = [
+            e
+            for e in out.entries
+            if kept.visible(e.address.host, e.address.port, SOCKTYPE_FROM_WIRE.get(e.socktype, 0))
+        ]
+        if not entries:
+            raise kept.none_left()
+        if out.entries and out.entries[0].canonname and not entries[0].canonname:
+            entries[0].canonname = out.entries[0].canonname
+        del out.entries[:]
+        out.entries.extend(entries)
+        return out
+
+    async def _getaddrinfo(self, req: pb.GetAddrInfo) -> pb.AddrInfoList:
         host = req.host if req.has_host else None
         port = req.port if req.has_port else None
         family = FAMILY_FROM_WIRE.get(req.family, socket.AF_UNSPEC)
@@ -115,9 +206,11 @@ class GatewayResolver:
             if wanted:
                 flags |= flag
         name = host
-        static = self._static(host) if host and not req.numerichost else None
-        if static is None and host and self.mode == "static" and not _is_numeric(host):
-            raise _gai(socket.EAI_NONAME)
+        static: list[str] | None = None
+        if host and not req.numerichost and not _is_numeric(host):
+            forward = await self._forward(host, family)
+            if forward is not None:
+                name, static = forward
         out = pb.AddrInfoList()
         if static is not None:
             # Numeric lookups of each address give libc's exact entry shapes.
@@ -177,9 +270,26 @@ class GatewayResolver:
             address=address_to_wire(sockaddr, family),
         )
 
-    async def gethostbyname_ex(self, name: str) -> pb.HostEntry:
+    async def gethostbyname_ex(self, name: str, app: str = "") -> pb.HostEntry:
+        entry = await self._gethostbyname_ex(name)
+        if self.decider is None or _is_numeric(name):
+            return entry
+        view = _PolicyView(self.decider(), app, name)
+        kept = [a for a in entry.addresses if view.visible(a, 0, 0)]
+        if not kept:
+            raise view.none_left()
+        del entry.addresses[:]
+        entry.addresses.extend(kept)
+        return entry
+
+    async def _gethostbyname_ex(self, name: str) -> pb.HostEntry:
         if _is_numeric(name):
             return pb.HostEntry(name=name, addresses=[name]) if ":" not in name else _nope()
+        if self.upstream is not None and self._static(name) is None:
+            answer = await self.upstream.host(name, socket.AF_INET)
+            return pb.HostEntry(
+                name=answer.canonical, aliases=answer.aliases, addresses=answer.addresses
+            )
         static = self._static(name)
         if static is not None:
             v4 = [a for a in static if ":" not in a]
@@ -208,6 +318,13 @@ class GatewayResolver:
             address = found[0]
         canonical = str(ipaddress.ip_address(address.split("%", 1)[0]))
         name = self._reverse.get(canonical)
+        if name is None and self.upstream is not None:
+            try:
+                name = await self.upstream.reverse(canonical)
+            except ResolutionError as exc:
+                raise HostError(_TRY_AGAIN, f"Host name lookup failure: {exc.message}") from exc
+            if name is None:
+                raise HostError(1, "Unknown host")
         if name is not None:
             return pb.HostEntry(name=name, addresses=[address])
         if self.mode == "static":
@@ -236,6 +353,12 @@ class GatewayResolver:
             return pb.NameInfo(host=host, service=service)
         canonical = str(ipaddress.ip_address(host.split("%", 1)[0]))
         name = self._reverse.get(canonical)
+        if name is None and self.upstream is not None:
+            try:
+                name = await self.upstream.reverse(canonical)
+            except ResolutionError:
+                if req.namereqd:
+                    raise  # glibc: EAI_AGAIN; without NI_NAMEREQD the numeric form
         if name is None and self.mode == "system":
             flags = socket.NI_NAMEREQD if req.namereqd else 0
             if req.nofqdn:
@@ -255,6 +378,67 @@ class GatewayResolver:
         elif req.nofqdn:
             name = name.split(".", 1)[0]
         return pb.NameInfo(host=name, service=service)
+
+
+class _PolicyView:
+    """What one app's policy lets it see of one name's addresses (hide_denied).
+
+    An address at a port is judged exactly as a connect to it would be. A
+    lookup without a port (gethostbyname, getaddrinfo(name, None)) is no
+    connect yet: its address stays visible if some port would be allowed.
+    The ports tried are the ones where a verdict can change (every rule's
+    port range, allow_ports) and one port no rule or port list names.
+    """
+
+    def __init__(self, decider: Decider, app: str, name: str) -> None:
+        self.decider = decider
+        self.app = app
+        self.name = name
+        self.target = decider.normalize(name)
+        self._probes: list[int] | None = None
+
+    def visible(self, address: str, port: int, socktype: int) -> bool:
+        transports: Iterable[Transport] = (
+            (Transport.UDP,)
+            if socktype == socket.SOCK_DGRAM
+            else (Transport.TCP,)
+            if socktype == socket.SOCK_STREAM
+            else (Transport.TCP, Transport.UDP)
+        )
+        ports = [port] if port else self._probe_ports()
+        return any(
+            self.decider.decide_resolved(self.app, self.target, p, t, [address]).allowed
+            for t in transports
+            for p in ports
+        )
+
+    def _probe_ports(self) -> list[int]:
+        if self._probes is None:
+            policy = self.decider.policy
+            named: set[int] = set(policy.allow_ports or ())
+            app = self.app if self.app in policy.apps else ""
+            ranges = [rule.ports for rule, _ in policy.ordered_rules(app) if rule.ports]
+            for ports in ranges:
+                named.update((ports.low, ports.high))
+            unnamed = next(
+                (
+                    p
+                    for p in range(1, 65536)
+                    if p not in named
+                    and p not in policy.deny_ports
+                    and not any(p in r for r in ranges)
+                ),
+                None,
+            )
+            self._probes = sorted(named) if unnamed is None else [*sorted(named), unnamed]
+        return self._probes
+
+    def none_left(self) -> ResolutionError:
+        return ResolutionError(
+            socket.EAI_NONAME,
+            f"{_gai_message(socket.EAI_NONAME)} (tether: the policy for app {self.app!r} "
+            f"denies every address of {self.name!r}, and hide_denied is on)",
+        )
 
 
 def _nope() -> pb.HostEntry:

@@ -40,8 +40,10 @@ class Gateway:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
-        self.resolver = resolver or GatewayResolver(config.resolver_mode, config.resolver_hosts)
         self._clock = clock
+        self.resolver = resolver or GatewayResolver.from_config(
+            config, decider=lambda: self.decider, clock=clock
+        )
         self.registry = Registry(clock or _monotonic)
         self.sessions: set[ClientSession] = set()
         self.endpoints: list[Endpoint] = []
@@ -119,7 +121,9 @@ class Gateway:
         if config.listen != self.config.listen:
             log.warning("reload: gateway.listen changed; it takes effect at the next restart")
         self.config = replace(config, listen=self.config.listen, max_frame=self.config.max_frame)
-        self.resolver = GatewayResolver(config.resolver_mode, config.resolver_hosts)
+        self.resolver = GatewayResolver.from_config(
+            config, decider=lambda: self.decider, clock=self._clock
+        )
         self.decider = Decider(
             config.policy,
             self_addresses=[(e.host, e.port) for e in self.endpoints if not e.is_unix],

@@ -347,9 +347,11 @@ class ClientSession(asyncio.Protocol):
         gw = self.gateway
         op = req.WhichOneof("op")
         if op == "getaddrinfo":
-            response.addrinfo.CopyFrom(await gw.resolver.getaddrinfo(req.getaddrinfo))
+            response.addrinfo.CopyFrom(await gw.resolver.getaddrinfo(req.getaddrinfo, self.app))
         elif op == "gethostbyname":
-            response.host.CopyFrom(await gw.resolver.gethostbyname_ex(req.gethostbyname.name))
+            response.host.CopyFrom(
+                await gw.resolver.gethostbyname_ex(req.gethostbyname.name, self.app)
+            )
         elif op == "gethostbyaddr":
             response.host.CopyFrom(await gw.resolver.gethostbyaddr(req.gethostbyaddr.address))
         elif op == "getnameinfo":
