@@ -51,11 +51,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"tether serve: bad configuration: {exc}", file=sys.stderr)
         return 2
     if config.audit_log:
-        handler = logging.FileHandler(config.audit_log)
-        handler.setFormatter(logging.Formatter("%(message)s"))  # bare JSON lines
-        audit = logging.getLogger("tether.audit")
-        audit.addHandler(handler)
-        audit.propagate = False
+        from tether.gateway import audit
+
+        audit.open_file(config.audit_log)
     if not config.apps:
         logging.getLogger("tether.gateway").warning(
             "no [apps.NAME] in the config: no app can authenticate"

@@ -12,7 +12,6 @@ its socket gone can be told why ("reclaimed after 600 s idle").
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
@@ -21,11 +20,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tether.gateway import audit
+
 if TYPE_CHECKING:
     from tether.gateway.relay import Link
 
 log = logging.getLogger("tether.gateway")
-audit = logging.getLogger("tether.audit")
 
 DESCRIPTOR_BYTES = 16  # 128 bits: unguessable, as the issue requires
 TOKEN_BYTES = 16
@@ -178,22 +178,19 @@ class Registry:
         usage.bytes_out += record.bytes_out
         usage.bytes_in += record.bytes_in
         # One structured line per socket, at close (the billing record).
-        audit.info(
-            json.dumps(
-                {
-                    "event": "close",
-                    "app": record.app,
-                    "descriptor": record.descriptor[:8],
-                    "transport": record.transport,
-                    "peer": _fmt(record.peer),
-                    "bytes_out": record.bytes_out,
-                    "bytes_in": record.bytes_in,
-                    "duration_s": round(now - record.created, 6),
-                    "handoffs": record.handoffs,
-                    "reason": record.closed_reason,
-                },
-                separators=(",", ":"),
-            )
+        audit.emit(
+            {
+                "event": "close",
+                "app": record.app,
+                "descriptor": record.descriptor[:8],
+                "transport": record.transport,
+                "peer": _fmt(record.peer),
+                "bytes_out": record.bytes_out,
+                "bytes_in": record.bytes_in,
+                "duration_s": round(now - record.created, 6),
+                "handoffs": record.handoffs,
+                "reason": record.closed_reason,
+            }
         )
 
 

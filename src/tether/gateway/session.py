@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import errno
 import hmac
-import json
 import logging
 import os
 import socket
@@ -19,6 +18,7 @@ from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from tether import __version__
+from tether.gateway import audit
 from tether.gateway.registry import ATTACHED, DETACHING, HANDED_OFF, SocketRecord
 from tether.gateway.relay import DETACH_SETTLE_TIMEOUT, MAX_RESUME_TAIL, Link
 from tether.gateway.resolve import HostError
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from tether.gateway.server import Gateway
 
 log = logging.getLogger("tether.gateway")
-audit = logging.getLogger("tether.audit")
 
 # Compared against when the app is unknown, so a wrong app name costs the
 # same time as a wrong key and timing does not reveal which apps exist.
@@ -553,7 +552,7 @@ def log_decision(
     if chosen is not None:
         record["chosen"] = f"[{chosen[0]}]:{chosen[1]}" if ":" in chosen[0] else (
             f"{chosen[0]}:{chosen[1]}")
-    audit.info(json.dumps(record, separators=(",", ":"), default=str))
+    audit.emit(record)
 
 
 __all__ = ["OPTION_NAMES", "ClientSession", "apply_option", "log_decision", "read_option"]
