@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,3 +74,24 @@ def start_gateway(tmp: Path, config_text: str, key: str) -> Gateway:
     return Gateway(process, address, APP, key, config_path)
 
 
+
+
+def stdlib_socket_class() -> type[socket.socket]:
+    """The stdlib's socket class, even while tether.install() has replaced socket.socket."""
+    for cls in socket.socket.__mro__:
+        if cls.__module__ == "socket" and cls.__name__ == "socket":
+            return cls
+    raise RuntimeError("no stdlib socket class in socket.socket's MRO")
+
+
+class FakeClock:
+    """A gateway's monotonic clock, moved only by the test (Gateway(clock=...))."""
+
+    def __init__(self) -> None:
+        self.now = 10_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

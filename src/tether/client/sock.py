@@ -177,6 +177,16 @@ class socket(_StdSocket):
     # The stdlib class has __slots__; ours adds one for the tether state.
     __slots__ = ("_tether",)
 
+    def __new__(cls, family: int = -1, type: int = -1, *args: Any, **kwargs: Any) -> socket:
+        # A new AF_INET/AF_INET6 SOCK_DGRAM socket is a UDP one (tether.client.dgram).
+        fresh = (args[1] if len(args) >= 2 else kwargs.get("fileno")) is None
+        dgram = type != -1 and type & _TYPE_MASK == _SOCK_DGRAM
+        if cls is socket and fresh and dgram and family in (-1, _AF_INET, _AF_INET6):
+            from tether.client.dgram import DatagramSocket
+
+            return super().__new__(DatagramSocket)
+        return super().__new__(cls)
+
     def __init__(
         self,
         family: int = -1,
@@ -198,11 +208,6 @@ class socket(_StdSocket):
             super().__init__(family, type, proto)
             return
         kind = type & _TYPE_MASK
-        if kind == _SOCK_DGRAM:
-            raise OSError(
-                errno.EPROTONOSUPPORT,
-                "tether: UDP sockets are not available through this gateway version yet",
-            )
         if kind != _SOCK_STREAM:
             raise OSError(
                 errno.EPROTONOSUPPORT,

@@ -68,6 +68,11 @@ class SocketRecord:
     handoffs: int = 0
     closed_reason: str | None = None
     wall_created: float = field(default_factory=time.time)
+    # Transport-specific counters, added to the close line (UDP: datagrams, drops).
+    extra: dict[str, int] = field(default_factory=dict)
+    # Called once with the reason after the close line: a UDP association
+    # releases its sockets here, whoever ended it (app, sweep, shutdown).
+    on_finish: Callable[[str], None] | None = None
 
     def touch(self) -> None:
         self.last_active = self.registry.clock()
@@ -81,6 +86,8 @@ class SocketRecord:
             return
         self.closed_reason = reason
         self.registry.closed(self)
+        if self.on_finish is not None:
+            self.on_finish(reason)
 
 
 @dataclass(frozen=True)
@@ -189,6 +196,7 @@ class Registry:
                 "bytes_in": record.bytes_in,
                 "duration_s": round(now - record.created, 6),
                 "handoffs": record.handoffs,
+                **record.extra,
                 "reason": record.closed_reason,
             }
         )

@@ -18,7 +18,7 @@ from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from tether import __version__
-from tether.gateway import audit
+from tether.gateway import audit, udp
 from tether.gateway.registry import ATTACHED, DETACHING, HANDED_OFF, SocketRecord
 from tether.gateway.relay import DETACH_SETTLE_TIMEOUT, MAX_RESUME_TAIL, Link
 from tether.gateway.resolve import HostError
@@ -65,6 +65,7 @@ class ClientSession(asyncio.Protocol):
         self.peername = "?"
         self._task: asyncio.Task[None] | None = None
         self._switched = False
+        self.association: udp.UdpAssociation | None = None  # a UDP socket's stream
 
     # -- asyncio protocol --------------------------------------------------
 
@@ -88,6 +89,8 @@ class ClientSession(asyncio.Protocol):
         self.gateway.sessions.discard(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self.association is not None:
+            self.association.close("closed by the app")
 
     # -- events ------------------------------------------------------------
 
@@ -212,9 +215,8 @@ class ClientSession(asyncio.Protocol):
             self._write(self.wire.send(_result_error(pb.Error.PERMISSION_DENIED, errno.EACCES,
                 "tether: the admin identity can list sockets but not open them")))
             return
-        if req.transport != pb.TRANSPORT_TCP:
-            self._write(self.wire.send(_result_error(pb.Error.UNSUPPORTED, 0,
-                "tether: only TCP streams are offered on this gateway version")))
+        if req.transport == pb.TRANSPORT_UDP:
+            await udp.open_association(self, req)
             return
         family = FAMILY_FROM_WIRE.get(req.family, socket.AF_UNSPEC)
         try:
@@ -345,7 +347,9 @@ class ClientSession(asyncio.Protocol):
         assert self.app is not None
         gw = self.gateway
         op = req.WhichOneof("op")
-        if op == "getaddrinfo":
+        if self.association is not None and op in udp.OPS:
+            await self.association.answer(req, response)
+        elif op == "getaddrinfo":
             response.addrinfo.CopyFrom(await gw.resolver.getaddrinfo(req.getaddrinfo, self.app))
         elif op == "gethostbyname":
             response.host.CopyFrom(

@@ -876,6 +876,7 @@ class Destination(_message.Message):
 
     PEER_FIELD_NUMBER: _builtins.int
     RELAY_FIELD_NUMBER: _builtins.int
+    LOCAL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def peer(self) -> Global___Address:
         """the validated numeric address datagrams reach"""
@@ -884,15 +885,23 @@ class Destination(_message.Message):
     def relay(self) -> Global___Address:
         """the gateway's relay socket for that peer"""
 
+    @_builtins.property
+    def local(self) -> Global___Address:
+        """The gateway's outbound address as that peer sees it (the outbound
+        socket's port, and the local address the route to the peer uses):
+        what getsockname() reports once the app connect()s to the peer.
+        """
+
     def __init__(
         self,
         *,
         peer: Global___Address | None = ...,
         relay: Global___Address | None = ...,
+        local: Global___Address | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer", "relay", b"relay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["local", b"local", "peer", b"peer", "relay", b"relay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer", "relay", b"relay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["local", b"local", "peer", b"peer", "relay", b"relay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
