@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_PORT = 7340  # unassigned by IANA at the time of writing; "TE" on a phone pad-ish
 
@@ -18,27 +18,30 @@ class Endpoint:
     host: str = ""
     port: int = 0
     path: str = ""  # set for a Unix socket
+    # Derived once: every tether connect reads them (see bench/README.md).
+    is_unix: bool = field(init=False, repr=False, compare=False)
+    family: socket.AddressFamily = field(init=False, repr=False, compare=False)
+    sockaddr: str | tuple[str, int] = field(init=False, repr=False, compare=False)
+    text: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def is_unix(self) -> bool:
-        return bool(self.path)
-
-    @property
-    def family(self) -> socket.AddressFamily:
-        if self.is_unix:
-            return socket.AF_UNIX
-        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
-
-    @property
-    def sockaddr(self) -> str | tuple[str, int]:
-        return self.path if self.is_unix else (self.host, self.port)
+    def __post_init__(self) -> None:
+        unix = bool(self.path)
+        sockaddr: str | tuple[str, int]
+        if unix:
+            family, sockaddr, text = socket.AF_UNIX, self.path, f"unix:{self.path}"
+        elif ":" in self.host:
+            family, sockaddr = socket.AF_INET6, (self.host, self.port)
+            text = f"[{self.host}]:{self.port}"
+        else:
+            family, sockaddr = socket.AF_INET, (self.host, self.port)
+            text = f"{self.host}:{self.port}"
+        object.__setattr__(self, "is_unix", unix)
+        object.__setattr__(self, "family", family)
+        object.__setattr__(self, "sockaddr", sockaddr)
+        object.__setattr__(self, "text", text)
 
     def __str__(self) -> str:
-        if self.is_unix:
-            return f"unix:{self.path}"
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return self.text
 
 
 def parse_endpoint(text: str) -> Endpoint:
