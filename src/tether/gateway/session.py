@@ -65,6 +65,10 @@ class ClientSession(asyncio.Protocol):
         self.peername = "?"
         self._task: asyncio.Task[None] | None = None
         self._switched = False
+        # A ServerHello held back to go out with the ConnectResult of the
+        # Connect pipelined behind it: one write and one client wake-up
+        # instead of two per connection.
+        self._pending = b""
         self.association: udp.UdpAssociation | None = None  # a UDP socket's stream
 
     # -- asyncio protocol --------------------------------------------------
@@ -101,6 +105,8 @@ class ClientSession(asyncio.Protocol):
             except RemoteProtocolError as exc:
                 self._fail(exc)
                 return
+            if self._pending and not isinstance(event, pb.Connect | pb.Resume):
+                self._write(b"")
             if event is NEED_DATA or event is PAUSED:
                 return
             if isinstance(event, ConnectionClosed):
@@ -143,6 +149,8 @@ class ClientSession(asyncio.Protocol):
         self._process()
 
     def _write(self, data: bytes) -> None:
+        if self._pending:
+            data, self._pending = self._pending + data, b""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
@@ -153,6 +161,8 @@ class ClientSession(asyncio.Protocol):
         self._close()
 
     def _close(self) -> None:
+        if self._pending:
+            self._write(b"")
         if self.transport is not None:
             self.transport.close()
 
@@ -201,9 +211,11 @@ class ClientSession(asyncio.Protocol):
                 )
                 # The key is never logged, not even a wrong one.
                 log.warning("stream %s: app %r authentication failed", self.peername, hello.app)
-        self._write(self.wire.send(reply))
         if reply.HasField("error"):
+            self._write(self.wire.send(reply))
             self._close()
+        else:
+            self._pending = self.wire.send(reply)  # written by _process or the answer
 
     # -- connect -----------------------------------------------------------
 
@@ -239,9 +251,9 @@ class ClientSession(asyncio.Protocol):
             return
         timeout = req.timeout if req.timeout > 0 else gw.config.connect_timeout
         try:
-            sock = await asyncio.wait_for(
-                self._open(addresses, req.port, req.options), timeout
-            )
+            # asyncio.timeout, not wait_for: no second task per connect.
+            async with asyncio.timeout(timeout):
+                sock = await self._open(addresses, req.port, req.options)
         except TimeoutError:
             log_decision(decision, outcome=f"connect timed out after {timeout:g} s")
             self._write(self.wire.send(_result_error(pb.Error.TIMEOUT, errno.ETIMEDOUT,
@@ -292,9 +304,10 @@ class ClientSession(asyncio.Protocol):
         try:
             await loop.create_connection(lambda: link.peer_side, sock=sock)
             nodelay = next((o.int_value for o in options if o.name == pb.TCP_NODELAY), 0)
-            # asyncio and uvloop switch Nagle off on every transport: put back
-            # the app's choice, or the kernel default it expects.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
+            if not nodelay:
+                # asyncio and uvloop switch Nagle off on every transport: put
+                # back the kernel default the app expects.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         except OSError as exc:
             sock.close()
             if link.peer_side.transport is not None:
@@ -306,10 +319,11 @@ class ClientSession(asyncio.Protocol):
         record = gw.registry.add(self.app, peer, local, "tcp", gw.idle_timeout(self.app))
         link.bind(record)
         log_decision(decision, outcome="connected", descriptor=record.descriptor, chosen=peer)
+        family = socket.AF_INET6 if len(peer) == 4 else socket.AF_INET  # not sock.family: slow
         self._write(self.wire.send(pb.ConnectResult(
             descriptor=record.descriptor,
-            peer=address_to_wire(peer, sock.family),
-            local=address_to_wire(local, sock.family),
+            peer=address_to_wire(peer, family),
+            local=address_to_wire(local, family),
         )))
         trailing = self.wire.trailing_data
         self._switched = True
