@@ -253,3 +253,26 @@ def test_run_system_mode_uses_the_hosts_table_first(
     assert run_cli("elsewhere.test", "443", "--config", str(path)) == 1
     assert asked == ["elsewhere.test"]
     assert "deny 10.0.0.0/8" in capsys.readouterr().out
+
+
+def test_run_upstream_mode_asks_the_configured_servers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tether check` resolves as the gateway would: here, a loopback DNS server."""
+    from dnsserver import DNSServer
+
+    with DNSServer() as srv:
+        srv.add_host("db.up.test", "10.20.30.40")
+        srv.add_host("www.up.test", "93.184.216.34")
+        path = write_config(
+            tmp_path,
+            f'[resolver]\nmode = "upstream"\nservers = ["{srv.address}"]\n'
+            "timeout = 1\nattempts = 1\n",
+        )
+        assert run_cli("db.up.test", "5432", "--config", str(path)) == 1
+        assert run_cli("www.up.test", "443", "--config", str(path)) == 0
+        assert run_cli("missing.up.test", "443", "--config", str(path)) == 2
+        assert srv.count("db.up.test", "A") >= 1
+    out = capsys.readouterr().out
+    assert "10.20.30.40" in out and "deny 10.0.0.0/8" in out
+    assert "connect to: 93.184.216.34" in out

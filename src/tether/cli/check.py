@@ -2,23 +2,28 @@
 
 Exit status: 0 allowed (also in report mode), 1 denied, 2 usage or config
 error, or a name that could not be resolved. Names are resolved from
-``--resolve`` if given, else from the config's ``[resolver.hosts]`` table,
-and from the system resolver only when the config's resolver mode is
-``system``.
+``--resolve`` if given, else as the gateway would resolve them: the config's
+``[resolver.hosts]`` table, then the system resolver (``system`` mode) or
+the configured DNS servers (``upstream`` mode); ``static`` mode asks nothing
+else.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from tether.errors import ConfigError
 from tether.policy import Decider, Decision, PolicySet, ResolutionError, Resolver, Transport
-from tether.resolver import StaticResolver, SystemResolver
+from tether.resolver import StaticResolver
+
+if TYPE_CHECKING:
+    from tether.config import Config
 
 __all__ = [
     "decide_and_print",
@@ -89,16 +94,16 @@ def parse_resolve(values: Iterable[str]) -> dict[str, list[str]]:
 
 
 class _ConfigResolver:
-    """The config's hosts table, then the system resolver in ``system`` mode."""
+    """The gateway's own resolver for `config`, answered synchronously."""
 
-    def __init__(self, hosts: Mapping[str, Sequence[str]], system: bool) -> None:
-        self._static = StaticResolver(hosts)
-        self._system = SystemResolver() if system else None
+    def __init__(self, config: Config) -> None:
+        from tether.gateway.resolve import GatewayResolver
+
+        self._resolver = GatewayResolver.from_config(config)
 
     def resolve(self, name: str) -> Sequence[str]:
-        if name in self._static or self._system is None:
-            return self._static.resolve(name)
-        return self._system.resolve(name)
+        # One short-lived event loop per lookup: a CLI decides one target.
+        return asyncio.run(self._resolver.lookup(name))
 
 
 def format_decision(decision: Decision) -> str:
@@ -196,10 +201,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tether check: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    resolver: Resolver
-    if static:
-        resolver = StaticResolver(static)
-    else:
-        resolver = _ConfigResolver(config.resolver_hosts, system=config.resolver_mode == "system")
+    resolver: Resolver = StaticResolver(static) if static else _ConfigResolver(config)
     decider = Decider(config.policy, _self_addresses(config.listen_addresses))
     return decide_and_print(decider, args, sys.stdout, resolver=resolver, err=sys.stderr)
