@@ -130,6 +130,16 @@ def test_a_name_is_resolved_by_the_gateway(env: UdpEnv, sock: socket.socket) -> 
     assert sock.recvfrom(64) == (b"by name", peer.address)
 
 
+def test_an_unknown_name_is_a_gaierror(env: UdpEnv, sock: socket.socket) -> None:
+    port = env.peers[0].port
+    with pytest.raises(socket.gaierror):
+        sock.sendto(b"x", ("nowhere.test", port))  # the first destination: in the open
+    sock.sendto(b"x", env.peers[0].address)
+    assert sock.recvfrom(8)[0] == b"x"
+    with pytest.raises(socket.gaierror):
+        sock.sendto(b"x", ("nowhere.test", port))  # a later one: an AllowDestination
+
+
 def test_connected_socket(env: UdpEnv, sock: socket.socket) -> None:
     peer = env.peers[0]
     with pytest.raises(OSError) as info:

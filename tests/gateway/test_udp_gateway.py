@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 from udpsupport import IDLE, TIMEOUT, UdpEnv, udp_env, wait_for
 
+import tether
 import tether.socket as tsock
 from tether.gateway import udp
 
@@ -119,6 +120,22 @@ def test_keepalive_requests_reset_the_idle_clock(env: UdpEnv) -> None:
         env.clock.advance(IDLE - 1)
         assert env.sweep() == 0
         assert len(env.records()) == 1
+
+
+def test_tether_keepalive_resets_a_udp_sockets_idle_clock(env: UdpEnv) -> None:
+    with tsock.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with pytest.raises(OSError) as info:
+            tether.keepalive(s)  # nothing to keep alive yet
+        assert info.value.errno == errno.ENOTCONN
+        s.settimeout(TIMEOUT)
+        s.sendto(b"x", env.peers[0].address)
+        s.recvfrom(8)
+        env.clock.advance(IDLE - 1)
+        tether.keepalive(s)
+        env.clock.advance(IDLE - 1)
+        assert env.sweep() == 0
+        env.clock.advance(2)
+        assert env.sweep() == 1
 
 
 def test_destinations_per_socket_are_bounded(env: UdpEnv, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -442,6 +442,17 @@ class DatagramSocket(_TetherSocket):
             return _StdSocket.getsockopt(self, level, optname)
         return _StdSocket.getsockopt(self, level, optname, buflen)
 
+    def _udp_keepalive(self) -> None:
+        """tether.keepalive(): reset the association's idle clock (one round trip)."""
+        u = self._assoc()
+        with u.lock:
+            if u.lost:
+                raise ConnectionResetError(errno.ECONNRESET, u.lost)
+            if u.stream is None:
+                raise OSError(errno.ENOTCONN, "tether: keepalive() on a UDP socket never used")
+            touch = pb.Touch(descriptor=u.descriptor)
+            self._roundtrip(u, pb.Request(touch=touch), self._deadline())
+
     # -- copies and closing ----------------------------------------------------
 
     def dup(self) -> DatagramSocket:

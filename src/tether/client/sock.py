@@ -831,6 +831,10 @@ def keepalive(sock: _StdSocket) -> None:
     default) is reclaimed; an app that holds a quiet connection on purpose
     calls this now and then.
     """
+    udp_keepalive = getattr(sock, "_udp_keepalive", None)  # a UDP socket (client/dgram.py)
+    if udp_keepalive is not None:
+        udp_keepalive()
+        return
     t = getattr(sock, "_tether", None) or getattr(sock, "_tether_state", None)
     if not isinstance(t, _Tether) or t.state != "connected":
         raise OSError(errno.ENOTCONN, "tether: keepalive() needs a connected tether socket")

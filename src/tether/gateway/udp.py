@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tether.gateway.registry import SocketRecord
-from tether.policy import Decision, Transport
+from tether.policy import Decision, ResolutionError, Transport
 from tether.wire import pb
 from tether.wire.convert import FAMILY_FROM_WIRE, address_from_wire, address_to_wire
 
@@ -322,6 +322,8 @@ async def open_association(session: ClientSession, req: pb.Connect) -> None:
             raise
     except _GatewayRefusal as exc:
         result.error.CopyFrom(exc.error)
+    except ResolutionError as exc:
+        result.error.CopyFrom(pb.Error(code=pb.Error.GAI, errno=exc.eai, message=exc.message))
     except OSError as exc:
         result.error.CopyFrom(pb.Error(code=pb.Error.SYSTEM, errno=exc.errno or errno.EIO,
                                        message=exc.strerror or str(exc)))
