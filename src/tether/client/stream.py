@@ -8,6 +8,7 @@ greeting, say) stays in the kernel for the app's own recv() and select().
 
 from __future__ import annotations
 
+import _socket
 import errno
 import socket as _socket_mod
 import time
@@ -60,7 +61,9 @@ def hello(settings: Settings) -> pb.ClientHello:
 def connect_fd(fd: int, settings: Settings, deadline: Deadline) -> None:
     """Connect the kernel socket `fd` to the gateway (TCP or Unix)."""
     endpoint = settings.gateway
-    tmp = _StdSocket(endpoint.family, _socket_mod.SOCK_STREAM, 0, fileno=fd)
+    # The C-level class: a socket.py object per connect costs more than the
+    # connect's own Python work (bench/README.md, connection rate).
+    tmp = _socket.socket(endpoint.family, _socket_mod.SOCK_STREAM, 0, fileno=fd)
     try:
         tmp.settimeout(deadline.remaining())
         tmp.connect(endpoint.sockaddr)
