@@ -297,3 +297,6 @@ def test_demo_runs_and_passes(capsys: pytest.CaptureFixture[str]) -> None:
     assert "passed" in out
     assert "10.1.2.3:80" in out
     assert "127.0.0.1:25" in out
+    assert "dns.query.udp www.test A" in out and "-> 127.0.0.1" in out
+    assert "answer read by another process: HTTP/1.1 200 OK" in out
+    assert "all 7 steps" in out

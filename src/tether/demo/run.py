@@ -4,18 +4,24 @@ It starts local SMTP (STARTTLS), HTTP and HTTPS servers, writes a gateway
 config that allows exactly their ports on 127.0.0.1 (and resolves
 ``mail.test`` / ``www.test`` from a static table, so no DNS server is ever
 asked), runs a real ``tether serve`` subprocess, calls :func:`tether.install`
-and then uses unmodified smtplib, http.client and requests through it. It
-also shows two denials: a private address judged by the policy decider
-alone (nothing is connected to) and port 25 refused by the gateway.
+and then uses unmodified smtplib, http.client and requests through it, asks
+a loopback DNS server with dnspython over a tether UDP socket, and hands a
+live connection to another process with pickle. It also shows two denials:
+a private address judged by the policy decider alone (nothing is connected
+to) and port 25 refused by the gateway.
 """
 
 from __future__ import annotations
 
 import email.message
 import http.client
+import os
+import pickle
 import secrets
 import smtplib
+import socket
 import ssl
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -119,10 +125,15 @@ def run_demo(out: TextIO | None = None, *, verbose: bool = False) -> int:
         smtp = stack.enter_context(servers.SMTPServer(server_context))
         web = stack.enter_context(servers.HTTPServer())
         secure = stack.enter_context(servers.HTTPServer(server_context))
+        from tether.demo.dns import DNSServer
+
+        names = stack.enter_context(DNSServer({"www.test": "127.0.0.1"}))
 
         key = secrets.token_urlsafe(24)
         config_path = tmp / "tether.toml"
-        config_path.write_text(gateway_config(key, [smtp.port, web.port, secure.port]))
+        config_path.write_text(
+            gateway_config(key, [smtp.port, web.port, secure.port, names.port])
+        )
         gateway = GatewayProcess(config_path, listen="127.0.0.1:0")
         stopped: list[int | None] = []
         stack.callback(lambda: stopped.append(gateway.stop(GATEWAY_STOP_TIMEOUT)))
@@ -133,7 +144,8 @@ def run_demo(out: TextIO | None = None, *, verbose: bool = False) -> int:
             return 1
         print(
             f"tether demo: gateway {address} (app {APP!r}) allows only 127.0.0.1 ports "
-            f"{smtp.port} (SMTP), {web.port} (HTTP), {secure.port} (HTTPS); loopback only",
+            f"{smtp.port} (SMTP), {web.port} (HTTP), {secure.port} (HTTPS), "
+            f"{names.port} (DNS); loopback only",
             file=out,
         )
 
@@ -143,6 +155,8 @@ def run_demo(out: TextIO | None = None, *, verbose: bool = False) -> int:
             ("smtp", lambda: _smtp_step(smtp, servers.client_context(ca))),
             ("http", lambda: _http_step(web.port, servers.PAGE)),
             ("https", lambda: _https_step(secure.port, ca_file, servers.PAGE)),
+            ("udp", lambda: _udp_step(names.port)),
+            ("handoff", lambda: _handoff_step(address, key, web.port, servers.PAGE)),
             ("private", lambda: _decider_step(config_path)),
             ("port 25", _port25_step),
         ]
@@ -235,6 +249,60 @@ def _https_step(port: int, ca_file: Path, page: bytes) -> tuple[bool, str]:
     return ok, (
         f"GET https://www.test:{port}/ -> {response.status_code} {response.reason}, "
         f"{len(body)} bytes (requests, certificate verified against the demo CA)"
+    )
+
+
+def _udp_step(port: int) -> tuple[bool, str]:
+    """dnspython's own UDP query, unmodified, through a tether UDP socket."""
+    import dns.message
+    import dns.query
+
+    query = dns.message.make_query("www.test", "A")
+    answer = dns.query.udp(query, "127.0.0.1", port=port, timeout=TIMEOUT)
+    addresses = [item.to_text() for rrset in answer.answer for item in rrset]
+    return addresses == ["127.0.0.1"], (
+        f"dns.query.udp www.test A @127.0.0.1:{port} -> {', '.join(addresses) or 'no answer'} "
+        "(one datagram each way through the gateway)"
+    )
+
+
+# The worker: its own credentials from the environment, the socket from stdin.
+_WORKER = """import pickle, sys, tether
+tether.install()
+sock = pickle.loads(sys.stdin.buffer.read())
+data = b""
+while chunk := sock.recv(65536):
+    data += chunk
+sock.close()
+sys.stdout.buffer.write(data)
+"""
+
+
+def _handoff_step(gateway: str, key: str, port: int, page: bytes) -> tuple[bool, str]:
+    """Send a request here, pickle the socket, read the answer in another process."""
+    sock = socket.create_connection(("www.test", port), timeout=TIMEOUT)
+    try:
+        sock.sendall(b"GET / HTTP/1.0\r\nHost: www.test\r\n\r\n")
+        payload = pickle.dumps(sock)  # moves the connection out of this process
+    finally:
+        sock.close()
+    env = {**os.environ, "TETHER_GATEWAY": gateway, "TETHER_APP": APP, "TETHER_KEY": key}
+    worker = subprocess.run(
+        [sys.executable, "-c", _WORKER],
+        input=payload,
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT * 4,
+        check=False,
+    )
+    head, _, body = worker.stdout.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    ok = worker.returncode == 0 and body == page
+    if worker.returncode != 0:
+        return False, f"the worker process failed: {worker.stderr.decode(errors='replace')[-300:]}"
+    return ok, (
+        f"request sent here, socket pickled ({len(payload)} bytes, no key inside), "
+        f"answer read by another process: {status}, {len(body)} bytes"
     )
 
 
