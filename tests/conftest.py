@@ -1,15 +1,18 @@
-"""Fixtures shared by the test packages: a real gateway process, install()."""
+"""Fixtures shared by the test packages: a real gateway process, install(), target servers."""
 
 from __future__ import annotations
 
 import os
 import secrets
+import ssl
 from collections.abc import Iterator
 
 import pytest
-from support import Gateway, gateway_config, start_gateway
+import trustme
+from support import Gateway, echo_server, gateway_config, start_gateway
 
 import tether
+from tether.demo.servers import HTTPServer, IMAPServer, POP3Server, SMTPServer, make_ca
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +40,44 @@ def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("TETHER_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    """A stdlib echo server on loopback (the target, not tethered)."""
+    with echo_server() as port:
+        yield port
+
+
+# -- tether.demo.servers on 127.0.0.1 (module scope: started before a test installs tether)
+
+
+@pytest.fixture(scope="module")
+def tls_ca() -> tuple[trustme.CA, ssl.SSLContext]:
+    """A throwaway CA and a server context for the demo servers' names."""
+    return make_ca()
+
+
+@pytest.fixture(scope="module")
+def https_server(tls_ca: tuple[trustme.CA, ssl.SSLContext]) -> Iterator[HTTPServer]:
+    with HTTPServer(tls_ca[1]) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pop3_server() -> Iterator[POP3Server]:
+    with POP3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def imap_server() -> Iterator[IMAPServer]:
+    with IMAPServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def smtp_server() -> Iterator[SMTPServer]:
+    """Plain SMTP (no STARTTLS)."""
+    with SMTPServer() as server:
+        yield server

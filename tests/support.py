@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import socket
+import subprocess
+import sys
 import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
+from tether.client import control
+from tether.client import settings as client_settings
 from tether.devmode import GatewayProcess
+from tether.endpoint import parse_endpoint
+from tether.wire import pb
 
 APP = "tests"
+TIMEOUT = 10.0  # the helpers' default bound on any one wait
 
 # Test gateways resolve only from this table ("static" mode): nothing in the
 # suite ever asks a real DNS server, and every name maps to loopback.
@@ -36,17 +50,20 @@ class Gateway:
         return self.process.log_text()
 
 
-def gateway_config(key: str, *, extra: str = "", allow: list[str] | None = None) -> str:
+def gateway_config(
+    key: str, *, extra: str = "", allow: list[str] | None = None, gateway: str = ""
+) -> str:
+    """A config for the test apps; `gateway` lines go into [gateway], `extra` at the end."""
     rules = allow if allow is not None else ["127.0.0.0/8:*", "[::1]:*"]
     hosts = "\n".join(
         f'"{name}" = [{", ".join(repr(a).replace(chr(39), chr(34)) for a in addrs)}]'
         for name, addrs in STATIC_HOSTS.items()
     )
     allow_list = ", ".join(f'"{r}"' for r in rules)
-    return textwrap.dedent(
+    text = textwrap.dedent(
         f"""\
         [gateway]
-        listen = ["127.0.0.1:0"]
+        {{gateway}}listen = ["127.0.0.1:0"]
 
         [resolver]
         mode = "static"
@@ -63,17 +80,66 @@ def gateway_config(key: str, *, extra: str = "", allow: list[str] | None = None)
         [apps.other]
         key = "other-{key}"
         """
-    ).replace("{hosts}", hosts) + extra
+    )
+    gateway_lines = gateway + "\n" if gateway else ""
+    return text.replace("{gateway}", gateway_lines).replace("{hosts}", hosts) + extra
 
 
-def start_gateway(tmp: Path, config_text: str, key: str) -> Gateway:
-    config_path = tmp / "tether.toml"
+def start_gateway(
+    tmp: Path, config_text: str, key: str, *, name: str = "tether.toml", listen: str = "127.0.0.1:0"
+) -> Gateway:
+    """Write `config_text` to tmp/name and start `tether serve` on it (its "listening on")."""
+    config_path = tmp / name
     config_path.write_text(config_text)
-    process = GatewayProcess(config_path)
+    process = GatewayProcess(config_path, listen=listen)
     address = process.start()
     return Gateway(process, address, APP, key, config_path)
 
 
+def run_module(
+    module: str,
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """`python -m module args...` as a child process, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+        check=False,
+    )
+
+
+def tether_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The `tether` command line as a child process."""
+    return run_module("tether.cli.main", *args, cwd=cwd, env=env)
+
+
+def client_settings_for(address: str, app: str, key: str) -> client_settings.Settings:
+    return client_settings.Settings(gateway=parse_endpoint(address), app=app, key=key)
+
+
+def use_gateway(address: str, app: str, key: str) -> None:
+    """Point tether.socket (without install()) at a gateway as `app`."""
+    client_settings.configure(client_settings_for(address, app, key))
+
+
+def list_sockets(gw: Gateway, app: str | None = None, key: str | None = None) -> list[Any]:
+    """The gateway's live sockets as an app sees them (its own only); the test app by default."""
+    settings = client_settings_for(gw.address, app or gw.app, key or gw.key)
+    channel = control.ControlChannel(settings)
+    try:
+        response = channel.request(pb.Request(list_sockets=pb.ListSockets()))
+    finally:
+        channel.close()
+    return list(response.sockets.sockets)
 
 
 def stdlib_socket_class() -> type[socket.socket]:
@@ -82,6 +148,197 @@ def stdlib_socket_class() -> type[socket.socket]:
         if cls.__module__ == "socket" and cls.__name__ == "socket":
             return cls
     raise RuntimeError("no stdlib socket class in socket.socket's MRO")
+
+
+StdSocket = stdlib_socket_class()
+
+
+# -- streams -------------------------------------------------------------------------
+
+
+def stream(seed: bytes, offset: int, n: int) -> bytes:
+    """n bytes at `offset` of a deterministic stream (shake_128 blocks of 64 KiB).
+
+    Any lost, duplicated or reordered byte shows as a mismatch.
+    """
+    block = 64 * 1024
+    first, last = offset // block, (offset + n + block - 1) // block
+    data = b"".join(
+        hashlib.shake_128(seed + k.to_bytes(8, "big")).digest(block) for k in range(first, last)
+    )
+    start = offset - first * block
+    return data[start : start + n]
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly n bytes; EOF before that fails the test."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 256 * 1024))
+        if not chunk:
+            raise AssertionError(f"EOF after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT, step: float = 0.02) -> bool:
+    """Poll until predicate() holds (bounded); its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def descriptor(sock: socket.socket) -> str:
+    """A tether socket's descriptor, as the gateway names it."""
+    t = sock._tether  # type: ignore[attr-defined]
+    assert t is not None
+    return str(t.descriptor)
+
+
+# -- peers: stdlib servers on loopback (targets, not tethered) ----------------------
+
+
+class Peer:
+    """A one-connection stdlib server on loopback running `handler(conn)` in a thread.
+
+    The handler's exception (if any) is re-raised by the ``with`` block's end,
+    so a failed check in the peer fails the test.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[socket.socket], Any],
+        host: str = "127.0.0.1",
+        timeout: float = TIMEOUT,
+    ) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.timeout = timeout
+        self.listener = StdSocket(family, socket.SOCK_STREAM)
+        self.listener.bind((host, 0))
+        self.listener.listen(4)
+        self.listener.settimeout(timeout)
+        self.port: int = self.listener.getsockname()[1]
+        self.address = (host, self.port)
+        self.error: BaseException | None = None
+        self.result: Any = None
+        self.conn: socket.socket | None = None
+        self.thread = threading.Thread(target=self._run, args=(handler,), daemon=True)
+        self.thread.start()
+
+    def _run(self, handler: Callable[[socket.socket], Any]) -> None:
+        try:
+            with self.listener:
+                conn, _ = self.listener.accept()
+            self.conn = conn
+            with conn:
+                conn.settimeout(self.timeout)
+                self.result = handler(conn)
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if typ is not None:
+            # The test failed: unblock the handler rather than wait for its timeout.
+            self.listener.close()
+            if self.conn is not None:
+                with contextlib.suppress(OSError):
+                    self.conn.shutdown(socket.SHUT_RDWR)
+        self.thread.join(self.timeout * 2)
+        self.listener.close()
+        if typ is None:
+            assert not self.thread.is_alive(), "the peer did not finish"
+            if self.error is not None:
+                raise self.error
+
+
+def echo(conn: socket.socket) -> None:
+    """Send back everything until the client's EOF."""
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+class LoopbackServer:
+    """A stdlib server on 127.0.0.1 running `handler(conn)` for every connection, each in
+    its own thread, until close(); close() wakes handlers blocked on their connection.
+
+    Accepted sockets are built with the stdlib's class, so they never go through a
+    gateway even while tether.install() is in force. A handler's OSError (the test
+    went away) ends that connection only.
+    """
+
+    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
+        self.handler = handler
+        self.listener = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.listener.settimeout(0.2)
+        self.port: int = self.listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._live: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
+        self._acceptor.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                # Not accept(): that builds the socket with the module's `socket` class.
+                fd, _ = self.listener._accept()  # type: ignore[attr-defined]
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn = StdSocket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._live.add(conn)
+        try:
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(TIMEOUT * 3)
+                self.handler(conn)
+        finally:
+            with self._lock:
+                self._live.discard(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._acceptor.join(TIMEOUT)
+        self.listener.close()
+        with self._lock:
+            live = list(self._live)
+        for conn in live:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for t in self._threads:
+            t.join(TIMEOUT)
+
+    def __enter__(self) -> LoopbackServer:
+        return self
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[int]:
+    """The port of a stdlib echo server on 127.0.0.1, for the block's duration."""
+    with LoopbackServer(echo) as server:
+        yield server.port
 
 
 class FakeClock:

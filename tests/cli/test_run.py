@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import socket as std
-import subprocess
 import sys
 import textwrap
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from support import Gateway
+from support import Gateway, tether_cli
 
 CHILD = textwrap.dedent(
     """
@@ -32,43 +27,6 @@ CHILD = textwrap.dedent(
         print("grandchild", out)
     """
 )
-
-
-@pytest.fixture
-def echo_port() -> Iterator[int]:
-    srv = std.create_server(("127.0.0.1", 0))
-    srv.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                while data := conn.recv(4096):
-                    conn.sendall(data)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    t.join(5)
-    srv.close()
-
-
-def tether_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tether.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        check=False,
-    )
 
 
 def test_run_with_a_gateway(gateway: Gateway, echo_port: int, tmp_path: Path) -> None:

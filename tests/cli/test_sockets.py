@@ -12,36 +12,33 @@ import os
 import pickle
 import secrets
 import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import APP, Gateway, gateway_config, start_gateway
+from support import (
+    APP,
+    TIMEOUT,
+    Gateway,
+    StdSocket,
+    client_settings_for,
+    descriptor,
+    echo_server,
+    gateway_config,
+    start_gateway,
+    tether_cli,
+    use_gateway,
+    wait_for,
+)
 
 import tether
 import tether.socket as tsock
 from tether.cli.main import main
 from tether.client import control
 from tether.client import settings as client_settings
-from tether.endpoint import parse_endpoint
 
-TIMEOUT = 10.0
 HEADER = ["APP", "DESCRIPTOR", "PEER", "STATE", "OUT", "IN", "IDLE", "AGE"]
-
-
-def _stdlib_socket_class() -> type[socket.socket]:
-    for cls in socket.socket.__mro__:
-        if cls.__module__ == "socket" and cls.__name__ == "socket":
-            return cls
-    raise RuntimeError("no stdlib socket class in socket.socket's MRO")
-
-
-StdSocket = _stdlib_socket_class()
 
 
 class Admin:
@@ -54,9 +51,7 @@ class Admin:
 def admin_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Admin]:
     key = secrets.token_urlsafe(16)
     admin_key = secrets.token_urlsafe(16)
-    text = gateway_config(key).replace(
-        "[gateway]\n", f'[gateway]\nadmin_key = "{admin_key}"\n', 1
-    )
+    text = gateway_config(key, gateway=f'admin_key = "{admin_key}"')
     gw = start_gateway(tmp_path_factory.mktemp("sockets-gateway"), text, key)
     yield Admin(gw, admin_key)
     gw.process.stop()
@@ -64,47 +59,8 @@ def admin_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Admin]:
 
 @pytest.fixture(scope="module")
 def echo_port() -> Iterator[int]:
-    srv = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    srv.settimeout(0.2)
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
-
-    def echo(conn: socket.socket) -> None:
-        conn.settimeout(0.2)
-        with conn:
-            while not stop.is_set():
-                try:
-                    data = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                if not data:
-                    return
-                conn.sendall(data)
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=echo, args=(conn,), daemon=True)
-            t.start()
-            threads.append(t)
-
-    acceptor = threading.Thread(target=serve, daemon=True)
-    acceptor.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    acceptor.join(TIMEOUT)
-    for t in threads:
-        t.join(TIMEOUT)
-    srv.close()
+    with echo_server() as port:
+        yield port
 
 
 class Sockets:
@@ -118,9 +74,7 @@ class Sockets:
 
     def settings(self, app: str) -> client_settings.Settings:
         key = self.admin.gw.key if app == APP else f"{app}-{self.admin.gw.key}"
-        return client_settings.Settings(
-            gateway=parse_endpoint(self.admin.gw.address), app=app, key=key
-        )
+        return client_settings_for(self.admin.gw.address, app, key)
 
     def connect(self, app: str, send: bytes = b"") -> socket.socket:
         client_settings.configure(self.settings(app))
@@ -162,21 +116,6 @@ def sockets(admin_gateway: Admin, echo_port: int) -> Iterator[Sockets]:
         wait_for(lambda: not _json_rows(admin_gateway, as_admin=True))
 
 
-def descriptor(sock: socket.socket) -> str:
-    t = sock._tether  # type: ignore[attr-defined]
-    assert t is not None
-    return str(t.descriptor)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str] | None = None) -> tuple[
     int, str, str
 ]:
@@ -192,13 +131,13 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str] | None = None) -
 def _json_rows(gw: Admin, *, as_admin: bool = False) -> list[Any]:
     """Rows from `tether sockets --json`, run as a real process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-    args = [sys.executable, "-m", "tether.cli.main", "sockets", "--json",
-            "--gateway", gw.gw.address]
+    args = ["sockets", "--json", "--gateway", gw.gw.address]
     if as_admin:
         args += ["--admin-key", gw.admin_key]
     else:
         args += ["--app", APP, "--key", gw.gw.key]
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60, check=True)
+    result = tether_cli(*args, env=env)
+    assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
@@ -347,22 +286,18 @@ def test_exit_1_when_the_gateway_is_unreachable(capsys: pytest.CaptureFixture[st
 
 def test_real_process_exit_codes(admin_gateway: Admin, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-    cmd = [sys.executable, "-m", "tether.cli.main", "sockets"]
-    assert subprocess.run(cmd, env=env, capture_output=True, timeout=60,
-                          check=False).returncode == 2
+    assert tether_cli("sockets", env=env).returncode == 2
     env.update(TETHER_GATEWAY=admin_gateway.gw.address, TETHER_APP=APP, TETHER_KEY="wrong")
-    assert subprocess.run(cmd, env=env, capture_output=True, timeout=60,
-                          check=False).returncode == 1
+    assert tether_cli("sockets", env=env).returncode == 1
     env["TETHER_KEY"] = admin_gateway.gw.key
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    done = tether_cli("sockets", env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[0].split() == HEADER
 
 
 def test_admin_identity_cannot_open_sockets(admin_gateway: Admin, echo_port: int) -> None:
     assert not tether.installed()
-    client_settings.configure(client_settings.Settings(
-        gateway=parse_endpoint(admin_gateway.gw.address), app="*", key=admin_gateway.admin_key))
+    use_gateway(admin_gateway.gw.address, "*", admin_gateway.admin_key)
     try:
         with pytest.raises(PermissionError, match="can list sockets but not open them"):
             tsock.create_connection(("127.0.0.1", echo_port), timeout=TIMEOUT)

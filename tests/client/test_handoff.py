@@ -33,12 +33,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing.reduction import ForkingPickler
-from types import TracebackType
 from typing import Any
 
 import pytest
 import trustme
-from support import Gateway
+from support import (
+    TIMEOUT,
+    Gateway,
+    Peer,
+    StdSocket,
+    echo,
+    list_sockets,
+    recv_exact,
+    stream,
+    wait_for,
+)
 
 import tether
 from tether.client import control, handoff
@@ -53,46 +62,12 @@ from tether.demo.servers import (
     POP3Server,
     SMTPServer,
     client_context,
-    make_ca,
 )
 from tether.endpoint import parse_endpoint
 from tether.gateway.relay import MAX_RESUME_TAIL
 from tether.wire import pb
 
-TIMEOUT = 10.0
 MiB = 1024 * 1024
-
-
-def _stdlib_socket_class() -> type[socket.socket]:
-    # socket.socket may already be tether's subclass: walk back to the stdlib's.
-    for cls in socket.socket.__mro__:
-        if cls.__module__ == "socket" and cls.__name__ == "socket":
-            return cls
-    raise RuntimeError("no stdlib socket class in socket.socket's MRO")
-
-
-StdSocket = _stdlib_socket_class()
-
-
-def stream(seed: bytes, offset: int, n: int) -> bytes:
-    """n bytes at `offset` of a deterministic stream: any slip shows as a mismatch."""
-    block = 64 * 1024
-    first, last = offset // block, (offset + n + block - 1) // block
-    data = b"".join(
-        hashlib.shake_128(seed + k.to_bytes(8, "big")).digest(block) for k in range(first, last)
-    )
-    start = offset - first * block
-    return data[start : start + n]
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 256 * 1024))
-        if not chunk:
-            raise AssertionError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 def recv_all(sock: socket.socket, limit: int = 256 * MiB) -> bytes:
@@ -106,85 +81,6 @@ def recv_all(sock: socket.socket, limit: int = 256 * MiB) -> bytes:
 def wait_readable(sock: socket.socket, timeout: float = TIMEOUT) -> None:
     r, _, _ = select.select([sock], [], [], timeout)
     assert r, "nothing arrived"
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-class Peer:
-    """A one-connection stdlib server on loopback running `handler(conn)` in a thread.
-
-    The handler's exception (if any) is re-raised by the ``with`` block's end,
-    so a failed check in the peer fails the test.
-    """
-
-    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1") -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = StdSocket(family, socket.SOCK_STREAM)
-        self.listener.bind((host, 0))
-        self.listener.listen(4)
-        self.listener.settimeout(TIMEOUT)
-        self.port: int = self.listener.getsockname()[1]
-        self.address = (host, self.port)
-        self.error: BaseException | None = None
-        self.result: Any = None
-        self.conn: socket.socket | None = None
-        self.thread = threading.Thread(target=self._run, args=(handler,), daemon=True)
-        self.thread.start()
-
-    def _run(self, handler: Callable[[socket.socket], Any]) -> None:
-        try:
-            with self.listener:
-                conn, _ = self.listener.accept()
-            self.conn = conn
-            with conn:
-                conn.settimeout(TIMEOUT)
-                self.result = handler(conn)
-        except BaseException as exc:
-            self.error = exc
-
-    def __enter__(self) -> Peer:
-        return self
-
-    def __exit__(
-        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if typ is not None:
-            # The test failed: unblock the handler rather than wait for its timeout.
-            self.listener.close()
-            if self.conn is not None:
-                with contextlib.suppress(OSError):
-                    self.conn.shutdown(socket.SHUT_RDWR)
-        self.thread.join(TIMEOUT * 2)
-        self.listener.close()
-        if typ is None:
-            assert not self.thread.is_alive(), "the peer did not finish"
-            if self.error is not None:
-                raise self.error
-
-
-def echo(conn: socket.socket) -> None:
-    while data := conn.recv(65536):
-        conn.sendall(data)
-
-
-def list_sockets(gw: Gateway, app: str | None = None, key: str | None = None) -> list[Any]:
-    """The gateway's live sockets as the test app sees them (its own only)."""
-    settings = Settings(
-        gateway=parse_endpoint(gw.address), app=app or gw.app, key=key or gw.key
-    )
-    channel = control.ControlChannel(settings)
-    try:
-        response = channel.request(pb.Request(list_sockets=pb.ListSockets()))
-    finally:
-        channel.close()
-    return list(response.sockets.sockets)
 
 
 def connect(port: int, host: str = "127.0.0.1", timeout: float | None = TIMEOUT) -> socket.socket:
@@ -576,17 +472,6 @@ def test_plain_sockets_still_refuse_pickling(tethered: Gateway) -> None:
         pickle.dumps(a)
 
 
-@pytest.fixture(scope="module")
-def tls_ca() -> tuple[trustme.CA, ssl.SSLContext]:
-    return make_ca()
-
-
-@pytest.fixture(scope="module")
-def https_server(tls_ca: tuple[trustme.CA, ssl.SSLContext]) -> Iterator[HTTPServer]:
-    with HTTPServer(tls_ca[1]) as server:
-        yield server
-
-
 def test_ssl_socket_cannot_be_pickled_and_stays_usable(
     https_server: HTTPServer, tls_ca: tuple[trustme.CA, ssl.SSLContext], tethered: Gateway
 ) -> None:
@@ -610,24 +495,6 @@ def test_reader_and_writer_objects_cannot_be_pickled_alone(tethered: Gateway) ->
 
 
 # -- protocol clients --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pop3_server() -> Iterator[POP3Server]:
-    with POP3Server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def smtp_server() -> Iterator[SMTPServer]:
-    with SMTPServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def imap_server() -> Iterator[IMAPServer]:
-    with IMAPServer() as server:
-        yield server
 
 
 def _pop3(server: POP3Server) -> poplib.POP3:

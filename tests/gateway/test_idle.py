@@ -25,10 +25,18 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from support import (
+    TIMEOUT,
+    FakeClock,
+    LoopbackServer,
+    client_settings_for,
+    descriptor,
+    recv_exact,
+    wait_for,
+)
 
 import tether
 import tether.socket as tsock
@@ -36,39 +44,14 @@ from tether.client import control, handoff
 from tether.client import settings as client_settings
 from tether.client.settings import Settings
 from tether.config import parse_config
-from tether.endpoint import parse_endpoint
 from tether.gateway.embedded import EmbeddedGateway
 from tether.gateway.registry import TOMBSTONE_TTL
 from tether.gateway.server import SWEEP_INTERVAL
 from tether.wire import pb
 
-TIMEOUT = 10.0
 GATEWAY_IDLE = 60.0  # [gateway] idle_timeout in these tests
 FAST_IDLE = 5.0  # [apps.fast] idle_timeout
 SLOW_IDLE = 900.0  # [apps.slow] idle_timeout: longer than the gateway's
-
-
-def _stdlib_socket_class() -> type[socket.socket]:
-    for cls in socket.socket.__mro__:
-        if cls.__module__ == "socket" and cls.__name__ == "socket":
-            return cls
-    raise RuntimeError("no stdlib socket class in socket.socket's MRO")
-
-
-StdSocket = _stdlib_socket_class()
-
-
-class FakeClock:
-    """The gateway's monotonic clock, moved only by the test."""
-
-    def __init__(self) -> None:
-        self.now = 10_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class EchoPeer:
@@ -81,58 +64,31 @@ class EchoPeer:
     """
 
     def __init__(self) -> None:
-        self.listener = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.listener.settimeout(0.2)
-        self.port: int = self.listener.getsockname()[1]
         self.endings: list[str] = []
         self.release = threading.Event()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._accept = threading.Thread(target=self._serve, daemon=True)
-        self._accept.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._echo, args=(conn,), daemon=True)
-            t.start()
-            self._threads.append(t)
+        self.server = LoopbackServer(self._echo)
+        self.port: int = self.server.port
 
     def _echo(self, conn: socket.socket) -> None:
-        conn.settimeout(0.2)
-        with conn:
-            while not self._stop.is_set():
-                try:
-                    data = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                except ConnectionResetError:
-                    self.endings.append("reset")
-                    return
-                if not data:
-                    self.endings.append("eof")
-                    return
-                if data.startswith(b"sink"):
-                    continue
-                if data == b"later":
-                    self.release.wait(TIMEOUT)
-                    self.release.clear()
-                    data = b"now"
-                conn.sendall(data)
+        while True:
+            try:
+                data = conn.recv(65536)
+            except ConnectionResetError:
+                self.endings.append("reset")
+                return
+            if not data:
+                self.endings.append("eof")
+                return
+            if data.startswith(b"sink"):
+                continue
+            if data == b"later":
+                self.release.wait(TIMEOUT)
+                self.release.clear()
+                data = b"now"
+            conn.sendall(data)
 
     def close(self) -> None:
-        self._stop.set()
-        self._accept.join(TIMEOUT)
-        for t in self._threads:
-            t.join(TIMEOUT)
-        self.listener.close()
+        self.server.close()
 
 
 class Env:
@@ -146,7 +102,7 @@ class Env:
         self.opened: list[socket.socket] = []
 
     def settings(self, app: str) -> Settings:
-        return Settings(gateway=parse_endpoint(self.address), app=app, key=f"key-{app}")
+        return client_settings_for(self.address, app, f"key-{app}")
 
     def use(self, app: str) -> None:
         client_settings.configure(self.settings(app))
@@ -187,31 +143,6 @@ class Env:
     def advance_and_sweep(self, seconds: float) -> None:
         self.clock.advance(seconds)
         self.sweep()  # the 1 s background sweeper may get there first: both are fine
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise AssertionError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
-def descriptor(sock: socket.socket) -> str:
-    t = sock._tether  # type: ignore[attr-defined]
-    assert t is not None
-    return str(t.descriptor)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def wait_reset_arrived(sock: socket.socket) -> None:

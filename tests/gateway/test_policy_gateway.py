@@ -2,51 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket as std
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import gateway_config
+from support import LoopbackServer, gateway_config, start_gateway, use_gateway
 
 import tether.socket as ts
 from tether.client import settings as client_settings
 from tether.devmode import GatewayProcess
-from tether.endpoint import parse_endpoint
 
 KEY = "k-policy"
+
+
+def greet(conn: std.socket) -> None:
+    conn.sendall(b"hi")
 
 
 @pytest.fixture
 def ports() -> Iterator[list[int]]:
     """Three stdlib servers that greet and close (targets, not tethered)."""
-    servers = [std.create_server(("127.0.0.1", 0)) for _ in range(3)]
-    stop = threading.Event()
-
-    def serve(srv: std.socket) -> None:
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.sendall(b"hi")
-
-    threads = [threading.Thread(target=serve, args=(s,), daemon=True) for s in servers]
-    for t in threads:
-        t.start()
-    yield [s.getsockname()[1] for s in servers]
-    stop.set()
-    for t in threads:
-        t.join(5)
-    for s in servers:
-        s.close()
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(LoopbackServer(greet)) for _ in range(3)]
+        yield [s.port for s in servers]
 
 
 @pytest.fixture
@@ -62,20 +44,20 @@ mode = "report"
 [apps.audited]
 key = "audited-{KEY}"
 """
-    text = gateway_config(KEY, allow=[f"127.0.0.1:{a}"], extra=extra)
-    text = text.replace("[gateway]\n", f'[gateway]\naudit_log = "{tmp_path / "audit.jsonl"}"\n')
-    (tmp_path / "t.toml").write_text(text)
-    gw = GatewayProcess(tmp_path / "t.toml")
-    gw.start()
+    text = gateway_config(
+        KEY,
+        allow=[f"127.0.0.1:{a}"],
+        extra=extra,
+        gateway=f'audit_log = "{tmp_path / "audit.jsonl"}"',
+    )
+    gw = start_gateway(tmp_path, text, KEY).process
     yield gw
     gw.stop()
     client_settings.configure(None)
 
 
 def as_app(gw: GatewayProcess, app: str, key: str) -> None:
-    client_settings.configure(
-        client_settings.Settings(gateway=parse_endpoint(gw.address), app=app, key=key)
-    )
+    use_gateway(gw.address, app, key)
 
 
 def connect(port: int) -> bytes:

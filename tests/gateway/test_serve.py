@@ -7,57 +7,21 @@ import signal
 import socket as std
 import struct
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import APP, Gateway, gateway_config
+from support import APP, Gateway, gateway_config, run_module, start_gateway, use_gateway
 
 import tether.socket as ts
 from tether.client import settings as client_settings
 from tether.devmode import GatewayProcess
-from tether.endpoint import parse_endpoint
 from tether.wire import PREAMBLE, Connection, Role, pb
 
 
-@pytest.fixture
-def echo_port() -> Iterator[int]:
-    """A stdlib echo server on loopback (the target, not tethered)."""
-    srv = std.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def serve() -> None:
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    t.join(5)
-    srv.close()
-
-
 def use(gw_address: str, key: str) -> None:
-    client_settings.configure(
-        client_settings.Settings(
-            gateway=parse_endpoint(gw_address),
-            app=APP,
-            key=key,
-        )
-    )
+    use_gateway(gw_address, APP, key)
 
 
 @pytest.fixture(autouse=True)
@@ -66,14 +30,8 @@ def _reset_settings() -> Iterator[None]:
     client_settings.configure(None)
 
 
-def run_serve(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tether.gateway", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_module("tether.gateway", *args, timeout=20)
 
 
 def test_bad_config_exits_before_listening(tmp_path: Path) -> None:
@@ -96,11 +54,9 @@ def test_signal_closes_sockets_and_exits_zero(
     tmp_path: Path, echo_port: int, sig: signal.Signals
 ) -> None:
     key = "k-signal"
-    (tmp_path / "t.toml").write_text(gateway_config(key))
-    gw = GatewayProcess(tmp_path / "t.toml")
-    address = gw.start()
+    gw = start_gateway(tmp_path, gateway_config(key), key).process
     try:
-        use(address, key)
+        use(gw.address, key)
         sock = ts.create_connection(("127.0.0.1", echo_port), timeout=5)
         sock.sendall(b"x")
         assert sock.recv(1) == b"x"
@@ -122,9 +78,8 @@ def test_signal_closes_sockets_and_exits_zero(
 def test_unix_socket_listener(tmp_path: Path, echo_port: int) -> None:
     key = "k-unix"
     path = tmp_path / "gw.sock"
-    (tmp_path / "t.toml").write_text(gateway_config(key))
-    gw = GatewayProcess(tmp_path / "t.toml", listen=f"unix:{path}")
-    address = gw.start()
+    started = start_gateway(tmp_path, gateway_config(key), key, listen=f"unix:{path}")
+    gw, address = started.process, started.address
     try:
         assert address == f"unix:{path}"
         use(address, key)
@@ -198,13 +153,7 @@ def test_wrong_key_is_permission_error(gateway: Gateway, echo_port: int) -> None
 
 
 def test_unknown_app_is_the_same_error(gateway: Gateway, echo_port: int) -> None:
-    client_settings.configure(
-        client_settings.Settings(
-            gateway=parse_endpoint(gateway.address),
-            app="nobody",
-            key="x",
-        )
-    )
+    use_gateway(gateway.address, "nobody", "x")
     with ts.socket() as sock, pytest.raises(PermissionError, match="app 'nobody'"):
         sock.connect(("127.0.0.1", echo_port))
 
@@ -240,10 +189,8 @@ def wait_for_log(gw: GatewayProcess, text: str, timeout: float = 10) -> None:
 
 def test_sighup_reloads_policy_and_keeps_sockets(tmp_path: Path, echo_port: int) -> None:
     key = "k-reload"
-    config = tmp_path / "t.toml"
-    config.write_text(gateway_config(key, allow=[f"127.0.0.1:{echo_port}"]))
-    gw = GatewayProcess(config)
-    address = gw.start()
+    started = start_gateway(tmp_path, gateway_config(key, allow=[f"127.0.0.1:{echo_port}"]), key)
+    gw, address, config = started.process, started.address, started.config_path
     assert gw.proc is not None
     try:
         use(address, key)

@@ -32,13 +32,13 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Gateway
+from support import Gateway, StdSocket, list_sockets, recv_exact, stream, wait_for
 
 from tether.demo.servers import MAILBOX_MESSAGE, PASSWORD, USER, POP3Server, SMTPServer
 
@@ -55,27 +55,6 @@ DOWN_SEED = b"peer->app"
 UP_SEED = b"app->peer"
 
 
-def _stdlib_socket_class() -> type[socket.socket]:
-    for cls in socket.socket.__mro__:
-        if cls.__module__ == "socket" and cls.__name__ == "socket":
-            return cls
-    raise RuntimeError("no stdlib socket class in socket.socket's MRO")
-
-
-StdSocket = _stdlib_socket_class()
-
-
-def stream(seed: bytes, offset: int, n: int) -> bytes:
-    """n bytes at `offset` of a deterministic stream (shake_128 blocks of 64 KiB)."""
-    block = 64 * 1024
-    first, last = offset // block, (offset + n + block - 1) // block
-    data = b"".join(
-        hashlib.shake_128(seed + k.to_bytes(8, "big")).digest(block) for k in range(first, last)
-    )
-    start = offset - first * block
-    return data[start : start + n]
-
-
 def stream_sha256(seed: bytes, total: int) -> str:
     h = hashlib.sha256()
     for offset in range(0, total, 4 * MiB):
@@ -88,16 +67,6 @@ def first_difference(got: bytes, want: bytes) -> int:
         if a != b:
             return i
     return min(len(got), len(want))
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 256 * 1024))
-        if not chunk:
-            raise AssertionError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 def listener(host: str = "127.0.0.1") -> socket.socket:
@@ -394,18 +363,6 @@ def smtp_worker(address: str, app: str, key: str, payload: bytes, out: Any) -> N
         out.put(("error", traceback.format_exc()))
 
 
-@pytest.fixture(scope="module")
-def pop3_server() -> Iterator[POP3Server]:
-    with POP3Server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def smtp_server() -> Iterator[SMTPServer]:
-    with SMTPServer() as server:
-        yield server
-
-
 def _run_worker(target: Callable[..., None], gateway: Gateway, payload: bytes) -> tuple[Any, ...]:
     out = CTX.Queue()
     proc = CTX.Process(
@@ -565,23 +522,11 @@ def test_holder_killed_mid_stream(gateway: Gateway) -> None:
 
 
 def _wait_gone(gateway: Gateway, port: int) -> bool:
-    from tether.client.control import ControlChannel
-    from tether.client.settings import Settings
-    from tether.endpoint import parse_endpoint
-    from tether.wire import pb
-
-    settings = Settings(gateway=parse_endpoint(gateway.address), app=gateway.app, key=gateway.key)
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        channel = ControlChannel(settings)
-        try:
-            listing = channel.request(pb.Request(list_sockets=pb.ListSockets()))
-        finally:
-            channel.close()
-        if not [s for s in listing.sockets.sockets if s.peer.port == port]:
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_for(
+        lambda: not [s for s in list_sockets(gateway) if s.peer.port == port],
+        timeout=TIMEOUT,
+        step=0.05,
+    )
 
 
 # -- the worked example -----------------------------------------------------------

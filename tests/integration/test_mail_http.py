@@ -35,7 +35,6 @@ from tether.demo.servers import (
     POP3Server,
     SMTPServer,
     client_context,
-    make_ca,
     pattern,
     write_ca_file,
 )
@@ -47,52 +46,31 @@ TIMEOUT = 5.0
 
 
 # -- servers (module scope: started once, before any test installs tether) ----
-
-
-@pytest.fixture(scope="module")
-def ca() -> tuple[trustme.CA, ssl.SSLContext]:
-    return make_ca()
+# tls_ca, https_server, pop3_server and imap_server are tests/conftest.py's.
 
 
 @pytest.fixture(scope="module")
 def ca_file(
-    ca: tuple[trustme.CA, ssl.SSLContext], tmp_path_factory: pytest.TempPathFactory
+    tls_ca: tuple[trustme.CA, ssl.SSLContext], tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    return write_ca_file(ca[0], tmp_path_factory.mktemp("ca") / "ca.pem")
+    return write_ca_file(tls_ca[0], tmp_path_factory.mktemp("ca") / "ca.pem")
 
 
 @pytest.fixture
-def tls_client(ca: tuple[trustme.CA, ssl.SSLContext]) -> ssl.SSLContext:
-    return client_context(ca[0])
+def tls_client(tls_ca: tuple[trustme.CA, ssl.SSLContext]) -> ssl.SSLContext:
+    return client_context(tls_ca[0])
 
 
 @pytest.fixture(scope="module")
-def smtp_server(ca: tuple[trustme.CA, ssl.SSLContext]) -> Iterator[SMTPServer]:
-    with SMTPServer(ca[1]) as server:
+def smtp_server(tls_ca: tuple[trustme.CA, ssl.SSLContext]) -> Iterator[SMTPServer]:
+    """This module's SMTP server offers STARTTLS (conftest's smtp_server does not)."""
+    with SMTPServer(tls_ca[1]) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def http_server() -> Iterator[HTTPServer]:
     with HTTPServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def https_server(ca: tuple[trustme.CA, ssl.SSLContext]) -> Iterator[HTTPServer]:
-    with HTTPServer(ca[1]) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def pop3_server() -> Iterator[POP3Server]:
-    with POP3Server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def imap_server() -> Iterator[IMAPServer]:
-    with IMAPServer() as server:
         yield server
 
 
