@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 import trustme
-from support import Gateway, echo_server, gateway_config, start_gateway
+from support import Gateway, gateway_config, start_gateway
+from tcpservers import echo, serving
 
 import tether
 from tether.demo.servers import HTTPServer, IMAPServer, POP3Server, SMTPServer, make_ca
@@ -45,8 +46,8 @@ def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def echo_port() -> Iterator[int]:
     """A stdlib echo server on loopback (the target, not tethered)."""
-    with echo_server() as port:
-        yield port
+    with serving(echo) as server:
+        yield server.port
 
 
 # -- tether.demo.servers on 127.0.0.1 (module scope: started before a test installs tether)

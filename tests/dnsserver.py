@@ -50,6 +50,7 @@ import dns.rdatatype
 import dns.rdtypes.ANY.CNAME
 import dns.reversename
 import dns.rrset
+from support import StdSocket
 
 __all__ = ["DNSServer", "Query", "Record"]
 
@@ -59,15 +60,6 @@ _CLASSIC_UDP_LIMIT = 512
 _MAX_CHAIN = 16
 # Ports tried for a UDP port whose TCP twin is free too.
 _BIND_TRIES = 20
-
-
-def _stdlib_socket_class() -> type[socket.socket]:
-    # After tether.install() `socket.socket` is tether's subclass; the server
-    # must hold real sockets, so use the stdlib class it derives from.
-    for cls in socket.socket.__mro__:
-        if cls.__module__ == "socket" and cls.__name__ == "socket":
-            return cls
-    return socket.socket
 
 
 def _name(text: str | dns.name.Name) -> dns.name.Name:
@@ -208,7 +200,7 @@ class DNSServer:
 
     def start(self) -> DNSServer:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock_class = _stdlib_socket_class()
+        sock_class = StdSocket
         # The kernel picks a free UDP port; the same TCP port may be taken (by any
         # TCP socket, even an outgoing one), so try again with another one then.
         for tries_left in reversed(range(_BIND_TRIES)):

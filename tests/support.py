@@ -10,7 +10,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -263,82 +263,6 @@ def echo(conn: socket.socket) -> None:
     """Send back everything until the client's EOF."""
     while data := conn.recv(65536):
         conn.sendall(data)
-
-
-class LoopbackServer:
-    """A stdlib server on 127.0.0.1 running `handler(conn)` for every connection, each in
-    its own thread, until close(); close() wakes handlers blocked on their connection.
-
-    Accepted sockets are built with the stdlib's class, so they never go through a
-    gateway even while tether.install() is in force. A handler's OSError (the test
-    went away) ends that connection only.
-    """
-
-    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
-        self.handler = handler
-        self.listener = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.listener.settimeout(0.2)
-        self.port: int = self.listener.getsockname()[1]
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._live: set[socket.socket] = set()
-        self._threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
-        self._acceptor.start()
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                # Not accept(): that builds the socket with the module's `socket` class.
-                fd, _ = self.listener._accept()  # type: ignore[attr-defined]
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn = StdSocket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._live.add(conn)
-        try:
-            with conn, contextlib.suppress(OSError):
-                conn.settimeout(TIMEOUT * 3)
-                self.handler(conn)
-        finally:
-            with self._lock:
-                self._live.discard(conn)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._acceptor.join(TIMEOUT)
-        self.listener.close()
-        with self._lock:
-            live = list(self._live)
-        for conn in live:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        for t in self._threads:
-            t.join(TIMEOUT)
-
-    def __enter__(self) -> LoopbackServer:
-        return self
-
-    def __exit__(
-        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-@contextlib.contextmanager
-def echo_server() -> Iterator[int]:
-    """The port of a stdlib echo server on 127.0.0.1, for the block's duration."""
-    with LoopbackServer(echo) as server:
-        yield server.port
 
 
 class FakeClock:

@@ -24,13 +24,13 @@ from support import (
     StdSocket,
     client_settings_for,
     descriptor,
-    echo_server,
     gateway_config,
     start_gateway,
     tether_cli,
     use_gateway,
     wait_for,
 )
+from tcpservers import echo, serving
 
 import tether
 import tether.socket as tsock
@@ -59,8 +59,8 @@ def admin_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Admin]:
 
 @pytest.fixture(scope="module")
 def echo_port() -> Iterator[int]:
-    with echo_server() as port:
-        yield port
+    with serving(echo) as server:
+        yield server.port
 
 
 class Sockets:

@@ -31,12 +31,12 @@ import pytest
 from support import (
     TIMEOUT,
     FakeClock,
-    LoopbackServer,
     client_settings_for,
     descriptor,
     recv_exact,
     wait_for,
 )
+from tcpservers import Server
 
 import tether
 import tether.socket as tsock
@@ -66,10 +66,10 @@ class EchoPeer:
     def __init__(self) -> None:
         self.endings: list[str] = []
         self.release = threading.Event()
-        self.server = LoopbackServer(self._echo)
+        self.server = Server(self._echo).start()
         self.port: int = self.server.port
 
-    def _echo(self, conn: socket.socket) -> None:
+    def _echo(self, server: Server, conn: socket.socket) -> None:
         while True:
             try:
                 data = conn.recv(65536)
@@ -88,7 +88,7 @@ class EchoPeer:
             conn.sendall(data)
 
     def close(self) -> None:
-        self.server.close()
+        self.server.stop()
 
 
 class Env:

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import LoopbackServer, gateway_config, start_gateway, use_gateway
+from support import gateway_config, start_gateway, use_gateway
+from tcpservers import Server
 
 import tether.socket as ts
 from tether.client import settings as client_settings
@@ -19,7 +20,7 @@ from tether.devmode import GatewayProcess
 KEY = "k-policy"
 
 
-def greet(conn: std.socket) -> None:
+def greet(server: Server, conn: std.socket) -> None:
     conn.sendall(b"hi")
 
 
@@ -27,7 +28,7 @@ def greet(conn: std.socket) -> None:
 def ports() -> Iterator[list[int]]:
     """Three stdlib servers that greet and close (targets, not tethered)."""
     with contextlib.ExitStack() as stack:
-        servers = [stack.enter_context(LoopbackServer(greet)) for _ in range(3)]
+        servers = [stack.enter_context(Server(greet)) for _ in range(3)]
         yield [s.port for s in servers]
 
 

@@ -29,8 +29,8 @@ import pika.compat
 import pymysql
 import pytest
 import redis
-from _servers import StdSocket, wait_for
 from support import Gateway
+from tcpservers import StdSocket, wait_for
 
 from tether.client.sock import socket as TetherSocket
 

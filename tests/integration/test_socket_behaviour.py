@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 import trustme
-from _servers import (
+from support import Gateway, gateway_config, start_gateway
+from tcpservers import (
     MiB,
     Server,
     StdSocket,
@@ -44,7 +45,6 @@ from _servers import (
     wait_for,
     whoami,
 )
-from support import Gateway, gateway_config, start_gateway
 
 import tether
 from tether.client.sock import socket as TetherSocket

@@ -1,4 +1,4 @@
-"""Small threaded TCP servers on loopback for the socket-behaviour tests.
+"""Small threaded TCP servers on loopback for the tests (importable as `tcpservers`).
 
 Every server listens on 127.0.0.1 (or ::1) on an ephemeral port and serves
 each accepted connection in its own thread with one *handler*. The servers
@@ -26,17 +26,7 @@ from types import TracebackType
 from typing import Any
 
 import trustme
-
-
-def _stdlib_socket_class() -> type[socket.socket]:
-    # socket.socket may already be tether's subclass: walk back to the stdlib's.
-    for cls in socket.socket.__mro__:
-        if cls.__module__ == "socket" and cls.__name__ == "socket":
-            return cls
-    raise RuntimeError("the stdlib socket class is not in socket.socket's MRO")
-
-
-StdSocket = _stdlib_socket_class()
+from support import StdSocket
 
 MiB = 1024 * 1024
 CONN_TIMEOUT = 30.0  # no server thread may block longer than this on one call
@@ -77,9 +67,12 @@ class Server:
 
     # -- lifecycle -------------------------------------------------------------
 
-    def __enter__(self) -> Server:
+    def start(self) -> Server:
         self._acceptor.start()
         return self
+
+    def __enter__(self) -> Server:
+        return self.start()
 
     def __exit__(
         self,
