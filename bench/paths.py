@@ -42,17 +42,22 @@ class Path:
         return LABELS[self.name]
 
 
+def _open(new_socket: Callable[[], Any], port: int, timeout: float) -> Any:
+    """A socket from `new_socket()`, with the timeout and TCP_NODELAY, connected to `port`."""
+    s = new_socket()
+    try:
+        s.settimeout(timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.connect((TARGET_HOST, port))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
 def direct() -> Path:
     def connect(port: int, timeout: float) -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.settimeout(timeout)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.connect((TARGET_HOST, port))
-        except BaseException:
-            s.close()
-            raise
-        return s
+        return _open(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM), port, timeout)
 
     return Path("direct", connect)
 
@@ -66,18 +71,13 @@ def tether(name: str, gateway: str, app: str, key: str,
 
     settings = Settings(gateway=parse_endpoint(gateway), app=app, key=key)
 
-    def connect(port: int, timeout: float) -> Any:
+    def new_socket() -> Any:
         # A socket takes the settings in force when it is created.
         configure(settings)
-        s = tsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.settimeout(timeout)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.connect((TARGET_HOST, port))
-        except BaseException:
-            s.close()
-            raise
-        return s
+        return tsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+    def connect(port: int, timeout: float) -> Any:
+        return _open(new_socket, port, timeout)
 
     return Path(name, connect, pid)
 
@@ -86,17 +86,13 @@ def pysocks(name: str, proxy_port: int, pid: Callable[[], int | None]) -> Path:
     """PySocks (``socks.socksocket``) through a SOCKS5 server on 127.0.0.1:`proxy_port`."""
     import socks
 
-    def connect(port: int, timeout: float) -> Any:
+    def new_socket() -> Any:
         s = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.set_proxy(socks.SOCKS5, "127.0.0.1", proxy_port, rdns=False)
-            s.settimeout(timeout)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.connect((TARGET_HOST, port))
-        except BaseException:
-            s.close()
-            raise
+        s.set_proxy(socks.SOCKS5, "127.0.0.1", proxy_port, rdns=False)
         return s
+
+    def connect(port: int, timeout: float) -> Any:
+        return _open(new_socket, port, timeout)
 
     return Path(name, connect, pid)
 
