@@ -843,6 +843,24 @@ def test_client_expects_no_preamble() -> None:
 # -- frame size ----------------------------------------------------------------------------
 
 
+def _reading_frames(role: Role, max_frame: int = DEFAULT_MAX_FRAME) -> Connection:
+    """A machine past its preamble, waiting for the peer's next frame."""
+    conn = Connection(role, max_frame=max_frame)
+    if role is CLIENT:
+        conn.send(HELLO)
+    else:
+        conn.receive_data(PREAMBLE)
+    return conn
+
+
+def _assert_refused(conn: Connection, data: bytes, match: str) -> None:
+    """`data` from the peer is a RemoteProtocolError saying `match`, and closes the machine."""
+    conn.receive_data(data)
+    with pytest.raises(RemoteProtocolError, match=match):
+        conn.next_event()
+    assert conn.state is State.CLOSED
+
+
 def _hello_of_size(size: int) -> pb.ClientHello:
     """A ClientHello whose Frame body is exactly `size` bytes."""
     # Field overhead is at most a few bytes, so the padding is near `size`.
@@ -859,16 +877,9 @@ def _hello_of_size(size: int) -> pb.ClientHello:
     [(16, 17), (1000, 1001), (DEFAULT_MAX_FRAME, DEFAULT_MAX_FRAME + 1), (16, 2**32 - 1)],
 )
 def test_oversized_frame_refused_from_its_header(role: Role, max_frame: int, length: int) -> None:
-    conn = Connection(role, max_frame=max_frame)
-    if role is CLIENT:
-        conn.send(HELLO)
-    else:
-        conn.receive_data(PREAMBLE)
+    conn = _reading_frames(role, max_frame=max_frame)
     # Only the header: the refusal must not wait for (or buffer) the body.
-    conn.receive_data(struct.pack(">I", length))
-    with pytest.raises(RemoteProtocolError, match=f"frame of {length} bytes is over the limit"):
-        conn.next_event()
-    assert conn.state is State.CLOSED
+    _assert_refused(conn, struct.pack(">I", length), f"frame of {length} bytes is over the limit")
 
 
 @pytest.mark.parametrize("max_frame", [16, 100, DEFAULT_MAX_FRAME])
@@ -901,15 +912,7 @@ def test_max_frame_too_small(max_frame: int) -> None:
     ],
 )
 def test_unknown_message(role: Role, body: bytes) -> None:
-    conn = Connection(role)
-    if role is CLIENT:
-        conn.send(HELLO)
-    else:
-        conn.receive_data(PREAMBLE)
-    conn.receive_data(frame_bytes(body))
-    with pytest.raises(RemoteProtocolError, match="unknown message"):
-        conn.next_event()
-    assert conn.state is State.CLOSED
+    _assert_refused(_reading_frames(role), frame_bytes(body), "unknown message")
 
 
 def test_unknown_fields_beside_a_known_message_are_ignored() -> None:
@@ -933,15 +936,7 @@ UNDECODABLE = [
 @pytest.mark.parametrize("role", [CLIENT, GATEWAY], ids=["client", "gateway"])
 @pytest.mark.parametrize("body", UNDECODABLE)
 def test_undecodable_frame(role: Role, body: bytes) -> None:
-    conn = Connection(role)
-    if role is CLIENT:
-        conn.send(HELLO)
-    else:
-        conn.receive_data(PREAMBLE)
-    conn.receive_data(frame_bytes(body))
-    with pytest.raises(RemoteProtocolError, match="undecodable frame"):
-        conn.next_event()
-    assert conn.state is State.CLOSED
+    _assert_refused(_reading_frames(role), frame_bytes(body), "undecodable frame")
 
 
 def test_bad_utf8_is_a_protocol_error_with_the_pure_python_backend() -> None:
