@@ -17,11 +17,12 @@ from typing import Any
 
 TARGET_HOST = "127.0.0.1"
 
-ORDER = ["direct", "tether-tcp", "tether-unix", "dante", "microsocks"]
+ORDER = ["direct", "tether-tcp", "tether-unix", "floor", "dante", "microsocks"]
 LABELS = {
     "direct": "direct",
     "tether-tcp": "Tether TCP",
     "tether-unix": "Tether Unix",
+    "floor": "uvloop relay (floor)",
     "dante": "Dante+PySocks",
     "microsocks": "microsocks+PySocks",
 }
@@ -103,3 +104,13 @@ def pysocks_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def floor(relay_port: int, pid: Callable[[], int | None]) -> Path:
+    """A plain socket through bench/floor.py's bare uvloop relay (no auth, policy, meter)."""
+    from bench.floor import open_through
+
+    def connect(port: int, timeout: float) -> Any:
+        return open_through(relay_port, port, timeout)
+
+    return Path("floor", connect, pid)

@@ -28,8 +28,19 @@ from pathlib import Path as FsPath
 from typing import Any
 
 from bench import bulk, connrate, handoff, memory, procs, proxies, report, rtt
+from bench.floor import FloorRelay
 from bench.gateway import TetherGateway
-from bench.paths import ORDER, PROXIES, TETHER, Path, direct, pysocks, pysocks_available, tether
+from bench.paths import (
+    ORDER,
+    PROXIES,
+    TETHER,
+    Path,
+    direct,
+    floor,
+    pysocks,
+    pysocks_available,
+    tether,
+)
 from bench.procs import REPO_ROOT, Child, Pinning, descendants, python, python_env, raise_fd_limit
 
 WORKLOADS = ["download", "upload", "rtt", "connrate", "handoff", "memory"]
@@ -153,6 +164,9 @@ class Suite:
                 if t in wanted:
                     self.paths[t] = tether(t, addr, gw.app, gw.key, constant(gw.pid))
                     self.start_worker(t, addr, gw)
+        if "floor" in wanted:
+            relay = self.start_floor("")
+            self.paths["floor"] = floor(relay.port, constant(relay.pid))
         socks_wanted = [p for p in PROXIES if p in wanted]
         if socks_wanted:
             self.setup_proxies(socks_wanted)
@@ -201,6 +215,12 @@ class Suite:
                 self.status[p] = {"available": False, "reason": f"did not start: {exc}"}
                 continue
             self.paths[p] = pysocks(p, server.port, constant(server.pid))
+
+    def start_floor(self, tag: str) -> FloorRelay:
+        relay = FloorRelay(self.workdir, self.pinning, tag)
+        self.cleanup.append(relay.stop)
+        relay.wait_ready()
+        return relay
 
     def start_proxy(self, proxy: str, tag: str) -> proxies.SocksServer:
         server = proxies.SocksServer(proxy, self.workdir, self.pinning, tag)
@@ -310,6 +330,10 @@ class Suite:
                     addr = gw.tcp if name == "tether-tcp" else gw.unix
                     path = tether(name, addr, gw.app, gw.key, constant(gw.pid))
                     pid, stop = gw.pid, gw.stop
+                elif name == "floor":
+                    relay = self.start_floor(f"-mem{rep}")
+                    path = floor(relay.port, constant(relay.pid))
+                    pid, stop = relay.pid, relay.stop
                 else:
                     server = self.start_proxy(name, f"-mem{rep}")
                     path = pysocks(name, server.port, constant(server.pid))

@@ -718,6 +718,24 @@ def test_options_set_before_connect_reach_the_outbound_socket(
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 131072
 
 
+def test_options_without_buffer_sizes_are_applied_right_after_connect(
+    tethered: Gateway, echo_server: Server
+) -> None:
+    """No buffer size asked: the gateway connects first, then sets the rest."""
+    linger = struct.pack("ii", 1, 7)
+    with socket.socket() as sock:
+        sock.settimeout(TIMEOUT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.connect(("127.0.0.1", echo_server.port))
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8) == linger
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        sock.sendall(b"opts")
+        assert _recv_exactly(sock, 4) == b"opts"
+
+
 def test_tcp_nodelay_zero_set_before_connect_is_kept(
     tethered: Gateway, echo_server: Server
 ) -> None:
