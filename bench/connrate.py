@@ -17,6 +17,7 @@ from typing import Any
 
 from bench.bulk import BenchError
 from bench.paths import Path
+from bench.procs import cpu_seconds, descendants
 from bench.rtt import percentile
 
 WARMUP = 50
@@ -25,6 +26,11 @@ MAX_ERRORS = 10
 
 
 def connections(path: Path, port: int, count: int, budget: float) -> dict[str, Any]:
+    """Also where the CPU went: this process (the client library) and the proxy's.
+
+    On one pinned CPU the rate is the inverse of the CPU all processes spend
+    per connection, so the split says whose work to cut (bench/README.md).
+    """
     for _ in range(WARMUP):
         s = path.connect(port, SOCKET_TIMEOUT)
         s.recv(1)
@@ -32,6 +38,9 @@ def connections(path: Path, port: int, count: int, budget: float) -> dict[str, A
     samples = array("q")
     errors: list[str] = []
     clock = time.perf_counter_ns
+    root = path.proxy_pid()
+    proxy = descendants(root) if root is not None else []
+    client_cpu, proxy_cpu = time.process_time(), cpu_seconds(proxy)
     start = time.perf_counter()
     deadline = start + budget
     truncated = False
@@ -55,8 +64,13 @@ def connections(path: Path, port: int, count: int, budget: float) -> dict[str, A
             truncated = i + 1 < count
             break
     elapsed = time.perf_counter() - start
+    made = max(1, len(samples))
+    client_us = (time.process_time() - client_cpu) / made * 1e6
+    proxy_us = (cpu_seconds(proxy) - proxy_cpu) / made * 1e6 if proxy else None
     ordered = sorted(samples)
     return {
+        "client_cpu_us": client_us,
+        "proxy_cpu_us": proxy_us,
         "per_s": len(ordered) / elapsed,
         "p50_us": percentile(ordered, 50) / 1e3,
         "p99_us": percentile(ordered, 99) / 1e3,

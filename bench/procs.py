@@ -192,5 +192,18 @@ def memory_kib(pids: Sequence[int]) -> tuple[int, int]:
     return rss, pss
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of `pids` (from /proc; exited ones count 0)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (man 5 proc)
+    return total / tick
+
+
 def python() -> str:
     return sys.executable

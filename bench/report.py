@@ -21,7 +21,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "download": ("mb_s",),
     "upload": ("mb_s",),
     "rtt": ("p50_us", "p99_us", "mean_us"),
-    "connrate": ("per_s", "p50_us", "p99_us"),
+    "connrate": ("per_s", "p50_us", "p99_us", "client_cpu_us", "proxy_cpu_us"),
     "handoff": ("p50_ms", "p99_ms"),
     "memory": ("rss_kib_per_conn", "pss_kib_per_conn"),
 }
@@ -40,7 +40,7 @@ def summarise(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
             ok = [r for r in reps if "error" not in r]
             entry: dict[str, Any] = {"reps": len(ok), "failed": len(reps) - len(ok)}
             for metric in METRICS[workload]:
-                values = [float(r[metric]) for r in ok if metric in r]
+                values = [float(r[metric]) for r in ok if r.get(metric) is not None]
                 entry[metric] = statistics.median(values) if values else None
             if workload == "memory" and ok:
                 entry["held"] = min(int(r["held"]) for r in ok)
@@ -223,6 +223,8 @@ def render(results: dict[str, Any]) -> str:
         ("64 B round trip p99, us", "rtt", "p99_us", 1),
         ("connections/s", "connrate", "per_s", 0),
         ("connect + first byte p50, us", "connrate", "p50_us", 0),
+        ("  CPU per connection: client, us", "connrate", "client_cpu_us", 0),
+        ("  CPU per connection: proxy, us", "connrate", "proxy_cpu_us", 0),
         ("proxy KiB per idle connection (RSS)", "memory", "rss_kib_per_conn", 1),
     ]
     for label, workload, metric, digits in spec:
