@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 import signal
 import socket as std
 import struct
@@ -213,3 +214,11 @@ def test_sighup_reloads_policy_and_keeps_sockets(tmp_path: Path, echo_port: int)
         kept.close()
     finally:
         gw.stop()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc's")
+def test_gateway_keeps_relay_buffers_in_the_heap() -> None:
+    """serve() tunes glibc so relay-sized chunks are not mmapped and unmapped per read."""
+    from tether.gateway.server import tune_malloc
+
+    assert tune_malloc() is True
