@@ -425,6 +425,7 @@ class BackToBack(RuleBasedStateMachine):
         self.to_client = bytearray()
         self.hello_sent = False
         self.connect_out = False  # the client awaits a ConnectResult
+        self.udp_out = False  # ... for a Connect that opens a UDP association
         self.next_id = 1
         self.sent_ids: list[int] = []
         self.owed: deque[int] = deque()  # request ids the client still awaits
@@ -444,6 +445,10 @@ class BackToBack(RuleBasedStateMachine):
             and self.client.state in (State.HELLO, State.READY)
         )
 
+    def _client_may_ask(self) -> bool:
+        """Requests: before a connect, and on an open UDP association."""
+        return self._client_may_frame() or self.client.state is State.ASSOCIATED
+
     @precondition(lambda self: not self.hello_sent)
     @rule()
     def client_hello(self) -> None:
@@ -460,6 +465,41 @@ class BackToBack(RuleBasedStateMachine):
         assert self.client.state is (State.HELLO if before is State.HELLO else State.CONNECTING)
 
     @precondition(lambda self: self._client_may_frame())
+    @rule(opening=udp_opens)
+    def client_open_udp(self, opening: pb.Connect) -> None:
+        self.client_connect(opening)
+        self.udp_out = True
+
+    @precondition(lambda self: self.client.state is State.ASSOCIATED)
+    @rule(op=allows)
+    def client_allow_destination(self, op: pb.Request) -> None:
+        self.client_request(op)
+
+    @precondition(lambda self: self.client.state is State.ASSOCIATED)
+    @rule(connect=st.one_of(connects, udp_opens))
+    def client_connect_on_association(self, connect: pb.Connect) -> None:
+        # An association's stream carries requests only: refused locally.
+        try:
+            self.client.send(connect)
+        except LocalProtocolError:
+            pass
+        else:
+            raise AssertionError("a Connect was sent on a UDP association's stream")
+        assert self.client.state is State.ASSOCIATED
+
+    @precondition(lambda self: self._client_may_frame())
+    @rule(op=allows)
+    def client_allow_without_association(self, op: pb.Request) -> None:
+        before = self.client.state
+        try:
+            self.client.send(op)
+        except LocalProtocolError:
+            pass
+        else:
+            raise AssertionError("AllowDestination was sent outside a UDP association")
+        assert self.client.state is before
+
+    @precondition(lambda self: self._client_may_ask())
     @rule(op=_ops)
     def client_request(self, op: pb.Request) -> None:
         op.id = self.next_id
@@ -512,8 +552,11 @@ class BackToBack(RuleBasedStateMachine):
                 assert isinstance(event, pb.ConnectResult), f"unexpected event {event!r}"
                 assert self.connect_out
                 self.connect_out = False
+                udp, self.udp_out = self.udp_out, False
                 if event.HasField("error"):
                     assert self.client.state is State.READY
+                elif udp:
+                    assert self.client.state is State.ASSOCIATED  # still framed
                 else:
                     assert self.client.state is State.RELAY
                     self.client_read += self.client.trailing_data
@@ -570,14 +613,14 @@ class BackToBack(RuleBasedStateMachine):
 
     # -- checks --
 
-    @rule()
-    def settle(self) -> None:
-        """Deliver everything and answer everything (refusing Connects), then check."""
+    @rule(ok=st.booleans())
+    def settle(self, ok: bool = False) -> None:
+        """Deliver everything and answer everything (Connects as `ok` says), then check."""
         for _ in range(10_000):
             if self.to_gateway:
                 self.deliver_to_gateway(len(self.to_gateway))
             elif self.question is not None:
-                self.gateway_answer(ok=False)
+                self.gateway_answer(ok=ok)
             elif self.to_client:
                 self.deliver_to_client(len(self.to_client))
             else:
