@@ -237,10 +237,6 @@ class Link:
         self.app_side.transport = transport
         self.app_side.eof = False
         self.app_side.paused = False  # a new transport starts below its high-water mark
-        if self.peer_side.paused:
-            # The peer's buffer is still full from before the handoff: the new
-            # stream waits, as the old one did, until the peer drains it.
-            transport.pause_reading()
         if tail_length:
             echo = _TailEcho(self, tail_length)
             transport.set_protocol(echo)
@@ -265,6 +261,11 @@ class Link:
             # A new Detach arrived while this tail was still being echoed:
             # the peer stays held for the next holder.
             return
+        if self.peer_side.paused:
+            # The peer's buffer is still full from before the handoff: the new
+            # stream waits, as the old one did, until the peer drains it. (Not
+            # before: the tail must be read to be echoed, whatever the peer does.)
+            transport.pause_reading()
         self.holding = False
         if self.peer_side.transport is not None and not self.app_side.paused:
             # Still paused: resume_writing() resumes the peer once the app reads.
