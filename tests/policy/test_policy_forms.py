@@ -24,6 +24,7 @@ from tether.policy import (
     parse_c_ipv4,
     parse_policy,
 )
+from tether.policy.hosts import _DOTTED_QUAD, _parse_c_ipv4
 from tether.policy.ranges import DEFAULT_DENY_IPV4
 
 DENY_V4 = [r.network for r in DEFAULT_DENY_IPV4 if isinstance(r.network, ipaddress.IPv4Network)]
@@ -273,6 +274,28 @@ def test_trailing_whitespace_reads_like_inet_aton_but_is_refused(text: str, tail
         assert target.address == expected
         assert target.problem is not None
         assert not DEFAULT.decide("demo", text + tail, 443).allowed
+
+
+@PROFILE
+@given(st.ip_addresses(v=4))
+@example(ipaddress.IPv4Address("0.0.0.0"))
+@example(ipaddress.IPv4Address("255.255.255.255"))
+def test_canonical_quads_take_the_fast_path_to_the_same_answer(
+    address: ipaddress.IPv4Address,
+) -> None:
+    text = str(address)
+    assert parse_c_ipv4(text) == (address, "") == _parse_c_ipv4(text)
+    assert aton(text) == address
+
+
+@pytest.mark.parametrize(
+    "text", ["010.0.0.1", "1.2.3.04", "1.2.3", "\u0661.2.3.4", "1.2.3.4 ", "256.1.1.1"]
+)
+def test_near_canonical_forms_are_left_to_the_general_parser(text: str) -> None:
+    # Leading zeros are octal, three parts are 8.8.16, non-ASCII digits and
+    # trailing text are not a canonical quad: the C reading decides.
+    assert not _DOTTED_QUAD.fullmatch(text)
+    assert parse_c_ipv4(text) == _parse_c_ipv4(text)
 
 
 @pytest.mark.parametrize("text", ["1.2.3.4", "0x7f.1", "017700000001", "127.1", "255.255.255.255"])

@@ -25,6 +25,7 @@ embedded address; see `Decider` and docs/policy.md for the exact rule.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -266,7 +267,7 @@ class Decider:
         order = self._order(app)
         parsed: list[tuple[str, IPAddress | None]] = []
         if target.address is not None:
-            parsed.append((str(target.address), target.address))
+            parsed.append((target.text, target.address))
         else:
             seen: set[str] = set()
             for text in addresses:
@@ -354,7 +355,7 @@ class Decider:
             candidates=candidates,
             mode=self._policy.mode_for(app),
             would_deny=would_deny,
-            normalized=str(target),
+            normalized=target.text,
         )
 
     def _conclude(
@@ -434,11 +435,11 @@ class Decider:
         if primary is not None and not primary[1]:
             rule = primary[0]
             if rule.kind == "address":
-                subject = str(address)
+                subject = _text(address)
                 if not rule.contains(address):
                     subject = f"{address} embeds an address that"
             else:
-                subject = name if name is not None else str(address)
+                subject = name if name is not None else _text(address)
             return _Verdict(False, f"{subject} matches a deny rule", f"deny {rule}", by_rule=True)
         names_port = (primary is not None and primary[0].names_port) or (
             by_address.allowed and by_address.names_port
@@ -452,7 +453,7 @@ class Decider:
         if not by_address.allowed:
             return by_address
         if primary is not None and primary[0].kind != "address":
-            subject = name if name is not None else str(address)
+            subject = name if name is not None else _text(address)
             return _Verdict(
                 True, f"{subject} matches an allow rule", f"allow {primary[0]}", by_rule=True
             )
@@ -497,6 +498,11 @@ class Decider:
             if allow and rule.names_port and rule.covers(port, transport) and could_match:
                 return None
         return by_port
+
+
+# str() of an ipaddress object is computed in Python on every call, and a
+# decision quotes the same few addresses over and over; bounded.
+_text = functools.lru_cache(maxsize=4096)(str)
 
 
 def _port_ok(port: int) -> bool:
@@ -584,12 +590,14 @@ def _address_verdict(
             first = rule, allow
             break
     if first is not None and not first[1]:
-        return _Verdict(False, f"{address} matches a deny rule", f"deny {first[0]}", by_rule=True)
+        return _Verdict(
+            False, f"{_text(address)} matches a deny rule", f"deny {first[0]}", by_rule=True
+        )
     if first is not None:
         rule = first[0]
         outer = _Verdict(
             True,
-            f"{address} matches an allow rule",
+            f"{_text(address)} matches an allow rule",
             f"allow {rule}",
             by_rule=True,
             names_port=rule.names_port,
@@ -599,7 +607,7 @@ def _address_verdict(
         if row is not None:
             outer = _Verdict(False, row.reason, row.rule)
         else:
-            outer = _Verdict(True, f"{address} is in no denied range", DEFAULT_ALLOW_RULE)
+            outer = _Verdict(True, f"{_text(address)} is in no denied range", DEFAULT_ALLOW_RULE)
     if embedding is None:
         return outer
     # The embedded IPv4 address must pass on its own too, unless the rule

@@ -13,6 +13,7 @@ denied without a lookup.
 from __future__ import annotations
 
 import ipaddress
+import re
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -89,16 +90,27 @@ class Target:
     name: str | None = None
     problem: str | None = None
     needs_lookup: bool = field(init=False)
+    text: str = field(init=False, repr=False, compare=False)  # str(self), made once
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "needs_lookup", self.problem is None and self.name is not None)
+        if self.address is not None:
+            text = str(self.address)
+        else:
+            text = self.name if self.name is not None else self.original
+        object.__setattr__(self, "text", text)
 
     def __str__(self) -> str:
-        if self.address is not None:
-            return str(self.address)
-        if self.name is not None:
-            return self.name
-        return self.original
+        return self.text
+
+
+# A canonical dotted quad (four decimal octets, no leading zeros, ASCII):
+# every reading of it agrees, so it skips the general parser below. It is
+# what nearly every connect names, and this is on every connect's path.
+_DOTTED_QUAD = re.compile(
+    r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+    r"(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}"
+)
 
 
 def parse_c_ipv4(text: str) -> tuple[ipaddress.IPv4Address, str] | None:
@@ -114,6 +126,14 @@ def parse_c_ipv4(text: str) -> tuple[ipaddress.IPv4Address, str] | None:
     resolv/inet_addr.c (strtoul with base 0), including its quirks: ``0x``
     with no hex digit after it parses as ``0`` followed by junk.
     """
+    if _DOTTED_QUAD.fullmatch(text):
+        a, b, c, d = text.split(".")
+        return ipaddress.IPv4Address(int(a) << 24 | int(b) << 16 | int(c) << 8 | int(d)), ""
+    return _parse_c_ipv4(text)
+
+
+def _parse_c_ipv4(text: str) -> tuple[ipaddress.IPv4Address, str] | None:
+    """`parse_c_ipv4` for every form, strtoul(base 0) part by part."""
     parts: list[int] = []
     i, n = 0, len(text)
     while True:

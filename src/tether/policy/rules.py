@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from tether.policy.hosts import normalize_name
@@ -114,6 +115,11 @@ class Rule:
         return cls(kind, host, network, ports, transport)
 
     def __str__(self) -> str:
+        return self._text
+
+    @cached_property
+    def _text(self) -> str:
+        # Cached: a decision quotes its rule on every connect (frozen, so safe).
         if self.kind == "wildcard":
             host = "*." + self.host
         elif self.network is not None:
