@@ -24,6 +24,9 @@ __all__ = ["AuditFile", "close", "emit", "open_file"]
 
 log = logging.getLogger("tether.audit")
 
+# One encoder for every line: json.dumps() with options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
 
 class AuditFile:
     """Appends lines to a file, one write per event-loop turn."""
@@ -87,7 +90,7 @@ def close() -> None:
 
 def emit(record: dict[str, Any]) -> None:
     """Write one audit record as a compact JSON line."""
-    line = json.dumps(record, separators=(",", ":"), default=str)
+    line = _ENCODER.encode(record)
     if _file is not None:
         _file.write(line)
     else:
