@@ -177,6 +177,19 @@ class _TailEcho(asyncio.Protocol):
 class Link:
     """One relayed socket: the app's stream joined to the outbound connection."""
 
+    __slots__ = (
+        "app_side",
+        "bound",
+        "closed",
+        "held",
+        "holding",
+        "loop",
+        "peer_side",
+        "record",
+        "settled",
+        "starting",
+    )
+
     def __init__(self, loop: asyncio.AbstractEventLoop, record: SocketRecord | None) -> None:
         self.loop = loop
         # Set by bind() once the outbound transport exists; only then is the
@@ -191,7 +204,9 @@ class Link:
         self.closed = False
         self.holding = False  # peer reading paused for a handoff
         self.held: list[bytes] = []
-        self.settled = asyncio.Event()  # set when the old holder's stream is gone
+        # Set when the old holder's stream is gone; made by begin_detach()
+        # (most sockets are never handed off: no Event for them).
+        self.settled: asyncio.Event | None = None
 
     def bind(self, record: SocketRecord) -> None:
         self.record = record
@@ -215,7 +230,7 @@ class Link:
     def begin_detach(self) -> None:
         self.record.state = DETACHING
         self.holding = True
-        self.settled.clear()
+        self.settled = asyncio.Event()
         if self.peer_side.transport is not None:
             self.peer_side.transport.pause_reading()
 
@@ -226,7 +241,8 @@ class Link:
         self.record.touch()  # waiting to be resumed counts as idle from now
         if exc is not None:
             log.info("socket %s: holder left during handoff: %s", self.record.descriptor[:8], exc)
-        self.settled.set()
+        if self.settled is not None:
+            self.settled.set()
 
     def attach(self, transport: asyncio.Transport, tail_length: int, trailing: bytes) -> None:
         """Join a resumed app stream; its first `tail_length` bytes are echoed back."""
@@ -281,7 +297,8 @@ class Link:
         for half in (self.app_side, self.peer_side):
             if half.transport is not None and not half.transport.is_closing():
                 half.transport.close()
-        self.settled.set()
+        if self.settled is not None:
+            self.settled.set()
         if self.bound:
             self.record.finish(reason)
 
@@ -305,6 +322,7 @@ class Link:
         for half in (self.app_side, self.peer_side):
             if half.transport is not None:
                 half.transport.abort()
-        self.settled.set()
+        if self.settled is not None:
+            self.settled.set()
         if self.bound:
             self.record.finish(reason)

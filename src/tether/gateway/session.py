@@ -506,6 +506,7 @@ class ClientSession(asyncio.Protocol):
         if record.state == DETACHING and link is not None and req.token == record.token:
             # The old holder has read our EOF but its close is still in flight.
             with contextlib.suppress(TimeoutError):
+                assert link.settled is not None  # made by begin_detach()
                 await asyncio.wait_for(link.settled.wait(), DETACH_SETTLE_TIMEOUT)
         token = record.token
         if (
