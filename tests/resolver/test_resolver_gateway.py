@@ -22,6 +22,8 @@ from dnsserver import DNSServer
 from support import STATIC_HOSTS, Gateway, gateway_config, start_gateway
 
 import tether
+from tether.config import load_config
+from tether.policy import Decider
 
 STD_GETADDRINFO = socket.getaddrinfo  # bound before any install(): the stdlib's
 
@@ -169,6 +171,10 @@ def test_denied_addresses_are_shown_by_default(app: Gateway) -> None:
     infos = socket.getaddrinfo("mixed.up.test", 80, type=socket.SOCK_STREAM)
     # (an RRset has no order: compare as sets)
     assert {i[4][0] for i in infos} == {"127.0.0.1", "10.0.0.1"}
+    # The gateway refuses before it opens any socket; make sure its policy
+    # says so first, so a config change can never make this test send.
+    policy = load_config(app.config_path).policy
+    assert not Decider(policy).decide(app.app, "10.0.0.1", 80).allowed
     with pytest.raises(PermissionError):
         socket.create_connection(("10.0.0.1", 80), timeout=5)
 
