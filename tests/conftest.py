@@ -9,10 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 import trustme
-from support import Gateway, gateway_config, start_gateway
+from support import Gateway, gateway_config, installed, start_gateway
 from tcpservers import echo, serving
 
-import tether
 from tether.demo.servers import HTTPServer, IMAPServer, POP3Server, SMTPServer, make_ca
 
 
@@ -28,11 +27,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 @pytest.fixture
 def tethered(gateway: Gateway) -> Iterator[Gateway]:
     """The stdlib socket module routed through the session gateway for one test."""
-    tether.install(gateway=gateway.address, app=gateway.app, key=gateway.key)
-    try:
+    with installed(gateway):
         yield gateway
-    finally:
-        tether.uninstall()
 
 
 @pytest.fixture(autouse=True)

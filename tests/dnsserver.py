@@ -37,7 +37,6 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 
 import dns.exception
 import dns.flags
@@ -50,7 +49,7 @@ import dns.rdatatype
 import dns.rdtypes.ANY.CNAME
 import dns.reversename
 import dns.rrset
-from support import StdSocket
+from support import Running, StdSocket
 
 __all__ = ["DNSServer", "Query", "Record"]
 
@@ -103,7 +102,7 @@ class _Table:
         return {name for name, _ in self.records}
 
 
-class DNSServer:
+class DNSServer(Running):
     """A loopback DNS server; see the module docstring. Start it with `with` or start()."""
 
     def __init__(
@@ -239,17 +238,6 @@ class DNSServer:
         self._udp = self._tcp = None
         if self.errors:
             raise RuntimeError(f"test DNS server failed: {self.errors[0]!r}") from self.errors[0]
-
-    def __enter__(self) -> DNSServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- serving -------------------------------------------------------------
 

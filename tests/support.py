@@ -10,12 +10,13 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
+import tether
 from tether.client import control
 from tether.client import settings as client_settings
 from tether.devmode import GatewayProcess
@@ -199,6 +200,37 @@ def descriptor(sock: socket.socket) -> str:
 
 
 # -- peers: stdlib servers on loopback (targets, not tethered) ----------------------
+
+
+@contextlib.contextmanager
+def installed(gw: Gateway) -> Iterator[Gateway]:
+    """The stdlib socket module routed through `gw` (tether.install) while inside."""
+    tether.install(gateway=gw.address, app=gw.app, key=gw.key)
+    try:
+        yield gw
+    finally:
+        tether.uninstall()
+
+
+class Running:
+    """``with server:`` starts it and stops it, whatever happens inside."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 class Peer:

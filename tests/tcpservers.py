@@ -22,11 +22,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import trustme
-from support import StdSocket
+from support import Running, StdSocket
 
 MiB = 1024 * 1024
 CONN_TIMEOUT = 30.0  # no server thread may block longer than this on one call
@@ -35,7 +34,7 @@ STOP_TIMEOUT = 10.0
 Handler = Callable[["Server", socket.socket], None]
 
 
-class Server:
+class Server(Running):
     """A listening socket, an accept thread and one thread per connection."""
 
     def __init__(
@@ -70,17 +69,6 @@ class Server:
     def start(self) -> Server:
         self._acceptor.start()
         return self
-
-    def __enter__(self) -> Server:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def stop(self) -> None:
         self._stop.set()
@@ -147,15 +135,18 @@ class Server:
 # -- handlers --------------------------------------------------------------------
 
 
-def echo(server: Server, conn: socket.socket) -> None:
-    """Send back everything; pass the client's EOF on as our own."""
+def _chunks(conn: socket.socket) -> Iterator[memoryview]:
+    """What `conn` receives, to its EOF, in one reused buffer."""
     buf = bytearray(256 * 1024)
     view = memoryview(buf)
-    while True:
-        n = conn.recv_into(buf)
-        if not n:
-            break
-        conn.sendall(view[:n])
+    while n := conn.recv_into(buf):
+        yield view[:n]
+
+
+def echo(server: Server, conn: socket.socket) -> None:
+    """Send back everything; pass the client's EOF on as our own."""
+    for chunk in _chunks(conn):
+        conn.sendall(chunk)
     with contextlib.suppress(OSError):
         conn.shutdown(socket.SHUT_WR)
 
@@ -164,14 +155,9 @@ def sink(server: Server, conn: socket.socket) -> None:
     """Read to EOF, then answer "<count> <sha256>\\n" (and report the same)."""
     digest = hashlib.sha256()
     total = 0
-    buf = bytearray(256 * 1024)
-    view = memoryview(buf)
-    while True:
-        n = conn.recv_into(buf)
-        if not n:
-            break
-        digest.update(view[:n])
-        total += n
+    for chunk in _chunks(conn):
+        digest.update(chunk)
+        total += len(chunk)
     server.results.put((total, digest.hexdigest()))
     # Still sending after the client's half-close.
     conn.sendall(f"{total} {digest.hexdigest()}\n".encode())

@@ -19,9 +19,8 @@ import dns.query
 import dns.rcode
 import pytest
 from dnsserver import DNSServer
-from support import STATIC_HOSTS, Gateway, gateway_config, start_gateway
+from support import STATIC_HOSTS, Gateway, gateway_config, installed, start_gateway
 
-import tether
 from tether.config import load_config
 from tether.policy import Decider
 
@@ -77,22 +76,16 @@ def hiding_gateway(
     yield from _start(tmp_path_factory.mktemp("hiding"), dns_server, "hide_denied = true\n")
 
 
-def installed(gw: Gateway) -> Iterator[Gateway]:
-    tether.install(gateway=gw.address, app=gw.app, key=gw.key)
-    try:
-        yield gw
-    finally:
-        tether.uninstall()
-
-
 @pytest.fixture
 def app(upstream_gateway: Gateway) -> Iterator[Gateway]:
-    yield from installed(upstream_gateway)
+    with installed(upstream_gateway):
+        yield upstream_gateway
 
 
 @pytest.fixture
 def hiding_app(hiding_gateway: Gateway) -> Iterator[Gateway]:
-    yield from installed(hiding_gateway)
+    with installed(hiding_gateway):
+        yield hiding_gateway
 
 
 def test_names_from_the_upstream_server(app: Gateway, dns_server: DNSServer) -> None:
