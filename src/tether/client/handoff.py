@@ -95,7 +95,7 @@ def hand_off(sock: socket) -> HandoffState:
         finally:
             # The stream is spent either way; the object must not be used again.
             _socket.socket.close(sock)
-            t.state = "handed-off"
+            t.mark_handed_off()
     return HandoffState(
         descriptor=t.descriptor,
         token=token,

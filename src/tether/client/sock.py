@@ -80,32 +80,26 @@ _SUPPORTED = ", ".join(
 )
 
 
-class _Moved:
-    __slots__ = ("done",)
-
-    def __init__(self) -> None:
-        self.done = False
-
-
 class _Tether:
     """Per-socket state of a tether TCP socket."""
 
     __slots__ = (
+        "__weakref__",
         "bound",
         "deadline",
         "descriptor",
         "error",
         "exc",
+        "group",
         "late_options",
         "local",
         "lock",
-        "moved",
         "options",
         "peer",
         "prefix",
         "real_family",
         "settings",
-        "stage",
+        "state",
         "target",
         "wire",
     )
@@ -113,10 +107,10 @@ class _Tether:
     def __init__(self, settings: Settings | None) -> None:
         self.settings = settings
         self.wire: Connection | None = None
-        self.stage = "new"  # new -> pending -> connected | new (after a failure)
-        # Shared by dup() copies: once one of them is handed off, every copy's
-        # state is "handed-off" (their fds all lead to the detached stream).
-        self.moved = _Moved()
+        self.state = "new"  # new -> pending -> connected | new (after a failure)
+        # dup() copies of this socket (weak), made at the first dup(): when one
+        # is handed off, every copy is (their fds all lead to the detached stream).
+        self.group: list[weakref.ref[_Tether]] | None = None
         self.descriptor = ""
         self.peer: tuple[Any, ...] | None = None
         self.local: tuple[Any, ...] | None = None
@@ -138,24 +132,25 @@ class _Tether:
         # when it handed the socket off; they travel ahead of the kernel tail.
         self.prefix = b""
 
-    @property
-    def state(self) -> str:
-        return "handed-off" if self.moved.done else self.stage
-
-    @state.setter
-    def state(self, value: str) -> None:
-        if value == "handed-off":
-            self.moved.done = True
-        else:
-            self.stage = value
-
     def copy(self) -> _Tether:
         other = _Tether(self.settings)
         for name in self.__slots__:
-            setattr(other, name, getattr(self, name))
+            if name != "__weakref__":
+                setattr(other, name, getattr(self, name))
         other.options = dict(self.options)  # the lock stays shared: same stream
         other.late_options = set(self.late_options)
+        if self.group is None:
+            self.group = [weakref.ref(self)]
+        other.group = self.group
+        self.group.append(weakref.ref(other))
         return other
+
+    def mark_handed_off(self) -> None:
+        """This socket and every dup() of it now refuse all calls ("handed off")."""
+        members = [ref() for ref in self.group] if self.group is not None else [self]
+        for member in members:
+            if member is not None:
+                member.state = "handed-off"
 
 
 def _refuse_if_handed_off(t: _Tether | None) -> None:

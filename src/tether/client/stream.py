@@ -61,8 +61,7 @@ def hello(settings: Settings) -> pb.ClientHello:
 def connect_fd(fd: int, settings: Settings, deadline: Deadline) -> None:
     """Connect the kernel socket `fd` to the gateway (TCP or Unix)."""
     endpoint = settings.gateway
-    # The C-level class: a socket.py object per connect costs more than the
-    # connect's own Python work (bench/README.md, connection rate).
+    # The C-level class: no socket.py object (and its Python __init__) per connect.
     tmp = _socket.socket(endpoint.family, _socket_mod.SOCK_STREAM, 0, fileno=fd)
     try:
         tmp.settimeout(deadline.remaining())
