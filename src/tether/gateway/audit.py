@@ -20,12 +20,32 @@ import logging
 import os
 from typing import Any
 
-__all__ = ["AuditFile", "close", "emit", "open_file"]
+__all__ = ["AuditFile", "close", "emit", "emit_line", "encode", "open_file", "quote"]
 
 log = logging.getLogger("tether.audit")
 
-# One encoder for every line: json.dumps() with options builds a new one per call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+# One encoder for every line: json.dumps() with options builds a new one per
+# call, and JSONEncoder.encode() a new C encoder per call; this is the C
+# encoder itself, made once (what JSONEncoder.iterencode builds, one-shot).
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+if _c_make_encoder is not None:
+    _C_ENCODE = _c_make_encoder(
+        None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True
+    )
+
+    def encode(record: dict[str, Any]) -> str:
+        """`record` as one compact JSON line (ASCII; non-JSON values as str())."""
+        return "".join(_C_ENCODE(record, 0))
+
+else:  # a Python without the C accelerator
+    _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+    def encode(record: dict[str, Any]) -> str:
+        """`record` as one compact JSON line (ASCII; non-JSON values as str())."""
+        return _ENCODER.encode(record)
+
+# A JSON string literal, as the encoder writes it.
+quote = json.encoder.encode_basestring_ascii
 
 
 class AuditFile:
@@ -90,7 +110,11 @@ def close() -> None:
 
 def emit(record: dict[str, Any]) -> None:
     """Write one audit record as a compact JSON line."""
-    line = _ENCODER.encode(record)
+    emit_line(encode(record))
+
+
+def emit_line(line: str) -> None:
+    """Write one audit record already encoded as a JSON object (no newline)."""
     if _file is not None:
         _file.write(line)
     else:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tether.gateway import audit
 
@@ -69,9 +68,8 @@ class SocketRecord:
     token: str | None = None  # the resume token while handed off
     handoffs: int = 0
     closed_reason: str | None = None
-    wall_created: float = field(default_factory=time.time)
     # Transport-specific counters, added to the close line (UDP: datagrams, drops).
-    extra: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, int] | None = None
     # Called once with the reason after the close line: a UDP association
     # releases its sockets here, whoever ended it (app, sweep, shutdown).
     on_finish: Callable[[str], None] | None = None
@@ -92,8 +90,9 @@ class SocketRecord:
             self.on_finish(reason)
 
 
-@dataclass(frozen=True)
-class Tombstone:
+class Tombstone(NamedTuple):
+    # A tuple, not a frozen dataclass: one is made at every close, and a
+    # frozen dataclass sets each field through object.__setattr__.
     app: str
     reason: str
     peer: str
@@ -178,30 +177,30 @@ class Registry:
     def closed(self, record: SocketRecord) -> None:
         self._sockets.pop(record.descriptor, None)
         now = self.clock()
-        self._tombstones[record.descriptor] = Tombstone(
-            record.app, record.closed_reason or "closed", _fmt(record.peer), now
-        )
-        while len(self._tombstones) > TOMBSTONE_LIMIT:
+        peer = _fmt(record.peer)
+        reason = record.closed_reason or "closed"
+        self._tombstones[record.descriptor] = Tombstone(record.app, reason, peer, now)
+        if len(self._tombstones) > TOMBSTONE_LIMIT:
             self._tombstones.popitem(last=False)
-        usage = self.app_usage(record.app)
+        usage = self.usage.get(record.app) or self.app_usage(record.app)
         usage.bytes_out += record.bytes_out
         usage.bytes_in += record.bytes_in
         # One structured line per socket, at close (the billing record).
-        audit.emit(
-            {
-                "event": "close",
-                "app": record.app,
-                "descriptor": record.descriptor[:8],
-                "transport": record.transport,
-                "peer": _fmt(record.peer),
-                "bytes_out": record.bytes_out,
-                "bytes_in": record.bytes_in,
-                "duration_s": round(now - record.created, 6),
-                "handoffs": record.handoffs,
-                **record.extra,
-                "reason": record.closed_reason,
-            }
-        )
+        line = {
+            "event": "close",
+            "app": record.app,
+            "descriptor": record.descriptor[:8],
+            "transport": record.transport,
+            "peer": peer,
+            "bytes_out": record.bytes_out,
+            "bytes_in": record.bytes_in,
+            "duration_s": round(now - record.created, 6),
+            "handoffs": record.handoffs,
+        }
+        if record.extra:
+            line.update(record.extra)
+        line["reason"] = record.closed_reason
+        audit.emit(line)
 
 
 def _fmt(addr: tuple[Any, ...]) -> str:

@@ -14,8 +14,10 @@ import os
 import resource
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import cast
 
 from tether.config import Config
 from tether.endpoint import Endpoint
@@ -44,16 +46,19 @@ class Gateway:
         self.resolver = resolver or GatewayResolver.from_config(
             config, decider=lambda: self.decider, clock=clock
         )
-        self.registry = Registry(clock or _monotonic)
+        self.registry = Registry(clock or time.monotonic)
         self.sessions: set[ClientSession] = set()
         self.endpoints: list[Endpoint] = []
         self._servers: list[asyncio.Server] = []
         self._sweep_task: asyncio.Task[None] | None = None
         self.decider = Decider(config.policy)
+        # The loop start() runs in, kept: asyncio.get_running_loop() costs a
+        # getpid() system call on every call in Python 3.11.
+        self.loop: asyncio.AbstractEventLoop = cast(asyncio.AbstractEventLoop, None)
 
     async def start(self) -> list[Endpoint]:
         """Listen on every configured endpoint; returns them with real ports."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         for endpoint in self.config.listen:
             if endpoint.is_unix:
                 with contextlib.suppress(FileNotFoundError):
@@ -80,7 +85,7 @@ class Gateway:
             self.config.policy,
             self_addresses=[(e.host, e.port) for e in self.endpoints if not e.is_unix],
         )
-        self._sweep_task = asyncio.get_running_loop().create_task(self._sweeper())
+        self._sweep_task = loop.create_task(self._sweeper())
         for bound in self.endpoints:
             log.info("listening on %s", bound)
         return list(self.endpoints)
@@ -147,9 +152,8 @@ class Gateway:
                 addresses = await self.resolver.lookup(target.name)
                 decision = self.decider.decide_resolved(app, target, port, transport, addresses)
         else:
-            decision = self.decider.decide_resolved(
-                app, target, port, transport, [str(target.address)]
-            )
+            # A numeric target is its own candidate: no addresses to pass.
+            decision = self.decider.decide_resolved(app, target, port, transport, ())
         return decision
 
     async def close(self) -> None:
@@ -174,12 +178,6 @@ class Gateway:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(endpoint.path)
         self._servers.clear()
-
-
-def _monotonic() -> float:
-    import time
-
-    return time.monotonic()
 
 
 def _is_socket(path: str) -> bool:

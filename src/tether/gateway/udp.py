@@ -90,8 +90,9 @@ class UdpAssociation:
         self.relays: dict[tuple[str, int], _Relay] = {}
         self.closed = False
         counters = ("datagrams_out", "datagrams_in", "dropped_unsolicited", "dropped")
-        record.extra.update(dict.fromkeys(counters, 0))
-        record.extra["destinations"] = 0
+        self.counters: dict[str, int] = dict.fromkeys(counters, 0)
+        self.counters["destinations"] = 0
+        record.extra = self.counters
         record.on_finish = self._finished
         self.loop.add_reader(outbound.fileno(), self._from_peers)
 
@@ -109,7 +110,7 @@ class UdpAssociation:
                 )
             relay = _Relay(self._open_relay(), peer)
             self.relays[peer] = relay
-            self.record.extra["destinations"] = len(self.relays)
+            self.counters["destinations"] = len(self.relays)
             self.loop.add_reader(relay.sock.fileno(), self._from_app, relay)
         host, port = relay.sock.getsockname()[:2]
         return host, port
@@ -151,7 +152,7 @@ class UdpAssociation:
     def _pump(self, receive: Callable[[], tuple[bytes, _Relay | None]], outgoing: bool) -> None:
         """Relay up to BATCH waiting datagrams one way, metering each one."""
         record = self.record
-        extra = record.extra
+        extra = self.counters
         for _ in range(BATCH):
             try:
                 data, relay = receive()
