@@ -677,3 +677,51 @@ def test_decision_is_frozen() -> None:
     assert isinstance(decision, Decision)
     with pytest.raises(dataclasses.FrozenInstanceError):
         decision.allowed = False  # type: ignore[misc]
+
+
+# -- the memo: a decision is a pure function of the policy and the request ------
+
+
+def test_memo_returns_the_same_decision_for_the_same_request() -> None:
+    d = decider({"allow": ["127.0.0.1:5432"]})
+    first = d.decide("app", "127.0.0.1", 5432, resolver=HOSTS)
+    again = d.decide("app", "127.0.0.1", 5432, resolver=HOSTS)
+    assert first is again and first.allowed
+    # Every part of the request is in the key: another app, port, transport
+    # or spelling of the host is decided on its own.
+    assert d.decide("app", "127.0.0.1", 5433).allowed is False
+    assert d.decide("app", "127.0.0.1", 5432, UDP).transport is UDP
+    assert d.decide("other", "127.0.0.1", 5432).app == "other"
+    other = d.decide("app", "127.1", 5432)
+    assert other is not first and other.host == "127.1" and other.allowed
+
+
+def test_memo_keys_a_name_by_its_answers() -> None:
+    """A name that resolves elsewhere the next time (rebinding) is judged again."""
+    d = decider()
+    public = d.decide_resolved("app", d.normalize("rebind.test"), 80, TCP, [PUBLIC])
+    private = d.decide_resolved("app", d.normalize("rebind.test"), 80, TCP, ["10.0.0.1"])
+    assert public.allowed and public.addresses == (PUBLIC,)
+    assert not private.allowed and private.rule == "deny 10.0.0.0/8"
+
+
+def test_memo_is_per_decider_so_a_reload_decides_afresh() -> None:
+    allowing = decider({"allow": ["10.0.0.1:80"]})
+    assert allowing.decide("app", "10.0.0.1", 80).allowed
+    assert not decider().decide("app", "10.0.0.1", 80).allowed
+
+
+def test_memo_is_bounded() -> None:
+    from tether.policy.decider import MEMO_LIMIT
+
+    d = decider()
+    for port in range(1, MEMO_LIMIT + 10):
+        d.decide("app", PUBLIC, port)
+    assert len(d._decisions) <= MEMO_LIMIT
+    assert len(d._targets) <= MEMO_LIMIT
+    assert d.decide("app", PUBLIC, 1).allowed
+
+
+def test_log_json_is_to_log_encoded() -> None:
+    decision = decider().decide("app", "10.0.0.1", 80)
+    assert json.loads(decision.log_json) == decision.to_log()

@@ -30,6 +30,7 @@ import ipaddress
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from tether.policy._resolution import Resolver
 from tether.policy.hosts import Target, normalize_host, reserved_name
@@ -64,6 +65,8 @@ _PORT_REASONS = {
 }
 
 _Ordered = tuple[tuple[Rule, bool], ...]
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 
 @dataclass(frozen=True)
@@ -244,10 +247,7 @@ class Decider:
         """Read `host` the way the C library would; see `normalize_host`."""
         target = self._targets.get(host)
         if target is None:
-            target = normalize_host(host)
-            if len(self._targets) >= MEMO_LIMIT:
-                self._targets.clear()
-            self._targets[host] = target
+            target = _remember(self._targets, host, normalize_host(host))
         return target
 
     def predecide(
@@ -272,10 +272,7 @@ class Decider:
         early = None
         if verdict is not None and self._policy.mode_for(app) != "report":
             early = self._decision(app, target, port, transport, verdict, ())
-        if len(self._predecided) >= MEMO_LIMIT:
-            self._predecided.clear()
-        self._predecided[key] = early
-        return early
+        return _remember(self._predecided, key, early)
 
     def decide_resolved(
         self,
@@ -307,9 +304,7 @@ class Decider:
         decision = self._decisions.get(key)
         if decision is None:
             decision = self._decide_resolved(app, target, port, transport, addresses)
-            if len(self._decisions) >= MEMO_LIMIT:
-                self._decisions.clear()
-            self._decisions[key] = decision
+            _remember(self._decisions, key, decision)
         return decision
 
     def _decide_resolved(
@@ -557,6 +552,14 @@ class Decider:
             if allow and rule.names_port and rule.covers(port, transport) and could_match:
                 return None
         return by_port
+
+
+def _remember(memo: dict[_K, _V], key: _K, value: _V) -> _V:
+    """Store in a bounded memo (see MEMO_LIMIT); returns `value`."""
+    if len(memo) >= MEMO_LIMIT:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 # str() of an ipaddress object is computed in Python on every call, and a
