@@ -32,6 +32,7 @@ from tether.wire import (
     encode_frame,
     pb,
 )
+from tether.wire.protocol import _FIELD_BY_TYPE
 
 CLIENT = Role.CLIENT
 GATEWAY = Role.GATEWAY
@@ -661,3 +662,25 @@ class BackToBack(RuleBasedStateMachine):
 
 TestBackToBack = BackToBack.TestCase
 TestBackToBack.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+
+
+# -- the frame encoding ---------------------------------------------------------------
+
+
+def _frame_the_slow_way(message: Message) -> bytes:
+    frame = pb.Frame()
+    getattr(frame, _FIELD_BY_TYPE[type(message)]).CopyFrom(message)
+    body = frame.SerializeToString()
+    return len(body).to_bytes(4, "big") + body
+
+
+@FAST
+@given(
+    st.one_of(
+        any_message,
+        # Bodies past one varint byte (>= 128) and past two (>= 16 KiB).
+        st.builds(pb.ServerHello, gateway_version=st.text(min_size=100, max_size=20_000)),
+    )
+)
+def test_encode_frame_is_what_protobuf_serializes_for_a_frame(message: Message) -> None:
+    assert encode_frame(message) == _frame_the_slow_way(message)

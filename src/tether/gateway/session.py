@@ -134,7 +134,7 @@ class ClientSession(asyncio.Protocol):
         # Read nothing more until this is answered: frames wait in the
         # kernel, and early raw bytes after a Connect stay in order.
         self.transport.pause_reading()
-        task = asyncio.ensure_future(coro)
+        task = self.gateway.loop.create_task(coro)
         self._task = task
         task.add_done_callback(self._done)
 

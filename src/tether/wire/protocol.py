@@ -133,12 +133,32 @@ def _opens_association(message: pb.Connect | pb.Resume) -> bool:
     return isinstance(message, pb.Connect) and message.transport == pb.TRANSPORT_UDP
 
 
+# A Frame holds exactly one message, so its encoding is that field's key
+# (field number, wire type 2), the message's length as a varint, and the
+# message: built here from the message's own bytes, with no Frame made and
+# no copy of the message into one (tests/wire check it is byte for byte
+# what Frame.SerializeToString gives).
+_KEYS: Final[dict[type[Message], bytes]] = {
+    cls: bytes([pb.Frame.DESCRIPTOR.fields_by_name[name].number << 3 | 2])
+    for cls, name in _FIELD_BY_TYPE.items()
+}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def encode_frame(message: Message) -> bytes:
     """Serialize one message as a length-delimited frame (no order checks)."""
-    frame = pb.Frame()
-    getattr(frame, _FIELD_BY_TYPE[type(message)]).CopyFrom(message)
-    body = frame.SerializeToString()
-    return _LENGTH.pack(len(body)) + body
+    body = message.SerializeToString()
+    n = len(body)
+    head = _KEYS[type(message)] + (bytes((n,)) if n < 0x80 else _varint(n))
+    return _LENGTH.pack(len(head) + n) + head + body
 
 
 class _Side:
@@ -269,23 +289,22 @@ class Connection:
         )
 
     def _check_receive(self, message: Message) -> None:
-        kind = type(message).__name__
         if isinstance(message, pb.Error):
             self._state = State.CLOSED
             return
         if self.role is Role.GATEWAY:
             if isinstance(message, pb.ClientHello):
                 if self._hello_received:
-                    raise self._remote(f"{kind} sent twice")
+                    raise self._remote(f"{type(message).__name__} sent twice")
                 self._hello_received = True
                 self.peer_version = message.protocol_version
                 self._awaiting_answer = True
                 return
             if not self._hello_received:
-                raise self._remote(f"{kind} before ClientHello")
+                raise self._remote(f"{type(message).__name__} before ClientHello")
             if isinstance(message, pb.Connect | pb.Resume):
                 if self._state is not State.READY:
-                    raise self._remote(f"{kind} while {self._state.value}")
+                    raise self._remote(f"{type(message).__name__} while {self._state.value}")
                 self._resuming = isinstance(message, pb.Resume)
                 self._datagram = _opens_association(message)
                 self._state = State.CONNECTING
@@ -295,13 +314,13 @@ class Connection:
                 self._check_op(message, self._remote)
                 self._awaiting_answer = True
                 return
-            raise self._remote(f"{kind} is not something a client may send")
+            raise self._remote(f"{type(message).__name__} is not something a client may send")
         # client side
         if isinstance(message, pb.ServerHello):
             if not self._pending.hello_done:
                 raise self._remote("ServerHello before ClientHello")
             if self._state is not State.HELLO:
-                raise self._remote(f"{kind} sent twice")
+                raise self._remote(f"{type(message).__name__} sent twice")
             self.peer_version = message.protocol_version
             if message.HasField("error"):
                 self._state = State.CLOSED
@@ -309,7 +328,7 @@ class Connection:
                 self._state = State.CONNECTING if self._pending.connecting else State.READY
             return
         if self._state is State.HELLO:
-            raise self._remote(f"{kind} before ServerHello")
+            raise self._remote(f"{type(message).__name__} before ServerHello")
         if isinstance(message, pb.ConnectResult):
             if not self._pending.connecting:
                 raise self._remote("ConnectResult without a Connect")
@@ -323,7 +342,7 @@ class Connection:
                 raise self._remote("Response without a Request")
             self._pending.requests -= 1
             return
-        raise self._remote(f"{kind} is not something a gateway may send")
+        raise self._remote(f"{type(message).__name__} is not something a gateway may send")
 
     def _remote(self, text: str) -> RemoteProtocolError:
         self._state = State.CLOSED
@@ -362,9 +381,10 @@ class Connection:
         return data
 
     def _check_send(self, message: Message) -> None:
-        kind = type(message).__name__
         if self._state in (State.CLOSED, State.RELAY):
-            raise LocalProtocolError(f"cannot send {kind}: stream is {self._state.value}")
+            raise LocalProtocolError(
+                f"cannot send {type(message).__name__}: stream is {self._state.value}"
+            )
         if isinstance(message, pb.Error):
             self._state = State.CLOSED
             return
@@ -375,12 +395,14 @@ class Connection:
                 self._pending.hello_done = True
                 return
             if not self._pending.hello_done:
-                raise LocalProtocolError(f"{kind} before ClientHello")
+                raise LocalProtocolError(f"{type(message).__name__} before ClientHello")
             if isinstance(message, pb.Connect | pb.Resume):
                 if self._pending.connecting or self._state is State.CONNECTING:
                     raise LocalProtocolError("a Connect is already in progress")
                 if self._state is State.ASSOCIATED:
-                    raise LocalProtocolError(f"{kind} on a UDP association's stream")
+                    raise LocalProtocolError(
+                        f"{type(message).__name__} on a UDP association's stream"
+                    )
                 self._resuming = isinstance(message, pb.Resume)
                 self._datagram = _opens_association(message)
                 self._pending.connecting = True
@@ -393,7 +415,7 @@ class Connection:
                 self._check_op(message, LocalProtocolError)
                 self._pending.requests += 1
                 return
-            raise LocalProtocolError(f"a client cannot send {kind}")
+            raise LocalProtocolError(f"a client cannot send {type(message).__name__}")
         # gateway side: only answers, in order
         if isinstance(message, pb.ServerHello):
             if not self._hello_received or self._hello_answered:
@@ -403,7 +425,7 @@ class Connection:
             self._state = State.CLOSED if message.HasField("error") else State.READY
             return
         if not self._hello_answered:
-            raise LocalProtocolError(f"{kind} before ServerHello")
+            raise LocalProtocolError(f"{type(message).__name__} before ServerHello")
         if isinstance(message, pb.ConnectResult):
             if self._state is not State.CONNECTING:
                 raise LocalProtocolError("ConnectResult without a Connect")
@@ -415,7 +437,7 @@ class Connection:
                 raise LocalProtocolError("Response without a Request")
             self._awaiting_answer = False
             return
-        raise LocalProtocolError(f"a gateway cannot send {kind}")
+        raise LocalProtocolError(f"a gateway cannot send {type(message).__name__}")
 
     def send_error(self, error: ProtocolError | pb.Error) -> bytes:
         """Bytes of an Error frame; the stream is closed afterwards."""
