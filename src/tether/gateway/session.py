@@ -7,6 +7,7 @@ nothing in here can take the gateway down.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -14,7 +15,7 @@ import hmac
 import logging
 import os
 import socket
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from tether import __version__
@@ -260,7 +261,7 @@ class ClientSession(asyncio.Protocol):
         self._timed_out = False
         timer = loop.call_later(timeout, self._expire)
         try:
-            transport, address = await self._open(link, addresses, req.port, req.options)
+            transport = await self._open(link, addresses, req.port, req.options)
         except asyncio.CancelledError:
             if not self._timed_out:
                 raise
@@ -275,7 +276,7 @@ class ClientSession(asyncio.Protocol):
             return
         finally:
             timer.cancel()
-        self._relay(link, transport, (address, req.port), decision, req.options)
+        self._relay(link, transport, decision, req.options)
 
     def _expire(self) -> None:
         """The connect timeout: cancel the connect in progress (see _connect)."""
@@ -285,8 +286,8 @@ class ClientSession(asyncio.Protocol):
 
     async def _open(
         self, link: Link, addresses: list[str], port: int, options: Iterable[pb.OptionValue]
-    ) -> tuple[asyncio.BaseTransport, str]:
-        """The outbound transport to the first of `addresses` that answers, and that address.
+    ) -> asyncio.BaseTransport:
+        """The outbound transport to the first of `addresses` that answers.
 
         The buffer sizes shape the handshake (the window scale is fixed in
         the SYN), so with one of them the socket is made and set up first;
@@ -303,7 +304,7 @@ class ClientSession(asyncio.Protocol):
                     transport, _ = await loop.create_connection(
                         lambda: link.peer_side, address, port
                     )
-                    return transport, address
+                    return transport
                 fam = socket.AF_INET6 if ":" in address else socket.AF_INET
                 sock = socket.socket(fam, socket.SOCK_STREAM)
                 try:
@@ -315,7 +316,7 @@ class ClientSession(asyncio.Protocol):
                 except BaseException:
                     sock.close()
                     raise
-                return transport, address
+                return transport
             except OSError as exc:
                 last = exc
         assert last is not None
@@ -325,7 +326,6 @@ class ClientSession(asyncio.Protocol):
         self,
         link: Link,
         outbound: asyncio.BaseTransport,
-        connected: tuple[str, int],
         decision: Decision,
         options: Iterable[pb.OptionValue],
     ) -> None:
@@ -334,22 +334,26 @@ class ClientSession(asyncio.Protocol):
         # The peer side starts paused (Link.starting): nothing of the peer may
         # reach the app's stream before the ConnectResult, and the options
         # must be final before the app can ask for them.
-        sock = outbound.get_extra_info("socket")
+        # Both asked of the kernel once, by the transport, at connection_made.
+        peer = outbound.get_extra_info("peername")
+        local = outbound.get_extra_info("sockname")
+        family = socket.AF_INET6 if len(peer) == 4 else socket.AF_INET
+        nodelay = 0
+        late = []
+        for opt in options:
+            if opt.name == pb.TCP_NODELAY:
+                nodelay = opt.int_value  # already on: the event loop sets it
+            elif opt.name not in PRE_CONNECT_OPTIONS:
+                late.append(opt)
         try:
-            # One getsockname(); the peer is the address connected to (as
-            # getpeername() would give it, with the scope of an IPv6 one).
-            local = sock.getsockname()
-            peer = sock.getpeername() if len(local) == 4 else connected
-            nodelay = 0
-            for opt in options:
-                if opt.name == pb.TCP_NODELAY:
-                    nodelay = opt.int_value
-                elif opt.name not in PRE_CONNECT_OPTIONS:
-                    apply_option(sock, opt)
-            if not nodelay:
-                # asyncio and uvloop switch Nagle off on every transport: put
-                # back the kernel default the app expects.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+            if late or not nodelay:
+                with _socket_on(outbound, family) as sock:
+                    for opt in late:
+                        apply_option(sock, opt)
+                    if not nodelay:
+                        # asyncio and uvloop switch Nagle off on every
+                        # transport: put back the kernel default the app expects.
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         except OSError as exc:
             cast(asyncio.Transport, outbound).abort()
             log_decision(decision, outcome=f"outbound setup failed: {exc}")
@@ -359,7 +363,6 @@ class ClientSession(asyncio.Protocol):
         record = gw.registry.add(self.app, peer, local, "tcp", gw.idle_timeout(self.app))
         link.bind(record)
         log_decision(decision, outcome="connected", descriptor=record.descriptor, chosen=peer)
-        family = socket.AF_INET6 if len(peer) == 4 else socket.AF_INET
         self._write(self.wire.send(pb.ConnectResult(
             descriptor=record.descriptor,
             peer=address_to_wire(peer, family),
@@ -567,6 +570,22 @@ _SERVER_HELLO = pb.ServerHello(protocol_version=PROTOCOL_VERSION, gateway_versio
 # Options that must be on the socket before connect(): the buffer sizes
 # decide the window scale the SYN announces.
 PRE_CONNECT_OPTIONS = frozenset({pb.SO_RCVBUF, pb.SO_SNDBUF})
+
+
+@contextlib.contextmanager
+def _socket_on(transport: asyncio.BaseTransport, family: int) -> Iterator[_socket.socket]:
+    """A socket object on the transport's fd, for setsockopt.
+
+    Made with its family, type and protocol given, so the C constructor asks
+    the kernel for none of them (uvloop's socket wrapper makes a new socket
+    object, with a getsockname(), for every call).
+    """
+    fd = transport.get_extra_info("socket").fileno()
+    sock = _socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd)
+    try:
+        yield sock
+    finally:
+        sock.detach()
 
 
 def apply_option(sock: Any, value: pb.OptionValue) -> None:
