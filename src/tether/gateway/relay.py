@@ -22,7 +22,7 @@ import contextlib
 import logging
 import socket
 import struct
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from tether.gateway.registry import ATTACHED, DETACHING, HANDED_OFF
 
@@ -62,10 +62,11 @@ class _Half(asyncio.Protocol):
         self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
+        # uvloop's transports implement asyncio.Transport without subclassing
+        # it (an annotation, not typing.cast: this runs twice per connection).
+        self.transport = transport  # type: ignore[assignment]
         if not self.outgoing and self.link.starting:
-            self.transport.pause_reading()  # until the app has its ConnectResult
+            transport.pause_reading()  # type: ignore[attr-defined]  # until the ConnectResult
 
     def data_received(self, data: bytes) -> None:
         other = self.other
@@ -194,7 +195,7 @@ class Link:
         self.loop = loop
         # Set by bind() once the outbound transport exists; only then is the
         # socket registered (a failed setup leaves no record behind).
-        self.record = cast("SocketRecord", record)
+        self.record: SocketRecord = record  # type: ignore[assignment]
         self.bound = record is not None
         self.starting = record is None
         self.app_side = _Half(self, outgoing=True)

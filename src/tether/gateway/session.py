@@ -247,7 +247,11 @@ class ClientSession(asyncio.Protocol):
                 code=pb.Error.PERMISSION_DENIED, errno=errno.EACCES,
                 message=decision.describe(), rule=decision.rule))))
             return
-        addresses = [a for a in decision.addresses if _family_ok(a, family)]
+        addresses = (
+            list(decision.addresses)
+            if family == socket.AF_UNSPEC
+            else [a for a in decision.addresses if _family_ok(a, family)]
+        )
         if not addresses:
             log_decision(decision, outcome=f"no {_family_name(family)} address")
             self._write(self.wire.send(_result_error(pb.Error.SYSTEM, errno.EAFNOSUPPORT,

@@ -36,6 +36,11 @@ class Transport(enum.Enum):
     TCP = "tcp"
     UDP = "udp"
 
+    # Members are singletons compared by identity, so identity hashing is
+    # exact, and it is C: Enum's own __hash__ is Python, and a Transport is
+    # in the key of every decision memo lookup (policy/decider.py).
+    __hash__ = object.__hash__
+
 
 class RuleError(ValueError):
     """A rule's text is not valid; the message says what is wrong."""
