@@ -57,6 +57,20 @@ ADMIN_APP = "*"  # not a valid app table name in practice; see [gateway] admin_k
 
 
 class ClientSession(asyncio.Protocol):
+    __slots__ = (
+        "__weakref__",
+        "_pending",
+        "_switched",
+        "_task",
+        "_timed_out",
+        "admin",
+        "app",
+        "association",
+        "gateway",
+        "transport",
+        "wire",
+    )
+
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.wire = Connection(Role.GATEWAY, max_frame=gateway.config.max_frame)
