@@ -17,6 +17,7 @@ base class.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import io
 import ipaddress
@@ -49,6 +50,11 @@ _AF_INET = _socket_mod.AF_INET
 _AF_INET6 = _socket_mod.AF_INET6
 _SOCK_STREAM = _socket_mod.SOCK_STREAM
 _SOCK_DGRAM = _socket_mod.SOCK_DGRAM
+_IPPROTO_TCP = _socket_mod.IPPROTO_TCP
+# The C-level family as a plain int: socket.py's `family` property turns it
+# into an AddressFamily member (an enum call) on every read.
+_family_of = _socket.socket.family.__get__
+_TCP_NODELAY = _socket_mod.TCP_NODELAY
 _TYPE_MASK = ~(getattr(_socket_mod, "SOCK_NONBLOCK", 0) | getattr(_socket_mod, "SOCK_CLOEXEC", 0))
 
 # How long a non-blocking connect may keep the app waiting in
@@ -215,9 +221,15 @@ class socket(_StdSocket):
         except ConnectionError:
             settings = None  # reported at connect(), where the stdlib would fail
         gw_family = settings.gateway.family if settings else _AF_INET
-        # The real kernel socket that will become the stream to the gateway.
-        real = _StdSocket(gw_family, type)
-        super().__init__(family, type, proto, real.detach())
+        if gw_family == family:
+            # The kernel socket that will become the stream to the gateway is
+            # of the app's own family: create it directly (wrapping an fd costs
+            # CPython a getsockname() to validate it, and a socket.py object).
+            super().__init__(family, type, proto)
+        else:
+            # The real kernel socket that will become the stream to the gateway.
+            real = _StdSocket(gw_family, type)
+            super().__init__(family, type, proto, real.detach())
         self._tether = _Tether(settings)
 
     # -- connect ---------------------------------------------------------------
@@ -273,7 +285,9 @@ class socket(_StdSocket):
         t.target = target
         gateway = str(settings.gateway)
         if t.wire is None:
-            self._open_gateway(settings, deadline)
+            # A blocking connect's deadline is the socket's own timeout, so the
+            # gateway hop can be connected on the socket itself.
+            self._open_gateway(settings, deadline, own_timeout=not nonblocking)
             t.wire = new_wire()
             first = t.wire.send(hello(settings))
         else:
@@ -305,13 +319,28 @@ class socket(_StdSocket):
         if t.error:
             raise self._take_error(t)
 
-    def _open_gateway(self, settings: Settings, deadline: Deadline) -> None:
+    def _open_gateway(
+        self, settings: Settings, deadline: Deadline, *, own_timeout: bool = False
+    ) -> None:
+        """Connect the fd to the gateway before `deadline`.
+
+        own_timeout: the deadline was just made from this socket's timeout
+        (a blocking connect), so the socket's own connect() keeps it.
+        """
         t = self._tether
         assert t is not None
-        if settings.gateway.family != t.real_family:
+        endpoint = settings.gateway
+        if endpoint.family != t.real_family:
             self._reset_stream(t)  # configured after this socket was created
         try:
-            connect_fd(self.fileno(), settings, deadline)
+            if own_timeout and endpoint.family == _family_of(self):
+                # No second socket object on the fd, so no getsockname() and no
+                # settimeout() ioctl; the fd's blocking mode stays the socket's.
+                _socket.socket.connect(self, endpoint.sockaddr)
+                if not endpoint.is_unix:
+                    _socket.socket.setsockopt(self, _IPPROTO_TCP, _TCP_NODELAY, 1)  # see connect_fd
+            else:
+                connect_fd(self.fileno(), settings, deadline)
         except TimeoutError:
             raise
         except OSError as exc:
