@@ -31,7 +31,7 @@ from typing import Any
 from tether.client import control
 from tether.client.errors import connect_error, gateway_error, unreachable
 from tether.client.settings import Settings, current
-from tether.client.stream import Deadline, connect_fd, hello, new_wire, read_until, send_all
+from tether.client.stream import Deadline, connect_fd, hello, new_wire, read_answer, send_now
 from tether.wire import Connection, ConnectionClosed, RemoteProtocolError, pb
 from tether.wire.convert import (
     FAMILY_TO_WIRE,
@@ -304,7 +304,7 @@ class socket(_StdSocket):
         # and another thread may already call recv() on this socket.
         t.state = "pending" if nonblocking else "connecting"
         try:
-            send_all(self, first + t.wire.send(request), deadline)
+            send_now(self, first + t.wire.send(request), deadline)
         except TimeoutError:
             self._reset_stream(t)
             raise
@@ -368,7 +368,7 @@ class socket(_StdSocket):
         assert t.wire is not None and t.settings is not None
         gateway = str(t.settings.gateway)
         try:
-            events = read_until(self, t.wire, deadline, pb.ConnectResult)
+            events = read_answer(self, t.wire, deadline, pb.ConnectResult)
         except TimeoutError:
             # The gateway is still connecting; the stream can no longer be
             # trusted to be in step, so start over with a fresh one.

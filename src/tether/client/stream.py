@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import _socket
 import errno
+import os
+import select
 import socket as _socket_mod
 import time
 
@@ -30,6 +32,8 @@ from tether.wire.protocol import _Sentinel
 
 _StdSocket = _socket_mod.socket
 PEEK_SIZE = 64 * 1024  # one peek holds the hello answer and any connect result
+_MSG_PEEK = _socket_mod.MSG_PEEK
+_MSG_DONTWAIT = _socket_mod.MSG_DONTWAIT
 
 
 class Deadline:
@@ -83,28 +87,16 @@ def read_until(
     ConnectionError (the gateway hung up) or RemoteProtocolError.
     """
     events: list[Event] = []
+    stop = (want, pb.Error, ConnectionClosed)
     saved = sock.gettimeout()
     try:
         while True:
             _StdSocket.settimeout(sock, deadline.remaining())
             try:
-                data = _StdSocket.recv(sock, PEEK_SIZE, _socket_mod.MSG_PEEK)
+                data = _StdSocket.recv(sock, PEEK_SIZE, _MSG_PEEK)
             except TimeoutError as exc:
                 raise TimeoutError("timed out") from exc
-            wire.receive_data(data)
-            done = False
-            while True:
-                event = wire.next_event()
-                if event is NEED_DATA or event is PAUSED:
-                    break  # PAUSED never happens on the client side
-                assert not isinstance(event, _Sentinel)
-                events.append(event)
-                if isinstance(event, want | pb.Error | ConnectionClosed):
-                    done = True
-                    break
-                if isinstance(event, pb.ServerHello) and event.HasField("error"):
-                    done = True
-                    break
+            done = _take_events(wire, data, events, stop)
             consumed = len(data) - len(wire.trailing_data)
             _consume(sock, consumed)
             if done:
@@ -113,6 +105,87 @@ def read_until(
                 raise ConnectionError(errno.ECONNRESET, "tether: gateway closed the stream")
     finally:
         _StdSocket.settimeout(sock, saved)
+
+
+def read_answer(
+    sock: _StdSocket, wire: Connection, deadline: Deadline, want: type
+) -> list[Event]:
+    """read_until() on a socket whose fd is in step with its timeout, which it leaves alone.
+
+    No settimeout() pair (two ioctls): the wait is a poll() on the deadline,
+    then a peek, and the frames' bytes are dropped without a second wait.
+    """
+    events: list[Event] = []
+    stop = (want, pb.Error, ConnectionClosed)
+    fd = sock.fileno()
+    timeout = sock.gettimeout()
+    # A socket with a timeout has CPython's recv() wait by that timeout, not
+    # by the deadline, so the deadline is waited on first; a non-blocking
+    # one (timeout 0) peeks first, as its pending answer is usually there.
+    wait_first = deadline.at is not None and timeout != 0.0
+    while True:
+        if wait_first:
+            wait_readable(fd, deadline)
+        try:
+            data = _StdSocket.recv(sock, PEEK_SIZE, _MSG_PEEK)
+        except BlockingIOError:
+            wait_readable(fd, deadline)
+            continue
+        except TimeoutError as exc:
+            raise TimeoutError("timed out") from exc
+        done = _take_events(wire, data, events, stop)
+        _drop(sock, fd, timeout, len(data) - len(wire.trailing_data), deadline)
+        if done:
+            return events
+        if not data:
+            raise ConnectionError(errno.ECONNRESET, "tether: gateway closed the stream")
+
+
+def _take_events(
+    wire: Connection, data: bytes, events: list[Event], stop: tuple[type, ...]
+) -> bool:
+    """Feed `data` to the wire and append its events; True once one of `stop` is in."""
+    wire.receive_data(data)
+    while True:
+        event = wire.next_event()
+        if event is NEED_DATA or event is PAUSED:
+            return False  # PAUSED never happens on the client side
+        assert not isinstance(event, _Sentinel)
+        events.append(event)
+        if isinstance(event, stop):
+            return True
+        if isinstance(event, pb.ServerHello) and event.HasField("error"):
+            return True
+
+
+def wait_readable(fd: int, deadline: Deadline) -> None:
+    """Wait until `fd` is readable (or hung up, or failed); TimeoutError at the deadline."""
+    remaining = deadline.remaining()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    # poll() takes milliseconds; it retries EINTR with the time left (PEP 475).
+    if not poller.poll(None if remaining is None else remaining * 1000.0):
+        raise TimeoutError("timed out")
+
+
+def _drop(
+    sock: _StdSocket, fd: int, timeout: float | None, n: int, deadline: Deadline
+) -> None:
+    """Drop exactly n bytes that a peek has shown are queued, without a poll() first."""
+    while n > 0:
+        try:
+            if timeout is None:
+                # A blocking fd: the flag, not the fd's mode, keeps this from blocking.
+                chunk = _StdSocket.recv(sock, min(n, PEEK_SIZE), _MSG_DONTWAIT)
+            else:
+                # The fd is non-blocking; CPython's recv() would poll() first.
+                chunk = os.read(fd, min(n, PEEK_SIZE))
+        except BlockingIOError:
+            wait_readable(fd, deadline)  # only if another reader took them meanwhile
+            continue
+        if not chunk:
+            raise ConnectionError(errno.ECONNRESET, "tether: gateway closed the stream")
+        n -= len(chunk)
 
 
 def _consume(sock: _StdSocket, n: int) -> None:
@@ -135,6 +208,26 @@ def send_all(sock: _StdSocket, data: bytes, deadline: Deadline) -> None:
         _StdSocket.settimeout(sock, saved)
 
 
+def send_now(sock: _StdSocket, data: bytes, deadline: Deadline) -> None:
+    """send_all() on a socket whose fd is in step with its timeout, which it leaves alone.
+
+    A request is small and a fresh stream's send buffer empty, so one
+    non-blocking send normally takes it all: no settimeout() pair (two
+    ioctls) and no poll(). What it leaves goes through send_all().
+    """
+    try:
+        if sock.gettimeout() is None:
+            # A blocking fd: the flag keeps this one send from blocking.
+            sent = _StdSocket.send(sock, data, _MSG_DONTWAIT)
+        else:
+            # The fd is non-blocking; CPython's send() would poll() first.
+            sent = os.write(sock.fileno(), data)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(data):
+        send_all(sock, data[sent:], deadline)
+
+
 def new_wire() -> Connection:
     return Connection(Role.CLIENT)
 
@@ -145,6 +238,9 @@ __all__ = [
     "connect_fd",
     "hello",
     "new_wire",
+    "read_answer",
     "read_until",
     "send_all",
+    "send_now",
+    "wait_readable",
 ]
