@@ -180,9 +180,13 @@ class socket(_StdSocket):
 
     def __new__(cls, family: int = -1, type: int = -1, *args: Any, **kwargs: Any) -> socket:
         # A new AF_INET/AF_INET6 SOCK_DGRAM socket is a UDP one (tether.client.dgram).
-        fresh = (args[1] if len(args) >= 2 else kwargs.get("fileno")) is None
-        dgram = type != -1 and type & _TYPE_MASK == _SOCK_DGRAM
-        if cls is socket and fresh and dgram and family in (-1, _AF_INET, _AF_INET6):
+        if (
+            type != -1
+            and type & _TYPE_MASK == _SOCK_DGRAM
+            and cls is socket
+            and family in (-1, _AF_INET, _AF_INET6)
+            and (args[1] if len(args) >= 2 else kwargs.get("fileno")) is None
+        ):
             from tether.client.dgram import DatagramSocket
 
             return super().__new__(DatagramSocket)
@@ -236,7 +240,7 @@ class socket(_StdSocket):
 
     def connect(self, address: Any) -> None:
         t = self._tether
-        if t is not None and _is_local_listener(address) and t.state == "new":
+        if t is not None and _local_listeners and _is_local_listener(address) and t.state == "new":
             self._make_local(t)  # a listener of this process: no gateway involved
             t = None
         if t is None:
@@ -247,7 +251,7 @@ class socket(_StdSocket):
 
     def connect_ex(self, address: Any) -> int:
         t = self._tether
-        if t is not None and _is_local_listener(address) and t.state == "new":
+        if t is not None and _local_listeners and _is_local_listener(address) and t.state == "new":
             self._make_local(t)
             t = None
         if t is None:
@@ -267,7 +271,8 @@ class socket(_StdSocket):
 
     def _connect(self, t: _Tether, address: Any) -> None:
         self._check_open()
-        host, port = _check_address(self.family, address, "connect")
+        family = _family_of(self)
+        host, port = _check_address(family, address, "connect")
         if t.state == "connected":
             raise OSError(errno.EISCONN, "Transport endpoint is already connected")
         if t.state in ("pending", "connecting"):
@@ -294,7 +299,7 @@ class socket(_StdSocket):
             first = b""  # a stream left READY by a failed connect: try again on it
         request = pb.Connect(
             transport=pb.TRANSPORT_TCP,
-            family=FAMILY_TO_WIRE[self.family],
+            family=FAMILY_TO_WIRE[family],
             host=host,
             port=port,
             timeout=0.0 if timeout is None or nonblocking else timeout,
@@ -386,7 +391,7 @@ class socket(_StdSocket):
                 self._reset_stream(t)
                 self._fail(t, gateway_error(event.error, gateway))
                 return
-        if isinstance(last, pb.Error | ConnectionClosed):
+        if isinstance(last, (pb.Error, ConnectionClosed)):
             self._reset_stream(t)
             if isinstance(last, pb.Error):
                 self._fail(t, gateway_error(last, gateway))
@@ -405,13 +410,14 @@ class socket(_StdSocket):
             return
         t.state = "connected"
         t.descriptor = last.descriptor
-        for name in sorted(t.late_options):
-            _control(t, pb.Request(set_option=pb.SetOption(
-                descriptor=t.descriptor, value=t.options[name])))
-        t.late_options.clear()
+        if t.late_options:
+            for name in sorted(t.late_options):
+                _control(t, pb.Request(set_option=pb.SetOption(
+                    descriptor=t.descriptor, value=t.options[name])))
+            t.late_options.clear()
         t.peer = address_from_wire(last.peer)
         t.local = address_from_wire(last.local)
-        if self.family == _AF_INET6 and len(t.peer) == 2:
+        if _family_of(self) == _AF_INET6 and len(t.peer) == 2:
             t.peer = (*t.peer, 0, 0)
             t.local = (*t.local, 0, 0)
 
@@ -607,7 +613,7 @@ class socket(_StdSocket):
             # pika and paho-mqtt build with bind/listen/connect.
             self._make_local(t)
             super().bind(address)
-            _local_listeners[self.getsockname()[:2]] = self
+            _add_local_listener(self.getsockname()[:2], self)
             return
         raise OSError(
             errno.EACCES,
@@ -771,10 +777,17 @@ def _control(t: _Tether, req: pb.Request) -> pb.Response:
 
 
 # Loopback listeners of this process (see socket.bind): connects to them go
-# straight to the kernel. Weak values: a closed, collected listener drops out.
-_local_listeners: weakref.WeakValueDictionary[tuple[str, int], socket] = (
-    weakref.WeakValueDictionary()
-)
+# straight to the kernel. Weak references: a collected listener drops out. A
+# plain dict, so that connect() tests for "none at all" without a call.
+_local_listeners: dict[tuple[str, int], weakref.ref[socket]] = {}
+
+
+def _add_local_listener(key: tuple[str, int], sock: socket) -> None:
+    def drop(ref: weakref.ref[socket]) -> None:
+        if _local_listeners.get(key) is ref:
+            del _local_listeners[key]
+
+    _local_listeners[key] = weakref.ref(sock, drop)
 
 
 def _is_loopback(host: str) -> bool:
@@ -787,7 +800,8 @@ def _is_loopback(host: str) -> bool:
 def _is_local_listener(address: Any) -> bool:
     if not isinstance(address, tuple) or len(address) < 2:
         return False
-    listener = _local_listeners.get((address[0], address[1]))
+    ref = _local_listeners.get((address[0], address[1]))
+    listener = ref() if ref is not None else None
     return listener is not None and listener.fileno() != -1
 
 
@@ -823,6 +837,10 @@ def _default_option(level: int, optname: int, buflen: int | None) -> Any:
 
 def _check_address(family: int, address: Any, op: str) -> tuple[str, int]:
     """Validate like the stdlib does; returns (host, port)."""
+    if type(address) is tuple and len(address) == 2:
+        host, port = address
+        if type(host) is str and type(port) is int and 0 <= port <= 65535:
+            return host, port  # the common case, valid for both families
     fam = "AF_INET6" if family == _AF_INET6 else "AF_INET"
     if not isinstance(address, tuple):
         raise TypeError(f"{op}(): {fam} address must be tuple, not {type(address).__name__}")

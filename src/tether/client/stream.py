@@ -53,13 +53,24 @@ class Deadline:
         return left
 
 
+# The last Settings' hello: a process has one Settings object in force, and
+# the message only ever goes to Connection.send(), which copies it.
+_hello: tuple[Settings, pb.ClientHello] | None = None
+
+
 def hello(settings: Settings) -> pb.ClientHello:
-    return pb.ClientHello(
+    global _hello
+    cached = _hello
+    if cached is not None and cached[0] is settings:
+        return cached[1]
+    message = pb.ClientHello(
         protocol_version=PROTOCOL_VERSION,
         app=settings.app,
         key=settings.key,
         client_version=__version__,
     )
+    _hello = (settings, message)
+    return message
 
 
 def connect_fd(fd: int, settings: Settings, deadline: Deadline) -> None:
