@@ -270,16 +270,19 @@ class socket(_StdSocket):
         return 0
 
     def _connect(self, t: _Tether, address: Any) -> None:
-        self._check_open()
+        state = t.state
+        if state == "handed-off" or self.fileno() == -1:
+            self._check_open()  # raises
         family = _family_of(self)
         host, port = _check_address(family, address, "connect")
-        if t.state == "connected":
-            raise OSError(errno.EISCONN, "Transport endpoint is already connected")
-        if t.state in ("pending", "connecting"):
-            if not self._finish_pending(t, block=False):
-                raise BlockingIOError(errno.EALREADY, "Operation already in progress")
-            if t.state == "connected":
+        if state != "new":
+            if state == "connected":
                 raise OSError(errno.EISCONN, "Transport endpoint is already connected")
+            if state in ("pending", "connecting"):
+                if not self._finish_pending(t, block=False):
+                    raise BlockingIOError(errno.EALREADY, "Operation already in progress")
+                if t.state == "connected":
+                    raise OSError(errno.EISCONN, "Transport endpoint is already connected")
         settings = t.settings
         if settings is None:
             settings = t.settings = current()  # raises NotConfiguredError
@@ -288,7 +291,6 @@ class socket(_StdSocket):
         deadline = Deadline(GATEWAY_CONNECT_TIMEOUT if nonblocking else timeout)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         t.target = target
-        gateway = str(settings.gateway)
         if t.wire is None:
             # A blocking connect's deadline is the socket's own timeout, so the
             # gateway hop can be connected on the socket itself.
@@ -315,7 +317,7 @@ class socket(_StdSocket):
             raise
         except OSError as exc:
             self._reset_stream(t)
-            raise unreachable(gateway, exc) from exc
+            raise unreachable(str(settings.gateway), exc) from exc
         if nonblocking:
             t.deadline = Deadline(PENDING_CONNECT_LIMIT)
             raise BlockingIOError(errno.EINPROGRESS, "Operation now in progress")
@@ -386,11 +388,11 @@ class socket(_StdSocket):
             self._reset_stream(t)
             raise
         last = events[-1]
-        for event in events:
-            if isinstance(event, pb.ServerHello) and event.HasField("error"):
-                self._reset_stream(t)
-                self._fail(t, gateway_error(event.error, gateway))
-                return
+        # read_answer() stops at a refusing ServerHello, so it can only be last.
+        if isinstance(last, pb.ServerHello) and last.HasField("error"):
+            self._reset_stream(t)
+            self._fail(t, gateway_error(last.error, gateway))
+            return
         if isinstance(last, (pb.Error, ConnectionClosed)):
             self._reset_stream(t)
             if isinstance(last, pb.Error):
@@ -664,7 +666,8 @@ class socket(_StdSocket):
             else:
                 super().setsockopt(level, optname, value, optlen)
             return
-        self._check_open()
+        if t.state == "handed-off" or self.fileno() == -1:
+            self._check_open()  # raises
         set_option(t, level, optname, value)
 
     def getsockopt(self, level: int, optname: int, buflen: int | None = None) -> Any:

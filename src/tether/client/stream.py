@@ -145,7 +145,9 @@ def read_answer(
         except TimeoutError as exc:
             raise TimeoutError("timed out") from exc
         done = _take_events(wire, data, events, stop)
-        _drop(sock, fd, timeout, len(data) - len(wire.trailing_data), deadline)
+        consumed = len(data) - len(wire.trailing_data)
+        if consumed:
+            _drop(sock, fd, timeout, consumed, deadline)
         if done:
             return events
         if not data:
