@@ -51,10 +51,10 @@ _AF_INET6 = _socket_mod.AF_INET6
 _SOCK_STREAM = _socket_mod.SOCK_STREAM
 _SOCK_DGRAM = _socket_mod.SOCK_DGRAM
 _IPPROTO_TCP = _socket_mod.IPPROTO_TCP
+_TCP_NODELAY = _socket_mod.TCP_NODELAY
 # The C-level family as a plain int: socket.py's `family` property turns it
 # into an AddressFamily member (an enum call) on every read.
 _family_of = _socket.socket.family.__get__
-_TCP_NODELAY = _socket_mod.TCP_NODELAY
 _TYPE_MASK = ~(getattr(_socket_mod, "SOCK_NONBLOCK", 0) | getattr(_socket_mod, "SOCK_CLOEXEC", 0))
 
 # How long a non-blocking connect may keep the app waiting in
