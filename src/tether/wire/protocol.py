@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections import deque
 from collections.abc import Callable
 from typing import Final, TypeAlias
 
@@ -50,6 +49,8 @@ PREAMBLE: Final = b"TTHR"
 DEFAULT_MAX_FRAME: Final = 64 * 1024
 
 _LENGTH = struct.Struct(">I")
+_unpack_length = _LENGTH.unpack_from
+_Frame = pb.Frame
 
 Message: TypeAlias = (
     pb.ClientHello
@@ -75,6 +76,17 @@ class State(enum.Enum):
     RELAY = "relay"  # switched to raw bytes
     ASSOCIATED = "associated"  # a UDP association's control stream: requests only
     CLOSED = "closed"  # an Error was sent or received, or the peer hung up
+
+
+# The states as module names: the machine runs on every connect on both
+# sides, and a module global is one lookup where State.X is two.
+_HELLO: Final = State.HELLO
+_READY: Final = State.READY
+_CONNECTING: Final = State.CONNECTING
+_RELAY: Final = State.RELAY
+_ASSOCIATED: Final = State.ASSOCIATED
+_CLOSED: Final = State.CLOSED
+_CANNOT_SEND: Final = frozenset((State.CLOSED, State.RELAY))
 
 
 class _Sentinel(enum.Enum):
@@ -129,8 +141,9 @@ _FIELD_BY_TYPE: Final[dict[type[Message], str]] = {
 }
 
 
-def _opens_association(message: pb.Connect | pb.Resume) -> bool:
-    return isinstance(message, pb.Connect) and message.transport == pb.TRANSPORT_UDP
+# A Connect for TRANSPORT_UDP opens a datagram association instead of a relay.
+_UDP: Final = pb.TRANSPORT_UDP
+_CONNECTS: Final = (pb.Connect, pb.Resume)
 
 
 # A Frame holds exactly one message, so its encoding is that field's key
@@ -182,7 +195,6 @@ class Connection:
         "_buf",
         "_datagram",
         "_eof",
-        "_events",
         "_hello_answered",
         "_hello_received",
         "_pending",
@@ -202,7 +214,6 @@ class Connection:
         self.role = role
         self.max_frame = max_frame
         self._buf = bytearray()
-        self._events: deque[Event] = deque()
         self._eof = False
         self._preamble_seen = role is Role.CLIENT  # only the gateway expects one
         self._preamble_sent = role is Role.GATEWAY
@@ -213,7 +224,7 @@ class Connection:
         self._awaiting_answer = False  # gateway: an event needs an answer first
         self._resuming = False  # the Connect in progress is a Resume
         self._datagram = False  # the Connect in progress opens a UDP association
-        self._state = State.HELLO
+        self._state = _HELLO
         self.trailing_data = b""
         self.peer_version: int | None = None
 
@@ -231,7 +242,7 @@ class Connection:
 
     def receive_data(self, data: bytes) -> None:
         """Add received bytes; ``b""`` means the peer closed its side."""
-        if self._state is State.RELAY:
+        if self._state is _RELAY:
             raise LocalProtocolError("receive_data() after the switch to raw bytes")
         if self._eof and data:
             raise LocalProtocolError("receive_data() after end of stream")
@@ -242,27 +253,27 @@ class Connection:
 
     def next_event(self) -> Event | _Sentinel:
         """The next event, or NEED_DATA / PAUSED. Raises RemoteProtocolError."""
-        if self._state is State.CLOSED:
+        if self._state is _CLOSED:
             return ConnectionClosed()
-        if self._state is State.RELAY:
+        if self._state is _RELAY:
             raise LocalProtocolError("next_event() after the switch to raw bytes")
         if self._awaiting_answer:
             return PAUSED
         try:
             message = self._parse_one()
         except RemoteProtocolError:
-            self._state = State.CLOSED
+            self._state = _CLOSED
             raise
         if message is None:
             if self._eof:
                 if self._buf or not self._preamble_seen:
-                    self._state = State.CLOSED
+                    self._state = _CLOSED
                     if not self._buf and not self._preamble_seen:
                         return ConnectionClosed()
                     raise RemoteProtocolError(
                         f"stream ended inside a frame ({len(self._buf)} bytes left over)"
                     )
-                self._state = State.CLOSED
+                self._state = _CLOSED
                 return ConnectionClosed()
             return NEED_DATA
         self._check_receive(message)
@@ -279,19 +290,20 @@ class Connection:
                 raise self._bad_preamble()
             del buf[: len(PREAMBLE)]
             self._preamble_seen = True
-        if len(buf) < _LENGTH.size:
+        size = len(buf)
+        if size < 4:  # the length prefix
             return None
-        (length,) = _LENGTH.unpack_from(buf)
+        (length,) = _unpack_length(buf)
         if length > self.max_frame:
             raise RemoteProtocolError(
                 f"frame of {length} bytes is over the limit of {self.max_frame} bytes"
             )
-        end = _LENGTH.size + length
-        if len(buf) < end:
+        end = 4 + length
+        if size < end:
             return None
-        frame = pb.Frame()
+        frame = _Frame()
         try:
-            frame.ParseFromString(bytes(buf[_LENGTH.size : end]))
+            frame.ParseFromString(bytes(buf[4:end]))
         except (DecodeError, UnicodeDecodeError) as exc:
             # The pure-Python protobuf backend reports bad UTF-8 as UnicodeDecodeError.
             raise RemoteProtocolError(f"undecodable frame: {exc}") from exc
@@ -311,7 +323,7 @@ class Connection:
 
     def _check_receive(self, message: Message) -> None:
         if isinstance(message, pb.Error):
-            self._state = State.CLOSED
+            self._state = _CLOSED
             return
         if self.role is Role.GATEWAY:
             if isinstance(message, pb.ClientHello):
@@ -323,12 +335,12 @@ class Connection:
                 return
             if not self._hello_received:
                 raise self._remote(f"{type(message).__name__} before ClientHello")
-            if isinstance(message, pb.Connect | pb.Resume):
-                if self._state is not State.READY:
+            if isinstance(message, _CONNECTS):
+                if self._state is not _READY:
                     raise self._remote(f"{type(message).__name__} while {self._state.value}")
                 self._resuming = isinstance(message, pb.Resume)
-                self._datagram = _opens_association(message)
-                self._state = State.CONNECTING
+                self._datagram = isinstance(message, pb.Connect) and message.transport == _UDP
+                self._state = _CONNECTING
                 self._awaiting_answer = True
                 return
             if isinstance(message, pb.Request):
@@ -340,15 +352,15 @@ class Connection:
         if isinstance(message, pb.ServerHello):
             if not self._pending.hello_done:
                 raise self._remote("ServerHello before ClientHello")
-            if self._state is not State.HELLO:
+            if self._state is not _HELLO:
                 raise self._remote(f"{type(message).__name__} sent twice")
             self.peer_version = message.protocol_version
             if message.HasField("error"):
-                self._state = State.CLOSED
+                self._state = _CLOSED
             else:
-                self._state = State.CONNECTING if self._pending.connecting else State.READY
+                self._state = _CONNECTING if self._pending.connecting else _READY
             return
-        if self._state is State.HELLO:
+        if self._state is _HELLO:
             raise self._remote(f"{type(message).__name__} before ServerHello")
         if isinstance(message, pb.ConnectResult):
             if not self._pending.connecting:
@@ -366,7 +378,7 @@ class Connection:
         raise self._remote(f"{type(message).__name__} is not something a gateway may send")
 
     def _remote(self, text: str) -> RemoteProtocolError:
-        self._state = State.CLOSED
+        self._state = _CLOSED
         return RemoteProtocolError(f"out of order: {text}")
 
     def _connect_answered(self, result: pb.ConnectResult) -> None:
@@ -374,19 +386,19 @@ class Connection:
         if result.HasField("error"):
             # A refused Resume is followed by raw tail bytes: the stream
             # cannot go back to frames, so it ends.
-            self._state = State.CLOSED if self._resuming else State.READY
+            self._state = _CLOSED if self._resuming else _READY
         elif self._datagram:
-            self._state = State.ASSOCIATED
+            self._state = _ASSOCIATED
         else:
             self._switch_to_relay()
 
     def _check_op(self, request: pb.Request, fail: Callable[[str], ProtocolError]) -> None:
         """AllowDestination belongs on an association's stream, and only there."""
-        if request.WhichOneof("op") == "allow_destination" and self._state is not State.ASSOCIATED:
+        if request.WhichOneof("op") == "allow_destination" and self._state is not _ASSOCIATED:
             raise fail(f"AllowDestination while {self._state.value} (not a UDP association)")
 
     def _switch_to_relay(self) -> None:
-        self._state = State.RELAY
+        self._state = _RELAY
         self.trailing_data = bytes(self._buf)
         self._buf.clear()
 
@@ -402,12 +414,12 @@ class Connection:
         return data
 
     def _check_send(self, message: Message) -> None:
-        if self._state in (State.CLOSED, State.RELAY):
+        if self._state in _CANNOT_SEND:
             raise LocalProtocolError(
                 f"cannot send {type(message).__name__}: stream is {self._state.value}"
             )
         if isinstance(message, pb.Error):
-            self._state = State.CLOSED
+            self._state = _CLOSED
             return
         if self.role is Role.CLIENT:
             if isinstance(message, pb.ClientHello):
@@ -417,18 +429,18 @@ class Connection:
                 return
             if not self._pending.hello_done:
                 raise LocalProtocolError(f"{type(message).__name__} before ClientHello")
-            if isinstance(message, pb.Connect | pb.Resume):
-                if self._pending.connecting or self._state is State.CONNECTING:
+            if isinstance(message, _CONNECTS):
+                if self._pending.connecting or self._state is _CONNECTING:
                     raise LocalProtocolError("a Connect is already in progress")
-                if self._state is State.ASSOCIATED:
+                if self._state is _ASSOCIATED:
                     raise LocalProtocolError(
                         f"{type(message).__name__} on a UDP association's stream"
                     )
                 self._resuming = isinstance(message, pb.Resume)
-                self._datagram = _opens_association(message)
+                self._datagram = isinstance(message, pb.Connect) and message.transport == _UDP
                 self._pending.connecting = True
-                if self._state is State.READY:
-                    self._state = State.CONNECTING
+                if self._state is _READY:
+                    self._state = _CONNECTING
                 return
             if isinstance(message, pb.Request):
                 if self._pending.connecting:
@@ -443,18 +455,18 @@ class Connection:
                 raise LocalProtocolError("ServerHello must answer exactly one ClientHello")
             self._hello_answered = True
             self._awaiting_answer = False
-            self._state = State.CLOSED if message.HasField("error") else State.READY
+            self._state = _CLOSED if message.HasField("error") else _READY
             return
         if not self._hello_answered:
             raise LocalProtocolError(f"{type(message).__name__} before ServerHello")
         if isinstance(message, pb.ConnectResult):
-            if self._state is not State.CONNECTING:
+            if self._state is not _CONNECTING:
                 raise LocalProtocolError("ConnectResult without a Connect")
             self._awaiting_answer = False
             self._connect_answered(message)
             return
         if isinstance(message, pb.Response):
-            if not self._awaiting_answer or self._state not in (State.READY, State.ASSOCIATED):
+            if not self._awaiting_answer or self._state not in (_READY, _ASSOCIATED):
                 raise LocalProtocolError("Response without a Request")
             self._awaiting_answer = False
             return
@@ -462,7 +474,7 @@ class Connection:
 
     def send_error(self, error: ProtocolError | pb.Error) -> bytes:
         """Bytes of an Error frame; the stream is closed afterwards."""
-        if self._state is State.RELAY:
+        if self._state is _RELAY:
             # The stream carries the peer's raw bytes now: a frame would corrupt them.
             raise LocalProtocolError("send_error() after the switch to raw bytes")
         message = error.to_error() if isinstance(error, ProtocolError) else error
@@ -470,5 +482,5 @@ class Connection:
         if not self._preamble_sent:
             self._preamble_sent = True
             data = PREAMBLE + data
-        self._state = State.CLOSED
+        self._state = _CLOSED
         return data
