@@ -75,7 +75,7 @@ class TetherGateway:
     def pid(self) -> int:
         return self.child.pid
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         def ready() -> bool:
             found = re.findall(r"listening on (\S+)", self.log_path.read_text())
             for addr in found:
@@ -86,7 +86,7 @@ class TetherGateway:
             return bool(self.tcp and self.unix)
 
         try:
-            wait_until(ready, START_TIMEOUT, "tether gateway", alive=self.child.alive)
+            wait_until(ready, timeout, "tether gateway", alive=self.child.alive)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n{self.log_path.read_text()}") from exc
 
