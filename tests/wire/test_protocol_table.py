@@ -1093,3 +1093,13 @@ def test_byte_at_a_time_equals_one_feed(role: Role, data: bytes, eof: bool) -> N
     bytewise = _feed_all(role, [data[i : i + 1] for i in range(len(data))] + tail)
     assert bytewise == whole
     assert whole[0], "the stream carries at least one event"
+
+
+def test_send_with_a_prepared_frame_is_send_without_one() -> None:
+    """A hello encoded once (send(..., frame=...)) gives the same bytes and the same checks."""
+    message = pb.ClientHello(protocol_version=PROTOCOL_VERSION, app="a", key="k")
+    frame = encode_frame(message)
+    plain, prepared = Connection(Role.CLIENT), Connection(Role.CLIENT)
+    assert prepared.send(message, frame=frame) == plain.send(message)
+    with pytest.raises(LocalProtocolError, match="ClientHello sent twice"):
+        prepared.send(message, frame=frame)

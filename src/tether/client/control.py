@@ -17,7 +17,7 @@ import threading
 
 from tether.client.errors import gateway_error, unreachable
 from tether.client.settings import Settings
-from tether.client.stream import Deadline, connect_fd, hello, new_wire, read_until, send_all
+from tether.client.stream import Deadline, connect_fd, new_wire, read_until, send_all, send_hello
 from tether.wire import Connection, ConnectionClosed, RemoteProtocolError, pb
 
 _StdSocket = _socket_mod.socket
@@ -74,7 +74,7 @@ class ControlChannel:
             raise unreachable(str(endpoint), exc) from exc
         wire = new_wire()
         try:
-            send_all(sock, wire.send(hello(self.settings)), deadline)
+            send_all(sock, send_hello(wire, self.settings), deadline)
             events = read_until(sock, wire, deadline, pb.ServerHello)
         except BaseException:
             sock.close()

@@ -36,7 +36,7 @@ from tether.client.sock import (
     _StdSocket,
 )
 from tether.client.sock import socket as _TetherSocket
-from tether.client.stream import Deadline, connect_fd, hello, new_wire, read_until, send_all
+from tether.client.stream import Deadline, connect_fd, new_wire, read_until, send_all, send_hello
 from tether.wire import Connection, ConnectionClosed, RemoteProtocolError, pb
 from tether.wire.convert import FAMILY_TO_WIRE, address_from_wire, encode_option, option_label
 
@@ -200,7 +200,7 @@ class DatagramSocket(_TetherSocket):
                     family=FAMILY_TO_WIRE[stream.family], host=here, port=u.source_port
                 ),
             )
-            send_all(stream, wire.send(hello(settings)) + wire.send(request), deadline)
+            send_all(stream, send_hello(wire, settings) + wire.send(request), deadline)
             events = _read(stream, wire, deadline, pb.ConnectResult, gateway)
         except BaseException:
             stream.close()

@@ -33,7 +33,7 @@ from typing import Any
 from tether.client import control
 from tether.client.settings import Settings, current
 from tether.client.sock import RW_PAIRS, _StdSocket, socket
-from tether.client.stream import Deadline, hello, new_wire, send_all
+from tether.client.stream import Deadline, new_wire, send_all, send_hello
 from tether.wire import pb
 
 # Detaching waits for the gateway's EOF behind at most a socket buffer or
@@ -145,7 +145,7 @@ def _resume_stream(sock: socket, t: Any, state: HandoffState, settings: Settings
         descriptor=state.descriptor, token=state.token, tail_length=len(state.tail)
     )
     t.state = "connecting"
-    send_all(sock, t.wire.send(hello(settings)) + t.wire.send(request), deadline)
+    send_all(sock, send_hello(t.wire, settings) + t.wire.send(request), deadline)
     sock._await_result(t, deadline)
     if t.error:
         return sock._take_error(t)

@@ -31,7 +31,7 @@ from typing import Any
 from tether.client import control
 from tether.client.errors import connect_error, gateway_error, unreachable
 from tether.client.settings import Settings, current
-from tether.client.stream import Deadline, connect_fd, hello, new_wire, read_answer, send_now
+from tether.client.stream import Deadline, connect_fd, new_wire, read_answer, send_hello, send_now
 from tether.wire import Connection, ConnectionClosed, RemoteProtocolError, pb
 from tether.wire.convert import (
     FAMILY_TO_WIRE,
@@ -296,7 +296,7 @@ class socket(_StdSocket):
             # gateway hop can be connected on the socket itself.
             self._open_gateway(settings, deadline, own_timeout=not nonblocking)
             t.wire = new_wire()
-            first = t.wire.send(hello(settings))
+            first = send_hello(t.wire, settings)
         else:
             first = b""  # a stream left READY by a failed connect: try again on it
         request = pb.Connect(

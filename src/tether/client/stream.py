@@ -26,6 +26,7 @@ from tether.wire import (
     Event,
     RemoteProtocolError,
     Role,
+    encode_frame,
     pb,
 )
 from tether.wire.protocol import _Sentinel
@@ -53,24 +54,33 @@ class Deadline:
         return left
 
 
-# The last Settings' hello: a process has one Settings object in force, and
-# the message only ever goes to Connection.send(), which copies it.
-_hello: tuple[Settings, pb.ClientHello] | None = None
+# The last Settings' hello and its frame: a process has one Settings object
+# in force, and the message only ever goes to Connection.send().
+_hello: tuple[Settings, pb.ClientHello, bytes] | None = None
+
+
+def _hello_and_frame(settings: Settings) -> tuple[Settings, pb.ClientHello, bytes]:
+    global _hello
+    cached = _hello
+    if cached is None or cached[0] is not settings:
+        message = pb.ClientHello(
+            protocol_version=PROTOCOL_VERSION,
+            app=settings.app,
+            key=settings.key,
+            client_version=__version__,
+        )
+        cached = _hello = (settings, message, encode_frame(message))
+    return cached
 
 
 def hello(settings: Settings) -> pb.ClientHello:
-    global _hello
-    cached = _hello
-    if cached is not None and cached[0] is settings:
-        return cached[1]
-    message = pb.ClientHello(
-        protocol_version=PROTOCOL_VERSION,
-        app=settings.app,
-        key=settings.key,
-        client_version=__version__,
-    )
-    _hello = (settings, message)
-    return message
+    return _hello_and_frame(settings)[1]
+
+
+def send_hello(wire: Connection, settings: Settings) -> bytes:
+    """The bytes that open a stream: the hello, encoded once per Settings."""
+    _, message, frame = _hello_and_frame(settings)
+    return wire.send(message, frame=frame)
 
 
 def connect_fd(fd: int, settings: Settings, deadline: Deadline) -> None:

@@ -34,6 +34,7 @@ from tether.wire import (
     RemoteProtocolError,
     Role,
     State,
+    encode_frame,
     pb,
 )
 from tether.wire.convert import (
@@ -202,7 +203,7 @@ class ClientSession(asyncio.Protocol):
                 self.app = hello.app
                 self.admin = hello.app == ADMIN_APP
                 # Written by _process or with the answer to the next frame.
-                self._pending = self.wire.send(_SERVER_HELLO)
+                self._pending = self.wire.send(_SERVER_HELLO, frame=_SERVER_HELLO_FRAME)
                 return
         reply = pb.ServerHello(protocol_version=PROTOCOL_VERSION, gateway_version=__version__)
         if hello.protocol_version != PROTOCOL_VERSION:
@@ -584,6 +585,7 @@ class ClientSession(asyncio.Protocol):
 
 # Every successful hello gets the same answer.
 _SERVER_HELLO = pb.ServerHello(protocol_version=PROTOCOL_VERSION, gateway_version=__version__)
+_SERVER_HELLO_FRAME = encode_frame(_SERVER_HELLO)
 
 # Options that must be on the socket before connect(): the buffer sizes
 # decide the window scale the SYN announces.

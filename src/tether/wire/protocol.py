@@ -404,10 +404,15 @@ class Connection:
 
     # -- sending -----------------------------------------------------------
 
-    def send(self, message: Message) -> bytes:
-        """Bytes that carry `message`; raises LocalProtocolError if out of order."""
+    def send(self, message: Message, *, frame: bytes | None = None) -> bytes:
+        """Bytes that carry `message`; raises LocalProtocolError if out of order.
+
+        `frame`, when given, is ``encode_frame(message)`` made once by a caller
+        that sends the same message on every stream (each side's hello): the
+        order is checked as always, the encoding is not redone.
+        """
         self._check_send(message)
-        data = encode_frame(message)
+        data = encode_frame(message) if frame is None else frame
         if not self._preamble_sent:
             self._preamble_sent = True
             data = PREAMBLE + data
