@@ -1004,3 +1004,51 @@ def test_client_vanishing_mid_hello_does_not_hurt(tethered: Gateway, echo_server
     with _connect(echo_server.port) as sock:
         sock.sendall(b"fine")
         assert _recv_exactly(sock, 4) == b"fine"
+
+
+def test_nonblocking_connect_on_a_descriptor_above_fd_setsize(
+    tethered: Gateway, echo_server: Server
+) -> None:
+    """A send() that finishes a pending connect works on fds select() cannot take."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1100
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"the hard open-files limit ({hard}) is below {wanted}")
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    fillers: list[int] = []
+    try:
+        while True:  # take every low descriptor, so the socket's is >= 1024
+            fd = os.open(os.devnull, os.O_RDONLY)
+            fillers.append(fd)
+            if fd >= 1024:
+                break
+        with socket.socket() as sock:
+            assert sock.fileno() > 1024
+            sock.setblocking(False)
+            assert sock.connect_ex(("127.0.0.1", echo_server.port)) == errno.EINPROGRESS
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLOUT)
+            assert poller.poll(TIMEOUT * 1000)
+            # No SO_ERROR first: the send itself takes the gateway's answer.
+            sent = 0
+            deadline = time.monotonic() + TIMEOUT
+            while not sent and time.monotonic() < deadline:
+                try:
+                    sent = sock.send(b"high fd")
+                except BlockingIOError:
+                    poller.poll(100)
+            assert sent == len(b"high fd")
+            poller.modify(sock.fileno(), select.POLLIN)
+            got = b""
+            while len(got) < sent and time.monotonic() < deadline:
+                poller.poll(1000)
+                with contextlib.suppress(BlockingIOError):
+                    got += sock.recv(100)
+            assert got == b"high fd"
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -809,10 +809,13 @@ def _is_local_listener(address: Any) -> bool:
 
 
 def _readable(fd: int) -> bool:
+    # poll(), not select(): select() refuses descriptors of FD_SETSIZE (1024)
+    # and above, which a busy process's sockets reach.
     import select
 
-    r, _, _ = select.select([fd], [], [], 0)
-    return bool(r)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _unsupported_option(level: int, optname: int) -> OSError:
