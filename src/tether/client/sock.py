@@ -31,7 +31,15 @@ from typing import Any
 from tether.client import control
 from tether.client.errors import connect_error, gateway_error, unreachable
 from tether.client.settings import Settings, current
-from tether.client.stream import Deadline, connect_fd, new_wire, read_answer, send_hello, send_now
+from tether.client.stream import (
+    Deadline,
+    connect_fd,
+    new_wire,
+    read_answer,
+    readable,
+    send_hello,
+    send_now,
+)
 from tether.wire import Connection, ConnectionClosed, RemoteProtocolError, pb
 from tether.wire.convert import (
     FAMILY_TO_WIRE,
@@ -441,7 +449,7 @@ class socket(_StdSocket):
         """Complete a non-blocking connect if its answer is here (or wait for it)."""
         if t.state != "pending":
             return True
-        if not block and not _readable(self.fileno()):
+        if not block and not readable(self.fileno()):
             return False
         if not t.lock.acquire(blocking=block):
             return False  # another thread is reading the answer right now
@@ -806,16 +814,6 @@ def _is_local_listener(address: Any) -> bool:
     ref = _local_listeners.get((address[0], address[1]))
     listener = ref() if ref is not None else None
     return listener is not None and listener.fileno() != -1
-
-
-def _readable(fd: int) -> bool:
-    # poll(), not select(): select() refuses descriptors of FD_SETSIZE (1024)
-    # and above, which a busy process's sockets reach.
-    import select
-
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def _unsupported_option(level: int, optname: int) -> OSError:

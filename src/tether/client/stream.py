@@ -184,11 +184,20 @@ def _take_events(
 def wait_readable(fd: int, deadline: Deadline) -> None:
     """Wait until `fd` is readable (or hung up, or failed); TimeoutError at the deadline."""
     remaining = deadline.remaining()
+    if not readable(fd, None if remaining is None else remaining * 1000.0):
+        raise TimeoutError("timed out")
+
+
+def readable(fd: int, wait_ms: float | None = 0) -> bool:
+    """Whether `fd` is readable (or hung up, or failed) within `wait_ms` (None: forever).
+
+    poll(), not select(): select() refuses descriptors of FD_SETSIZE (1024)
+    and above, which a busy process's sockets reach. poll() retries EINTR
+    with the time left (PEP 475).
+    """
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    # poll() takes milliseconds; it retries EINTR with the time left (PEP 475).
-    if not poller.poll(None if remaining is None else remaining * 1000.0):
-        raise TimeoutError("timed out")
+    return bool(poller.poll(wait_ms))
 
 
 def _drop(
@@ -263,6 +272,7 @@ __all__ = [
     "new_wire",
     "read_answer",
     "read_until",
+    "readable",
     "send_all",
     "send_now",
     "wait_readable",
