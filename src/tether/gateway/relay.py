@@ -134,6 +134,9 @@ class _Half(asyncio.Protocol):
             who = "app" if self.outgoing else "peer"
             reason = f"{who} connection lost: {exc}"
         link.close(reason)
+        self.transport = None
+        if link.bound and link.peer_side.transport is None and link.app_side.transport is None:
+            link.release()
 
 
 class _TailEcho(asyncio.Protocol):
@@ -302,6 +305,22 @@ class Link:
             self.settled.set()
         if self.bound:
             self.record.finish(reason)
+
+    def release(self) -> None:
+        """Both transports are gone: cut the references that make this a cycle.
+
+        A transport keeps its protocol until it is freed, the halves point at
+        each other and at the link, and the record at the link. Left whole,
+        every connection's transports, halves, link and record waited for
+        the cyclic collector, which then ran every few dozen connections on
+        the connect path (bench/README.md, connection rate). Cut, they are
+        freed as the last transport is. Nothing calls a half after its
+        connection_lost(), and the record has left the registry (finish()).
+        """
+        self.record.link = None
+        for half in (self.app_side, self.peer_side):
+            half.other = None
+            del half.link
 
     def abort(self, reason: str, *, reset_app: bool = False) -> None:
         """Drop both sides now, discarding buffered data (reclaim, shutdown).

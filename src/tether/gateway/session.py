@@ -549,6 +549,10 @@ class ClientSession(asyncio.Protocol):
             with contextlib.suppress(TimeoutError):
                 assert link.settled is not None  # made by begin_detach()
                 await asyncio.wait_for(link.settled.wait(), DETACH_SETTLE_TIMEOUT)
+            if record.closed_reason is not None:
+                # The peer left while we waited: the link is closed and released.
+                self._write(self.wire.send(pb.ConnectResult(error=self._gone(req.descriptor))))
+                return
         token = record.token
         if (
             record.state != HANDED_OFF
