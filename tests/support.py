@@ -21,6 +21,7 @@ from tether.client import control
 from tether.client import settings as client_settings
 from tether.devmode import GatewayProcess
 from tether.endpoint import parse_endpoint
+from tether.gateway.embedded import EmbeddedGateway
 from tether.wire import pb
 
 APP = "tests"
@@ -200,6 +201,33 @@ def descriptor(sock: socket.socket) -> str:
 
 
 # -- peers: stdlib servers on loopback (targets, not tethered) ----------------------
+
+
+@contextlib.contextmanager
+def embedded_gateway() -> Iterator[tuple[EmbeddedGateway, client_settings.Settings]]:
+    """An in-thread gateway for app 'a' (loopback allowed), configured as the client's.
+
+    Never with install() active: the gateway's own sockets must be the stdlib's.
+    """
+    from tether.config import parse_config
+
+    assert not tether.installed()
+    config = parse_config({
+        "gateway": {"listen": ["127.0.0.1:0"]},
+        "resolver": {"mode": "static"},
+        "policy": {"allow": ["127.0.0.0/8:*"]},
+        "apps": {"a": {"key": "key-a"}},
+    })
+    gw = EmbeddedGateway(config)
+    endpoint = gw.start()[0]
+    settings = client_settings.Settings(gateway=parse_endpoint(str(endpoint)), app="a", key="key-a")
+    client_settings.configure(settings)
+    try:
+        yield gw, settings
+    finally:
+        client_settings.configure(None)
+        control.close_all()
+        gw.stop()
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ from support import (
     Peer,
     StdSocket,
     echo,
+    embedded_gateway,
     list_sockets,
     recv_exact,
     stream,
@@ -63,7 +64,6 @@ from tether.demo.servers import (
     SMTPServer,
     client_context,
 )
-from tether.endpoint import parse_endpoint
 from tether.gateway.relay import MAX_RESUME_TAIL
 from tether.wire import pb
 
@@ -843,29 +843,8 @@ def test_second_unpickle_of_a_large_tail_says_already_resumed(tethered: Gateway)
 
 @pytest.fixture
 def embedded() -> Iterator[tuple[Any, Settings]]:
-    """An in-thread gateway (never with install() active) and settings for app 'a'."""
-    from tether.config import parse_config
-    from tether.gateway.embedded import EmbeddedGateway
-
-    assert not tether.installed()
-    config = parse_config({
-        "gateway": {"listen": ["127.0.0.1:0"]},
-        "resolver": {"mode": "static"},
-        "policy": {"allow": ["127.0.0.0/8:*"]},
-        "apps": {"a": {"key": "key-a"}},
-    })
-    gw = EmbeddedGateway(config)
-    endpoint = gw.start()[0]
-    settings = Settings(gateway=parse_endpoint(str(endpoint)), app="a", key="key-a")
-    from tether.client import settings as client_settings
-
-    client_settings.configure(settings)
-    try:
+    with embedded_gateway() as (gw, settings):
         yield gw, settings
-    finally:
-        client_settings.configure(None)
-        control.close_all()
-        gw.stop()
 
 
 def test_detach_during_tail_echo_keeps_the_peer_held(embedded: tuple[Any, Settings]) -> None:

@@ -15,14 +15,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support import wait_for
+from support import embedded_gateway, wait_for
 from tcpservers import Server, serving
 
-from tether.client import control
-from tether.client import settings as client_settings
-from tether.client.settings import Settings
-from tether.config import parse_config
-from tether.endpoint import parse_endpoint
 from tether.gateway.embedded import EmbeddedGateway
 from tether.gateway.registry import SocketRecord
 
@@ -32,23 +27,8 @@ CONNECTIONS = 20
 
 @pytest.fixture
 def embedded() -> Iterator[EmbeddedGateway]:
-    config = parse_config({
-        "gateway": {"listen": ["127.0.0.1:0"]},
-        "resolver": {"mode": "static"},
-        "policy": {"allow": ["127.0.0.0/8:*"]},
-        "apps": {"a": {"key": "key-a"}},
-    })
-    gw = EmbeddedGateway(config)
-    endpoint = gw.start()[0]
-    client_settings.configure(
-        Settings(gateway=parse_endpoint(str(endpoint)), app="a", key="key-a")
-    )
-    try:
+    with embedded_gateway() as (gw, _):
         yield gw
-    finally:
-        client_settings.configure(None)
-        control.close_all()
-        gw.stop()
 
 
 def _greet(server: Server, conn: socket.socket) -> None:
