@@ -86,7 +86,6 @@ _CONNECTING: Final = State.CONNECTING
 _RELAY: Final = State.RELAY
 _ASSOCIATED: Final = State.ASSOCIATED
 _CLOSED: Final = State.CLOSED
-_CANNOT_SEND: Final = frozenset((State.CLOSED, State.RELAY))
 
 
 class _Sentinel(enum.Enum):
@@ -419,7 +418,8 @@ class Connection:
         return data
 
     def _check_send(self, message: Message) -> None:
-        if self._state in _CANNOT_SEND:
+        # Two identity tests, not a set: Enum's __hash__ is a Python call.
+        if self._state is _CLOSED or self._state is _RELAY:
             raise LocalProtocolError(
                 f"cannot send {type(message).__name__}: stream is {self._state.value}"
             )
