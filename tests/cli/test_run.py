@@ -33,7 +33,7 @@ def test_run_with_a_gateway(gateway: Gateway, echo_port: int, tmp_path: Path) ->
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     result = tether_cli(
-        "run", "--gateway", gateway.address, "--app", gateway.app, "--key", gateway.key,
+        "run", "--gateway", gateway.address, "--app", gateway.app, f"--key={gateway.key}",
         "--", sys.executable, str(script), str(echo_port), "grandchild",
     )
     assert result.returncode == 0, result.stderr

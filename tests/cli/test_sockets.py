@@ -133,9 +133,9 @@ def _json_rows(gw: Admin, *, as_admin: bool = False) -> list[Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     args = ["sockets", "--json", "--gateway", gw.gw.address]
     if as_admin:
-        args += ["--admin-key", gw.admin_key]
+        args += [f"--admin-key={gw.admin_key}"]
     else:
-        args += ["--app", APP, "--key", gw.gw.key]
+        args += ["--app", APP, f"--key={gw.gw.key}"]
     result = tether_cli(*args, env=env)
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
@@ -159,7 +159,7 @@ def test_app_sees_only_its_own_sockets_with_states_and_bytes(
     gw = sockets.admin.gw
 
     def listed() -> list[list[str]]:
-        code, out, err = run_cli(["--gateway", gw.address, "--app", APP, "--key", gw.key], capsys)
+        code, out, err = run_cli(["--gateway", gw.address, "--app", APP, f"--key={gw.key}"], capsys)
         assert (code, err) == (0, "")
         return table(out)
 
@@ -180,7 +180,7 @@ def test_admin_sees_every_app(sockets: Sockets, capsys: pytest.CaptureFixture[st
     mine = sockets.connect(APP)
     theirs = sockets.connect("other")
     code, out, _ = run_cli(
-        ["--gateway", sockets.admin.gw.address, "--admin-key", sockets.admin.admin_key], capsys
+        ["--gateway", sockets.admin.gw.address, f"--admin-key={sockets.admin.admin_key}"], capsys
     )
     assert code == 0
     rows = {r[1]: r[0] for r in table(out)}
@@ -223,10 +223,10 @@ def test_settings_from_the_environment(
 def test_no_sockets(admin_gateway: Admin, capsys: pytest.CaptureFixture[str]) -> None:
     gw = admin_gateway.gw
     assert wait_for(lambda: not _json_rows(admin_gateway, as_admin=True))
-    code, out, _ = run_cli(["--gateway", gw.address, "--app", APP, "--key", gw.key], capsys)
+    code, out, _ = run_cli(["--gateway", gw.address, "--app", APP, f"--key={gw.key}"], capsys)
     assert code == 0
     assert out.splitlines()[-1] == "(no live sockets)"
-    code, out, _ = run_cli(["--gateway", gw.address, "--app", APP, "--key", gw.key, "--json"],
+    code, out, _ = run_cli(["--gateway", gw.address, "--app", APP, f"--key={gw.key}", "--json"],
                            capsys)
     assert (code, out) == (0, "")
 

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--gateway", metavar="ADDR", help="gateway HOST:PORT or unix:/path")
     p.add_argument("--app", help="app name (default: TETHER_APP)")
-    p.add_argument("--key", help="app key (default: TETHER_KEY)")
+    p.add_argument("--key", help="app key (default: TETHER_KEY); one that starts with '-' "
+                   "as --key=KEY")
     p.add_argument("--config", type=Path, help="config for development mode (./tether.toml)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     p.set_defaults(func=run)

@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--gateway", metavar="ADDR", help=f"HOST:PORT or unix:/path ({ENV_GATEWAY})")
     p.add_argument("--app", help=f"app name ({ENV_APP})")
-    p.add_argument("--key", help=f"app key ({ENV_KEY})")
-    p.add_argument("--admin-key", help="the gateway's [gateway] admin_key: list every app")
+    p.add_argument("--key", help=f"app key ({ENV_KEY}); one that starts with '-' as --key=KEY")
+    p.add_argument("--admin-key", help="the gateway's [gateway] admin_key: list every app "
+                   "(one that starts with '-' as --admin-key=KEY)")
     p.add_argument("--json", action="store_true", help="one JSON object per socket")
     p.set_defaults(func=run)
 
