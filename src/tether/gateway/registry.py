@@ -15,7 +15,6 @@ from __future__ import annotations
 import binascii
 import logging
 import os
-import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -80,7 +79,7 @@ class SocketRecord:
         self.last_active = self.registry.clock()
 
     def new_token(self) -> str:
-        self.token = secrets.token_urlsafe(TOKEN_BYTES)
+        self.token = _token(TOKEN_BYTES)
         return self.token
 
     def finish(self, reason: str) -> None:
@@ -184,7 +183,7 @@ class Registry:
         self._tombstones[record.descriptor] = Tombstone(record.app, reason, peer, now)
         if len(self._tombstones) > TOMBSTONE_LIMIT:
             self._tombstones.popitem(last=False)
-        usage = self.usage.get(record.app) or self.app_usage(record.app)
+        usage = self.app_usage(record.app)
         usage.bytes_out += record.bytes_out
         usage.bytes_in += record.bytes_in
         # One structured line per socket, at close (the billing record).
@@ -209,7 +208,7 @@ _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def _token(nbytes: int) -> str:
-    """secrets.token_urlsafe(nbytes) in C calls only: one is made per connect."""
+    """secrets.token_urlsafe(nbytes) in C calls only (descriptors: one per connect; tokens)."""
     return binascii.b2a_base64(os.urandom(nbytes), newline=False).translate(_URLSAFE).rstrip(
         b"="
     ).decode("ascii")
