@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 DEFAULT_PORT = 7340  # unassigned by IANA at the time of writing; "TE" on a phone pad-ish
 
 
+def host_port(host: object, port: object) -> str:
+    """``host:port``, or ``[host]:port`` for an IPv6 address: how logs and errors name a peer."""
+    text = str(host)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
 @dataclass(frozen=True)
 class Endpoint:
     host: str = ""
@@ -29,12 +35,9 @@ class Endpoint:
         sockaddr: str | tuple[str, int]
         if unix:
             family, sockaddr, text = socket.AF_UNIX, self.path, f"unix:{self.path}"
-        elif ":" in self.host:
-            family, sockaddr = socket.AF_INET6, (self.host, self.port)
-            text = f"[{self.host}]:{self.port}"
         else:
-            family, sockaddr = socket.AF_INET, (self.host, self.port)
-            text = f"{self.host}:{self.port}"
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            sockaddr, text = (self.host, self.port), host_port(self.host, self.port)
         object.__setattr__(self, "is_unix", unix)
         object.__setattr__(self, "family", family)
         object.__setattr__(self, "sockaddr", sockaddr)

@@ -9,7 +9,7 @@ import sys
 
 from tether.client.control import ControlChannel
 from tether.client.settings import ENV_APP, ENV_GATEWAY, ENV_KEY, Settings
-from tether.endpoint import parse_endpoint
+from tether.endpoint import host_port, parse_endpoint
 from tether.gateway.session import ADMIN_APP
 from tether.wire import pb
 from tether.wire.convert import address_from_wire
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             {
                 "app": info.app,
                 "descriptor": info.descriptor_prefix,
-                "peer": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                "peer": host_port(host, port),
                 "state": info.state,
                 "bytes_out": info.bytes_out,
                 "bytes_in": info.bytes_in,

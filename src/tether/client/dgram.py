@@ -37,6 +37,7 @@ from tether.client.sock import (
 )
 from tether.client.sock import socket as _TetherSocket
 from tether.client.stream import Deadline, connect_fd, new_wire, read_until, send_all, send_hello
+from tether.endpoint import host_port
 from tether.wire import Connection, ConnectionClosed, RemoteProtocolError, pb
 from tether.wire.convert import FAMILY_TO_WIRE, address_from_wire, encode_option, option_label
 
@@ -209,7 +210,7 @@ class DatagramSocket(_TetherSocket):
         assert isinstance(result, pb.ConnectResult)
         if result.HasField("error"):
             stream.close()
-            target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            target = host_port(host, port)
             raise connect_error(result.error, target, gateway)
         u.stream, u.wire = stream, wire
         u.descriptor = result.descriptor

@@ -40,6 +40,7 @@ from tether.client.stream import (
     send_hello,
     send_now,
 )
+from tether.endpoint import host_port
 from tether.wire import Connection, ConnectionClosed, RemoteProtocolError, pb
 from tether.wire.convert import (
     FAMILY_TO_WIRE,
@@ -297,7 +298,7 @@ class socket(_StdSocket):
         timeout = self.gettimeout()
         nonblocking = timeout == 0.0
         deadline = Deadline(GATEWAY_CONNECT_TIMEOUT if nonblocking else timeout)
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        target = host_port(host, port)
         t.target = target
         if t.wire is None:
             # A blocking connect's deadline is the socket's own timeout, so the

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from tether.endpoint import host_port
 from tether.gateway import audit
 
 if TYPE_CHECKING:
@@ -178,7 +179,7 @@ class Registry:
     def closed(self, record: SocketRecord) -> None:
         self._sockets.pop(record.descriptor, None)
         now = self.clock()
-        peer = _fmt(record.peer)
+        peer = host_port(record.peer[0], record.peer[1])
         reason = record.closed_reason or "closed"
         self._tombstones[record.descriptor] = Tombstone(record.app, reason, peer, now)
         if len(self._tombstones) > TOMBSTONE_LIMIT:
@@ -213,7 +214,3 @@ def _token(nbytes: int) -> str:
         b"="
     ).decode("ascii")
 
-
-def _fmt(addr: tuple[Any, ...]) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

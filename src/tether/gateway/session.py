@@ -19,6 +19,7 @@ from collections.abc import Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from tether import __version__
+from tether.endpoint import host_port
 from tether.gateway import audit, udp
 from tether.gateway.registry import ATTACHED, DETACHING, HANDED_OFF, SocketRecord
 from tether.gateway.relay import DETACH_SETTLE_TIMEOUT, MAX_RESUME_TAIL, Link
@@ -662,8 +663,7 @@ def log_decision(
     if descriptor:
         line += f',"descriptor":{audit.quote(descriptor[:8])}'
     if chosen is not None:
-        where = f"[{chosen[0]}]:{chosen[1]}" if ":" in chosen[0] else f"{chosen[0]}:{chosen[1]}"
-        line += f',"chosen":{audit.quote(where)}'
+        line += f',"chosen":{audit.quote(host_port(chosen[0], chosen[1]))}'
     audit.emit_line(line + "}")
 
 

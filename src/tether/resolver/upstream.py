@@ -36,6 +36,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.reversename
 
+from tether.endpoint import host_port
 from tether.policy._resolution import ResolutionError
 from tether.resolver.cache import TTLCache
 
@@ -99,10 +100,6 @@ def _text(name: dns.name.Name) -> str:
     return name.to_text(omit_final_dot=True).lower()
 
 
-def _format_server(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class UpstreamResolver:
     """Resolves from `servers` ((host, port) pairs, numeric hosts), with a cache."""
 
@@ -164,7 +161,7 @@ class UpstreamResolver:
         problems: list[str] = []
         for _attempt in range(self.attempts):
             for host, port in self.servers:
-                server = _format_server(host, port)
+                server = host_port(host, port)
                 query = dns.message.make_query(qname, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
                 try:
                     response, _tcp = await dns.asyncquery.udp_with_fallback(
