@@ -198,11 +198,16 @@ class Error(_message.Message):
     ERRNO_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     RULE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     code: Global___Error.Code.ValueType
     errno: _builtins.int
     message: _builtins.str
     rule: _builtins.str
     """The policy rule or range that decided a PERMISSION_DENIED."""
+    reason: _builtins.str
+    """The policy's reason for a PERMISSION_DENIED, without the destination and
+    the app that `message` adds ("10.0.0.0/8 is private").
+    """
     def __init__(
         self,
         *,
@@ -210,10 +215,11 @@ class Error(_message.Message):
         errno: _builtins.int = ...,
         message: _builtins.str = ...,
         rule: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "errno", b"errno", "message", b"message", "rule", b"rule"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "errno", b"errno", "message", b"message", "reason", b"reason", "rule", b"rule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
