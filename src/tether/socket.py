@@ -24,9 +24,14 @@ from tether.client.resolve import (  # noqa: F401 - re-exported in __all__
 )
 from tether.client.sock import socket
 
-for _name in _std.__all__:
-    if _name not in globals():
-        globals()[_name] = getattr(_std, _name)
+# Every public attribute, not only __all__: the stdlib module also offers
+# SocketIO, MsgFlag, AddressInfo and a few errno names outside its __all__,
+# and code that imports tether.socket in its place may use them.
+for _name in dir(_std):
+    if not _name.startswith("_") and _name not in globals():
+        _value = getattr(_std, _name)
+        if not isinstance(_value, type(_std)):  # the modules socket.py itself imports
+            globals()[_name] = _value
 
 SocketType = _std.SocketType
 _GLOBAL_DEFAULT_TIMEOUT = _std._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]

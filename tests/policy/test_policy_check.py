@@ -176,7 +176,6 @@ CONFIG = """\
 
 @pytest.fixture
 def config_path(tmp_path: Path) -> Path:
-    pytest.importorskip("tether.config")
     return write_config(tmp_path, CONFIG)
 
 
@@ -223,7 +222,6 @@ def test_run_static_mode_refuses_unknown_names(
 def test_run_config_error_is_exit_2_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("tether.config")
     path = write_config(tmp_path, '[policy]\nallow = ["ok.test", "10.0.0.1/8"]\n')
     assert run_cli("x", "80", "--config", str(path)) == 2
     err = capsys.readouterr().err
@@ -236,7 +234,6 @@ def test_run_config_error_is_exit_2_without_traceback(
 def test_run_system_mode_uses_the_hosts_table_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("tether.config")
     asked: list[str] = []
 
     def fake_getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
