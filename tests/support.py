@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import socket
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+
+import pytest
 
 import tether
 from tether.client import control
@@ -153,6 +156,37 @@ def stdlib_socket_class() -> type[socket.socket]:
 
 
 StdSocket = stdlib_socket_class()
+
+
+# The machine's loopback services (PostgreSQL, MariaDB, Redis, RabbitMQ,
+# Mosquitto, NATS). A developer without one gets a skip that names it; CI sets
+# TETHER_REQUIRE_SERVICES=1 so a missing service fails the run instead. Read
+# at import: the suite's autouse fixture clears TETHER_* before each test.
+REQUIRE_SERVICES = os.environ.get("TETHER_REQUIRE_SERVICES", "") not in ("", "0")
+
+
+def service_reachable(port: int, host: str = "127.0.0.1") -> OSError | None:
+    """None if a plain (untethered) TCP connect to the service succeeds, else why not."""
+    probe = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect((host, port))
+    except OSError as exc:
+        return exc
+    finally:
+        probe.close()
+    return None
+
+
+def require_service(port: int, name: str) -> None:
+    """Skip (or, with TETHER_REQUIRE_SERVICES=1, fail) unless `name` answers on `port`."""
+    problem = service_reachable(port)
+    if problem is None:
+        return
+    message = f"{name} is not reachable on 127.0.0.1:{port} on this machine: {problem}"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message} (TETHER_REQUIRE_SERVICES is set: a missing service is a failure)")
+    pytest.skip(message)
 
 
 # -- streams -------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Gateway, StdSocket, list_sockets, recv_exact, stream, wait_for
+from support import Gateway, StdSocket, list_sockets, recv_exact, require_service, stream, wait_for
 
 from tether.demo.servers import MAILBOX_MESSAGE, PASSWORD, USER, POP3Server, SMTPServer
 
@@ -532,22 +532,10 @@ def _wait_gone(gateway: Gateway, port: int) -> bool:
 # -- the worked example -----------------------------------------------------------
 
 
-def _redis_reachable() -> bool:
-    probe = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(("127.0.0.1", 6379))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
 @pytest.mark.parametrize("queue_kind", ["multiprocessing", "redis"])
 def test_example_handoff_smtp_runs(queue_kind: str) -> None:
-    if queue_kind == "redis" and not _redis_reachable():
-        pytest.skip("no Redis on 127.0.0.1:6379 on this machine")
+    if queue_kind == "redis":
+        require_service(6379, "Redis")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT / "src")]))
     result = subprocess.run(

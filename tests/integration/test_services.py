@@ -4,7 +4,8 @@ Each test drives an unmodified client library (redis-py, PyMySQL, pg8000,
 pika, paho-mqtt) after `tether.install()` and checks that its socket really
 is a tether socket whose fd is the hop to the gateway, and that the gateway
 logged the decision for the service's port. The services live on loopback
-only; a test skips, rather than fails, when its service is not running.
+only; a test skips when its service is not running, and fails instead when
+TETHER_REQUIRE_SERVICES=1 (as in CI).
 Every key, table, queue and topic name is unique to the run and removed.
 """
 
@@ -29,7 +30,7 @@ import pika.compat
 import pymysql
 import pytest
 import redis
-from support import Gateway
+from support import Gateway, require_service
 from tcpservers import StdSocket, wait_for
 
 from tether.client.sock import socket as TetherSocket
@@ -43,15 +44,7 @@ REDIS, MYSQL, POSTGRES, AMQP, MQTT = 6379, 3306, 5432, 5672, 1883
 
 
 def _require(port: int, name: str) -> None:
-    """Skip unless the service answers a plain (untethered) TCP connect."""
-    probe = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(("127.0.0.1", port))
-    except OSError as exc:
-        pytest.skip(f"{name} is not reachable on 127.0.0.1:{port} on this machine: {exc}")
-    finally:
-        probe.close()
+    require_service(port, name)
 
 
 @pytest.fixture
