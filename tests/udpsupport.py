@@ -23,8 +23,8 @@ from tether.client import settings as client_settings
 from tether.client.settings import Settings
 from tether.config import parse_config
 from tether.endpoint import parse_endpoint
+from tether.gateway.core.registry import SocketRecord
 from tether.gateway.embedded import EmbeddedGateway
-from tether.gateway.registry import SocketRecord
 
 TIMEOUT = 5.0
 IDLE = 60.0  # [gateway] idle_timeout of the UDP test gateway

@@ -44,8 +44,8 @@ from tether.client import control, handoff
 from tether.client import settings as client_settings
 from tether.client.settings import Settings
 from tether.config import parse_config
+from tether.gateway.core.registry import TOMBSTONE_TTL
 from tether.gateway.embedded import EmbeddedGateway
-from tether.gateway.registry import TOMBSTONE_TTL
 from tether.gateway.server import SWEEP_INTERVAL
 from tether.wire import pb
 

@@ -18,8 +18,8 @@ import pytest
 from support import embedded_gateway, wait_for
 from tcpservers import Server, serving
 
+from tether.gateway.core.registry import SocketRecord
 from tether.gateway.embedded import EmbeddedGateway
-from tether.gateway.registry import SocketRecord
 
 TIMEOUT = 10.0
 CONNECTIONS = 20

@@ -10,7 +10,7 @@ import sys
 from tether.client.control import ControlChannel
 from tether.client.settings import ENV_APP, ENV_GATEWAY, ENV_KEY, Settings
 from tether.endpoint import host_port, parse_endpoint
-from tether.gateway.session import ADMIN_APP
+from tether.gateway.core.auth import ADMIN_APP
 from tether.wire import pb
 from tether.wire.convert import address_from_wire
 

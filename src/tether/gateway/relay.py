@@ -24,10 +24,10 @@ import socket
 import struct
 from typing import TYPE_CHECKING
 
-from tether.gateway.registry import ATTACHED, DETACHING, HANDED_OFF
+from tether.gateway.core.registry import ATTACHED, DETACHING, HANDED_OFF
 
 if TYPE_CHECKING:
-    from tether.gateway.registry import SocketRecord
+    from tether.gateway.core.registry import SocketRecord
 
 log = logging.getLogger("tether.gateway")
 

@@ -1,8 +1,10 @@
-"""The gateway process: listeners, policy, sockets, shutdown.
+"""The gateway process: listeners, signals, shutdown.
 
-``Gateway`` is an asyncio object; :func:`serve` runs one until SIGINT or
-SIGTERM (uvloop when installed); :class:`tether.gateway.embedded.EmbeddedGateway`
-runs one in a thread for development mode and tests.
+``Gateway`` is the :class:`~tether.gateway.core.gateway.GatewayCore` with
+its listeners, one Tether front-end session per accepted stream; :func:`serve`
+runs one until SIGINT or SIGTERM (uvloop when installed);
+:class:`tether.gateway.embedded.EmbeddedGateway` runs one in a thread for
+development mode and tests.
 """
 
 from __future__ import annotations
@@ -14,26 +16,20 @@ import os
 import resource
 import signal
 import socket
-import time
 from collections.abc import Callable
-from dataclasses import replace
-from typing import cast
 
 from tether.config import Config
 from tether.endpoint import Endpoint
-from tether.gateway.registry import Registry
+from tether.gateway.core.gateway import SWEEP_INTERVAL, GatewayCore
+from tether.gateway.frontends.tether import TetherSession
 from tether.gateway.resolve import GatewayResolver
-from tether.gateway.session import ClientSession
-from tether.policy import Decider, Decision, Transport
 
 log = logging.getLogger("tether.gateway")
 
-# How often idle sockets are looked for: idle timeouts are minutes (App
-# Engine's 10), so a second of slack is invisible and the scan is cheap.
-SWEEP_INTERVAL = 1.0
 
+class Gateway(GatewayCore):
+    """The core and its listeners: one TetherSession per accepted stream."""
 
-class Gateway:
     def __init__(
         self,
         config: Config,
@@ -41,20 +37,9 @@ class Gateway:
         resolver: GatewayResolver | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self.config = config
-        self._clock = clock
-        self.resolver = resolver or GatewayResolver.from_config(
-            config, decider=lambda: self.decider, clock=clock
-        )
-        self.registry = Registry(clock or time.monotonic)
-        self.sessions: set[ClientSession] = set()
+        super().__init__(config, resolver=resolver, clock=clock)
         self.endpoints: list[Endpoint] = []
         self._servers: list[asyncio.Server] = []
-        self._sweep_task: asyncio.Task[None] | None = None
-        self.decider = Decider(config.policy)
-        # The loop start() runs in, kept: asyncio.get_running_loop() costs a
-        # getpid() system call on every call in Python 3.11.
-        self.loop: asyncio.AbstractEventLoop = cast(asyncio.AbstractEventLoop, None)
 
     async def start(self) -> list[Endpoint]:
         """Listen on every configured endpoint; returns them with real ports."""
@@ -65,12 +50,12 @@ class Gateway:
                     if _is_socket(endpoint.path):
                         os.unlink(endpoint.path)  # a stale socket from a previous run
                 server = await loop.create_unix_server(
-                    lambda: ClientSession(self), path=endpoint.path
+                    lambda: TetherSession(self), path=endpoint.path
                 )
                 bound = endpoint
             else:
                 server = await loop.create_server(
-                    lambda: ClientSession(self),
+                    lambda: TetherSession(self),
                     host=endpoint.host,
                     port=endpoint.port,
                     family=endpoint.family,
@@ -80,96 +65,16 @@ class Gateway:
                 bound = Endpoint(host=host, port=port)
             self._servers.append(server)
             self.endpoints.append(bound)
-        # The gateway's own listening addresses are never a destination.
-        self.decider = Decider(
-            self.config.policy,
-            self_addresses=[(e.host, e.port) for e in self.endpoints if not e.is_unix],
-        )
-        self._sweep_task = loop.create_task(self._sweeper())
+        self.serve((e.host, e.port) for e in self.endpoints if not e.is_unix)
         for bound in self.endpoints:
             log.info("listening on %s", bound)
         return list(self.endpoints)
 
-    def idle_timeout(self, app: str) -> float:
-        app_config = self.config.apps.get(app)
-        if app_config is not None and app_config.idle_timeout is not None:
-            return app_config.idle_timeout
-        return self.config.idle_timeout
-
-    def sweep(self) -> int:
-        """Reclaim every socket idle past its timeout; returns how many."""
-        reclaimed = 0
-        for record, idle in self.registry.idle():
-            reason = (
-                f"reclaimed by the gateway after {idle:.0f} s idle "
-                f"(idle_timeout {record.idle_timeout:g} s)"
-            )
-            log.info("socket %s of app %r %s", record.descriptor[:8], record.app, reason)
-            if record.link is not None:
-                record.link.abort(reason, reset_app=True)
-            else:
-                record.finish(reason)
-            reclaimed += 1
-        return reclaimed
-
-    async def _sweeper(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            self.sweep()
-
-    def reload(self, config: Config) -> None:
-        """Take a new policy, apps and resolver table; open sockets stay open.
-
-        Listeners and the frame limit are fixed at start-up: changing where
-        the gateway listens needs a restart, and the log says so.
-        """
-        if config.listen != self.config.listen:
-            log.warning("reload: gateway.listen changed; it takes effect at the next restart")
-        self.config = replace(config, listen=self.config.listen, max_frame=self.config.max_frame)
-        self.resolver = GatewayResolver.from_config(
-            config, decider=lambda: self.decider, clock=self._clock
-        )
-        self.decider = Decider(
-            config.policy,
-            self_addresses=[(e.host, e.port) for e in self.endpoints if not e.is_unix],
-        )
-        log.info(
-            "reloaded %s: %d apps, %d sockets kept open",
-            config.source or "config",
-            len(config.apps),
-            len(self.registry),
-        )
-
-    async def decide(self, app: str, host: str, port: int, transport: Transport) -> Decision:
-        """Normalise, decide what can be decided before a lookup, resolve, decide."""
-        target = self.decider.normalize(host)
-        if target.needs_lookup:
-            early = self.decider.predecide(app, target, port, transport)
-            if early is not None:
-                decision = early
-            else:
-                assert target.name is not None
-                addresses = await self.resolver.lookup(target.name)
-                decision = self.decider.decide_resolved(app, target, port, transport, addresses)
-        else:
-            # A numeric target is its own candidate: no addresses to pass.
-            decision = self.decider.decide_resolved(app, target, port, transport, ())
-        return decision
-
     async def close(self) -> None:
         """Stop accepting, close every stream and socket."""
-        if self._sweep_task is not None:
-            self._sweep_task.cancel()
         for server in self._servers:
             server.close()
-        for record in list(self.registry):
-            if record.link is not None:
-                record.link.abort("gateway shutting down")
-            else:
-                record.finish("gateway shutting down")
-        for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.abort()
+        self.abort_all("gateway shutting down")
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
@@ -277,4 +182,12 @@ def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
     return 0
 
 
-__all__ = ["Gateway", "new_event_loop", "raise_fd_limit", "serve", "socket", "tune_malloc"]
+__all__ = [
+    "SWEEP_INTERVAL",
+    "Gateway",
+    "new_event_loop",
+    "raise_fd_limit",
+    "serve",
+    "socket",
+    "tune_malloc",
+]

@@ -4,10 +4,9 @@ A descriptor is 128 random bits (URL-safe base64, as ``secrets.token_urlsafe(16)
 be guessed, and it is bound to the app that created it: every lookup names
 the app, and another app's descriptor is never usable.
 
-A socket is ``attached`` (an app stream is relaying it), ``detaching`` (a
-handoff has begun) or ``handed-off`` (waiting for a Resume with its one-time
-token). A closed socket leaves a tombstone for a while, so an app that finds
-its socket gone can be told why ("reclaimed after 600 s idle").
+A socket is in one of the :class:`SocketState` states. A closed socket leaves
+a tombstone for a while, so an app that finds its socket gone can be told why
+("reclaimed after 600 s idle").
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tether.endpoint import host_port
@@ -35,9 +35,25 @@ TOKEN_BYTES = 16
 TOMBSTONE_TTL = 3600.0
 TOMBSTONE_LIMIT = 10_000
 
-ATTACHED = "attached"
-DETACHING = "detaching"
-HANDED_OFF = "handed-off"
+
+class SocketState(StrEnum):
+    """Where a live socket is in its life.
+
+    The values travel on the wire (``SocketInfo.state``, what ``tether
+    sockets`` shows) and appear in log lines and error messages: a string
+    enum compares and formats as its value, so they are unchanged.
+    """
+
+    ATTACHED = "attached"  # an app stream is relaying it
+    DETACHING = "detaching"  # a handoff has begun: the old holder is draining
+    HANDED_OFF = "handed-off"  # waiting for a Resume with its one-time token
+
+
+# Module-level names: the relay compares against them per event, and a global
+# is one dict lookup where SocketState.X is two.
+ATTACHED = SocketState.ATTACHED
+DETACHING = SocketState.DETACHING
+HANDED_OFF = SocketState.HANDED_OFF
 
 
 @dataclass
@@ -66,7 +82,7 @@ class SocketRecord:
     bytes_in: int = 0
     idle_timeout: float = 600.0
     link: Link | None = None
-    state: str = ATTACHED
+    state: SocketState = ATTACHED
     token: str | None = None  # the resume token while handed off
     handoffs: int = 0
     closed_reason: str | None = None

@@ -1,0 +1,74 @@
+"""Inspection: an app's sockets by descriptor, why one is gone, what ``tether sockets`` lists."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from tether.gateway.core.errors import Refusal
+from tether.gateway.core.registry import Registry, SocketRecord
+from tether.wire import pb
+from tether.wire.convert import address_to_wire
+
+
+def live(registry: Registry, app: str, descriptor: str) -> SocketRecord | Refusal:
+    """`app`'s live socket `descriptor`, or a Refusal saying why it is not there."""
+    record = registry.get(app, descriptor)
+    if record is not None:
+        return record
+    return gone(registry, app, descriptor)
+
+
+def gone(registry: Registry, app: str, descriptor: str) -> Refusal:
+    """Why `app` has no live socket `descriptor`: another app's, closed, or unknown."""
+    owner = registry.owner(descriptor)
+    if owner is not None and owner != app:
+        return Refusal(pb.Error.PERMISSION_DENIED, errno.EACCES,
+            f"tether: socket {descriptor[:8]}... belongs to another app; "
+            f"app '{app}' may not use it")
+    stone = registry.tombstone(app, descriptor)
+    if stone is not None:
+        return Refusal(pb.Error.CLOSED, errno.ECONNRESET,
+            f"tether: socket to {stone.peer} was {stone.reason}")
+    return _unknown(app, descriptor)
+
+
+def close_reason(registry: Registry, app: str, descriptor: str) -> str | Refusal:
+    """What became of `descriptor`: "open (STATE)", or the reason it was closed."""
+    record = registry.get(app, descriptor)
+    if record is not None:
+        return f"open ({record.state})"
+    stone = registry.tombstone(app, descriptor)
+    if stone is not None:
+        return stone.reason
+    return _unknown(app, descriptor)
+
+
+def list_sockets(registry: Registry, app: str, *, every_app: bool) -> list[pb.SocketInfo]:
+    """`app`'s live sockets (with `every_app`, all of them: the operator's view)."""
+    now = registry.clock()
+    listed = []
+    for record in registry:
+        if record.app != app and not every_app:
+            continue
+        family = socket.AF_INET6 if ":" in str(record.peer[0]) else socket.AF_INET
+        listed.append(pb.SocketInfo(
+            app=record.app,
+            descriptor_prefix=record.descriptor[:8],
+            peer=address_to_wire(record.peer, family),
+            state=record.state,
+            bytes_out=record.bytes_out,
+            bytes_in=record.bytes_in,
+            idle_seconds=max(0.0, now - record.last_active),
+            age_seconds=max(0.0, now - record.created),
+            transport=pb.TRANSPORT_TCP if record.transport == "tcp" else pb.TRANSPORT_UDP,
+        ))
+    return listed
+
+
+def _unknown(app: str, descriptor: str) -> Refusal:
+    return Refusal(pb.Error.NOT_FOUND, errno.EBADF,
+        f"tether: no socket {descriptor[:8]}... for app '{app}'")
+
+
+__all__ = ["close_reason", "gone", "list_sockets", "live"]

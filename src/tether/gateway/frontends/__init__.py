@@ -1,0 +1,1 @@
+"""Front-ends: one per protocol an app speaks to the gateway (today: Tether's own)."""

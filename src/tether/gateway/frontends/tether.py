@@ -1,0 +1,376 @@
+"""The Tether protocol front-end: one app stream, hello, then connects or requests.
+
+The stream is driven by the sans-I/O :class:`tether.wire.Connection`; every
+step that is not the protocol (authenticate, admit, dial, handoff,
+inspection, the error words) is the core's (``tether.gateway.core``). A
+protocol error closes this stream only, with an Error frame that says why;
+nothing in here can take the gateway down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+from tether import __version__
+from tether.gateway.core import handoff, inspect
+from tether.gateway.core.auth import ADMIN_APP
+from tether.gateway.core.errors import Refusal, wire_error
+from tether.gateway.core.gateway import GatewayCore
+from tether.gateway.core.options import apply_option, outbound_socket, read_option
+from tether.gateway.frontends import tether_udp
+from tether.gateway.resolve import HostError
+from tether.gateway.udp import UdpAssociation
+from tether.policy import ResolutionError, Transport
+from tether.wire import (
+    NEED_DATA,
+    PAUSED,
+    PROTOCOL_VERSION,
+    Connection,
+    ConnectionClosed,
+    ProtocolError,
+    RemoteProtocolError,
+    Role,
+    State,
+    encode_frame,
+    pb,
+)
+from tether.wire.convert import FAMILY_FROM_WIRE, address_to_wire
+
+log = logging.getLogger("tether.gateway")
+
+
+class TetherSession(asyncio.Protocol):
+    """One app stream speaking the Tether protocol."""
+
+    __slots__ = (
+        "__weakref__",
+        "_pending",
+        "_switched",
+        "_task",
+        "admin",
+        "app",
+        "association",
+        "core",
+        "transport",
+        "wire",
+    )
+
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
+        self.wire = Connection(Role.GATEWAY, max_frame=core.config.max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.app: str | None = None
+        self.admin = False  # the operator's identity: sees every app's sockets
+        self._task: asyncio.Task[None] | None = None
+        self._switched = False
+        # A ServerHello held back to go out with the ConnectResult of the
+        # Connect pipelined behind it: one write and one client wake-up
+        # instead of two per connection.
+        self._pending = b""
+        self.association: UdpAssociation | None = None  # a UDP socket's stream
+
+    # -- asyncio protocol --------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport  # type: ignore[assignment]
+        self.core.streams.add(transport)
+
+    @property
+    def peername(self) -> str:
+        """The app stream's address, for log lines (asked only when one is written)."""
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer) if peer else "unix"
+
+    def data_received(self, data: bytes) -> None:
+        self.wire.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.wire.receive_data(b"")
+        self._process()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.core.streams.discard(self.transport)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self.association is not None:
+            self.association.close("closed by the app")
+
+    # -- events ------------------------------------------------------------
+
+    def _process(self) -> None:
+        while self._task is None and not self._switched:
+            try:
+                event = self.wire.next_event()
+            except RemoteProtocolError as exc:
+                self._fail(exc)
+                return
+            if self._pending and not isinstance(event, pb.Connect | pb.Resume):
+                self._write(b"")
+            if event is NEED_DATA or event is PAUSED:
+                return
+            if isinstance(event, ConnectionClosed):
+                self._close()
+                return
+            if isinstance(event, pb.ClientHello):
+                self._hello(event)
+            elif isinstance(event, pb.Connect):
+                self._start(self._connect(event))
+            elif isinstance(event, pb.Resume):
+                self._start(self._resume(event))
+            elif isinstance(event, pb.Request):
+                self._start(self._request(event))
+            elif isinstance(event, pb.Error):
+                log.info("stream %s sent an error: %s", self.peername, event.message)
+                self._close()
+                return
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+        assert self.transport is not None
+        # Read nothing more until this is answered: frames wait in the
+        # kernel, and early raw bytes after a Connect stay in order.
+        self.transport.pause_reading()
+        task = self.core.loop.create_task(coro)
+        self._task = task
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("internal error on stream %s", self.peername, exc_info=exc)
+            self._fail(ProtocolError(f"gateway internal error: {type(exc).__name__}"))
+            return
+        if self._switched or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        self._process()
+
+    def _write(self, data: bytes) -> None:
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _reply_error(self, error: pb.Error) -> None:
+        """An Error frame that ends the stream (the UDP association's reply)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self.wire.send_error(error))
+
+    def _fail(self, exc: ProtocolError) -> None:
+        log.info("closing stream %s: protocol error: %s", self.peername, exc)
+        if self.wire.state is not State.RELAY:  # raw bytes now: no frame can be sent
+            self._write(self.wire.send_error(exc))
+        self._close()
+
+    def _close(self) -> None:
+        if self._pending:
+            self._write(b"")
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- hello -------------------------------------------------------------
+
+    def _hello(self, hello: pb.ClientHello) -> None:
+        if hello.protocol_version == PROTOCOL_VERSION and self.core.authenticate(
+            hello.app, hello.key
+        ):
+            self.app = hello.app
+            self.admin = hello.app == ADMIN_APP
+            # Written by _process or with the answer to the next frame.
+            self._pending = self.wire.send(_SERVER_HELLO, frame=_SERVER_HELLO_FRAME)
+            return
+        reply = pb.ServerHello(protocol_version=PROTOCOL_VERSION, gateway_version=__version__)
+        if hello.protocol_version != PROTOCOL_VERSION:
+            reply.error.CopyFrom(
+                pb.Error(
+                    code=pb.Error.VERSION_MISMATCH,
+                    message=(
+                        f"tether: protocol version mismatch: the client speaks version "
+                        f"{hello.protocol_version}, this gateway speaks version "
+                        f"{PROTOCOL_VERSION} (gateway {__version__}); "
+                        "install matching tether versions"
+                    ),
+                )
+            )
+            log.warning(
+                "stream %s: client protocol version %d refused (client %s)",
+                self.peername,
+                hello.protocol_version,
+                hello.client_version or "unknown",
+            )
+        else:
+            reply.error.CopyFrom(
+                pb.Error(
+                    code=pb.Error.AUTH_FAILED,
+                    message=f"tether: app '{hello.app}' authentication failed",
+                )
+            )
+            # The key is never logged, not even a wrong one.
+            log.warning("stream %s: app %r authentication failed", self.peername, hello.app)
+        self._write(self.wire.send(reply))
+        self._close()
+
+    # -- connect -----------------------------------------------------------
+
+    async def _connect(self, req: pb.Connect) -> None:
+        transport = self.transport
+        task = self._task
+        assert self.app is not None and transport is not None and task is not None
+        core = self.core
+        app = self.app
+        if self.admin:
+            self._write(self.wire.send(pb.ConnectResult(error=pb.Error(
+                code=pb.Error.PERMISSION_DENIED, errno=errno.EACCES,
+                message="tether: the admin identity can list sockets but not open them"))))
+            return
+        if req.transport == pb.TRANSPORT_UDP:
+            result, self.association = await tether_udp.open_association(
+                core, app, transport, req, self._reply_error
+            )
+            self._write(self.wire.send(result))
+            return
+        family = FAMILY_FROM_WIRE.get(req.family, socket.AF_UNSPEC)
+        admitted = await core.admit(app, req.host, req.port, Transport.TCP, family)
+        if isinstance(admitted, Refusal):
+            self._write(self.wire.send(pb.ConnectResult(error=wire_error(admitted))))
+            return
+        decision, addresses = admitted
+        timeout = req.timeout if req.timeout > 0 else core.config.connect_timeout
+        try:
+            link = await core.dial(decision, addresses, req.options, timeout, task)
+        except OSError as exc:  # DialTimeout included; dial wrote the audit line
+            self._write(self.wire.send(pb.ConnectResult(error=wire_error(exc))))
+            return
+        record = link.record
+        peer = record.peer
+        family = socket.AF_INET6 if len(peer) == 4 else socket.AF_INET
+        self._write(self.wire.send(pb.ConnectResult(
+            descriptor=record.descriptor,
+            peer=address_to_wire(peer, family),
+            local=address_to_wire(record.local, family),
+        )))
+        # Raw bytes from here on: the stream is the socket's (the Link's).
+        trailing = self.wire.trailing_data
+        self._switched = True
+        core.streams.discard(transport)
+        transport.set_protocol(link.app_side)
+        link.app_side.connection_made(transport)
+        link.started()
+        if trailing:
+            link.app_side.data_received(trailing)
+        if not transport.is_closing():
+            transport.resume_reading()
+
+    # -- control requests --------------------------------------------------
+
+    async def _request(self, req: pb.Request) -> None:
+        assert self.app is not None
+        response = pb.Response(id=req.id)
+        try:
+            await self._answer(req, response)
+        except (ResolutionError, HostError, OSError) as exc:
+            response.ClearField("result")
+            response.error.CopyFrom(wire_error(exc))
+        self._write(self.wire.send(response))
+
+    async def _answer(self, req: pb.Request, response: pb.Response) -> None:
+        assert self.app is not None
+        core = self.core
+        app = self.app
+        op = req.WhichOneof("op")
+        if self.association is not None and op in tether_udp.OPS:
+            await tether_udp.answer(core, app, self.association, req, response)
+        elif op == "getaddrinfo":
+            response.addrinfo.CopyFrom(await core.resolver.getaddrinfo(req.getaddrinfo, app))
+        elif op == "gethostbyname":
+            response.host.CopyFrom(
+                await core.resolver.gethostbyname_ex(req.gethostbyname.name, app)
+            )
+        elif op == "gethostbyaddr":
+            response.host.CopyFrom(await core.resolver.gethostbyaddr(req.gethostbyaddr.address))
+        elif op == "getnameinfo":
+            response.nameinfo.CopyFrom(await core.resolver.getnameinfo(req.getnameinfo))
+        elif op in ("set_option", "get_option", "touch"):
+            record = inspect.live(core.registry, app, getattr(req, op).descriptor)
+            if isinstance(record, Refusal):
+                response.error.CopyFrom(wire_error(record))
+                return
+            record.touch()  # any operation resets the idle clock
+            if op == "touch":
+                response.done = True
+                return
+            sock = outbound_socket(record)
+            if isinstance(sock, Refusal):
+                response.error.CopyFrom(wire_error(sock))
+            elif op == "set_option":
+                apply_option(sock, req.set_option.value)
+                response.done = True
+            else:
+                response.option.CopyFrom(read_option(sock, req.get_option.name))
+        elif op == "detach":
+            record = inspect.live(core.registry, app, req.detach.descriptor)
+            token = record if isinstance(record, Refusal) else handoff.detach(record)
+            if isinstance(token, Refusal):
+                response.error.CopyFrom(wire_error(token))
+            else:
+                response.handoff.token = token
+        elif op == "close_reason":
+            reason = inspect.close_reason(core.registry, app, req.close_reason.descriptor)
+            if isinstance(reason, Refusal):
+                response.error.CopyFrom(wire_error(reason))
+            else:
+                response.text.text = reason
+        elif op == "list_sockets":
+            response.sockets.SetInParent()
+            response.sockets.sockets.extend(
+                inspect.list_sockets(core.registry, app, every_app=self.admin)
+            )
+        else:
+            response.error.CopyFrom(pb.Error(code=pb.Error.UNSUPPORTED,
+                message=f"tether: request {op!r} is not supported by this gateway"))
+
+    # -- resume ------------------------------------------------------------
+
+    async def _resume(self, req: pb.Resume) -> None:
+        assert self.app is not None and self.transport is not None
+        record = await handoff.resumable(
+            self.core.registry, self.app, req.descriptor, req.token, req.tail_length
+        )
+        if isinstance(record, Refusal):
+            self._write(self.wire.send(pb.ConnectResult(error=wire_error(record))))
+            return
+        link = record.link
+        assert link is not None  # resumable() checked
+        family = socket.AF_INET6 if ":" in str(record.peer[0]) else socket.AF_INET
+        self._write(self.wire.send(pb.ConnectResult(
+            descriptor=record.descriptor,
+            peer=address_to_wire(record.peer, family),
+            local=address_to_wire(record.local, family),
+        )))
+        # Raw bytes from here on (after the tail's echo): the stream is the socket's.
+        trailing = self.wire.trailing_data
+        self._switched = True
+        self.core.streams.discard(self.transport)
+        link.attach(self.transport, req.tail_length, trailing)
+        log.info("socket %s resumed by app %r", record.descriptor[:8], self.app)
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+# Every successful hello gets the same answer.
+_SERVER_HELLO = pb.ServerHello(protocol_version=PROTOCOL_VERSION, gateway_version=__version__)
+_SERVER_HELLO_FRAME = encode_frame(_SERVER_HELLO)
+
+
+__all__ = ["TetherSession"]
