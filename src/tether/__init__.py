@@ -11,5 +11,6 @@ __version__ = "0.1.0"
 
 from tether.client.install import install, installed, uninstall
 from tether.client.sock import keepalive
+from tether.errors import PolicyDenied
 
-__all__ = ["__version__", "install", "installed", "keepalive", "uninstall"]
+__all__ = ["PolicyDenied", "__version__", "install", "installed", "keepalive", "uninstall"]

@@ -14,6 +14,7 @@ import errno as _errno
 import socket as _std
 from typing import Any as _Any
 
+from tether.client.dgram import DatagramSocket as _DatagramSocket  # noqa: F401 - registers UDP
 from tether.client.resolve import (  # noqa: F401 - re-exported in __all__
     getaddrinfo,
     getfqdn,

@@ -52,8 +52,9 @@ from support import (
 
 import tether
 from tether.client import control, handoff
+from tether.client.exchange import Exchange
 from tether.client.settings import Settings, current
-from tether.client.stream import Deadline, connect_fd, hello, new_wire, read_until
+from tether.client.stream import Deadline, open_stream, roundtrip
 from tether.demo.servers import (
     MAILBOX_MESSAGE,
     PASSWORD,
@@ -715,18 +716,13 @@ def _detached(gw: Gateway, port: int) -> handoff.HandoffState:
 def _raw_resume(state: handoff.HandoffState, tail_length: int) -> socket.socket:
     """A bare stream that resumes `state` announcing `tail_length` tail bytes."""
     settings = current()
-    raw = StdSocket(settings.gateway.family, socket.SOCK_STREAM)
+    raw = open_stream(settings, Deadline(TIMEOUT))
     try:
-        connect_fd(raw.fileno(), settings, Deadline(TIMEOUT))
-        wire = new_wire()
-        raw.sendall(
-            wire.send(hello(settings))
-            + wire.send(
-                pb.Resume(descriptor=state.descriptor, token=state.token, tail_length=tail_length)
-            )
+        exchange = Exchange(settings.gateway)
+        request = pb.Resume(descriptor=state.descriptor, token=state.token, tail_length=tail_length)
+        result = roundtrip(
+            raw, exchange, exchange.open(settings) + exchange.send(request), Deadline(TIMEOUT)
         )
-        events = read_until(raw, wire, Deadline(TIMEOUT), pb.ConnectResult)
-        result = events[-1]
         assert isinstance(result, pb.ConnectResult) and not result.HasField("error"), result
     except BaseException:
         raw.close()

@@ -1,4 +1,4 @@
-"""The tether socket's own handshake I/O (client/stream.py): send_now and read_answer.
+"""The blocking driver of an exchange (client/stream.py): send_now and read_answer.
 
 They leave the socket's timeout alone, so each is checked with a blocking
 socket, a non-blocking one and one with a timeout, on a socket pair
@@ -14,8 +14,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from tether.client.exchange import Exchange
+from tether.client.settings import Settings
 from tether.client.stream import Deadline, read_answer, send_now
+from tether.endpoint import parse_endpoint
 from tether.wire import Connection, Role, pb
+
+SETTINGS = Settings(gateway=parse_endpoint("127.0.0.1:9999"), app="a", key="k")
 
 TIMEOUTS = [None, 0.0, 5.0]
 
@@ -27,10 +32,10 @@ def pair() -> Iterator[tuple[std.socket, std.socket]]:
         yield a, b
 
 
-def handshake() -> tuple[Connection, bytes]:
-    """A client wire that has sent hello + Connect, and the gateway's answer to it."""
-    client = Connection(Role.CLIENT)
-    sent = client.send(pb.ClientHello(protocol_version=1, app="a", key="k"))
+def handshake() -> tuple[Exchange, bytes]:
+    """A client exchange that has sent hello + Connect, and the gateway's answer to it."""
+    client = Exchange(SETTINGS.gateway)
+    sent = client.open(SETTINGS)
     sent += client.send(pb.Connect(transport=pb.TRANSPORT_TCP, host="127.0.0.1", port=9))
     gateway = Connection(Role.GATEWAY)
     gateway.receive_data(sent)
@@ -58,10 +63,11 @@ def test_read_answer_consumes_exactly_the_frames(
 ) -> None:
     app, gw = pair
     app.settimeout(timeout)
-    wire, answer = handshake()
+    exchange, answer = handshake()
     gw.sendall(answer + b"220 greeting")  # the target spoke right behind the result
-    events = read_answer(app, wire, Deadline(5.0), pb.ConnectResult)
-    assert [type(e) for e in events] == [pb.ServerHello, pb.ConnectResult]
+    result = read_answer(app, exchange, Deadline(5.0))
+    # Both frames were read: the ServerHello (its version) and the ConnectResult.
+    assert (exchange.wire.peer_version, type(result)) == (1, pb.ConnectResult)
     assert_in_step(app, timeout)
     app.settimeout(5.0)
     assert app.recv(100) == b"220 greeting"
@@ -73,19 +79,18 @@ def test_read_answer_waits_for_the_rest_of_a_frame(
 ) -> None:
     app, gw = pair
     app.settimeout(timeout)
-    wire, answer = handshake()
+    exchange, answer = handshake()
     cut = len(answer) - 5  # inside the ConnectResult frame
     gw.sendall(answer[:cut])
     result: list[object] = []
     reader = threading.Thread(
-        target=lambda: result.append(read_answer(app, wire, Deadline(30.0), pb.ConnectResult))
+        target=lambda: result.append(read_answer(app, exchange, Deadline(30.0)))
     )
     reader.start()
     gw.sendall(answer[cut:] + b"x")
     reader.join(60)
     assert not reader.is_alive()
-    events = result[0]
-    assert isinstance(events, list) and isinstance(events[-1], pb.ConnectResult)
+    assert isinstance(result[0], pb.ConnectResult)
     assert_in_step(app, timeout)
     app.settimeout(5.0)
     assert app.recv(100) == b"x"
@@ -97,9 +102,9 @@ def test_read_answer_times_out_at_the_deadline_not_the_sockets_timeout(
 ) -> None:
     app, _gw = pair
     app.settimeout(timeout)
-    wire, _answer = handshake()
+    exchange, _answer = handshake()
     with pytest.raises(TimeoutError, match="timed out"):
-        read_answer(app, wire, Deadline(0.01), pb.ConnectResult)
+        read_answer(app, exchange, Deadline(0.01))
     assert_in_step(app, timeout)
 
 
@@ -109,11 +114,11 @@ def test_read_answer_reports_a_hang_up(
 ) -> None:
     app, gw = pair
     app.settimeout(timeout)
-    wire, answer = handshake()
+    exchange, answer = handshake()
     gw.sendall(answer[:6])  # the ServerHello's frame, cut short
     gw.shutdown(std.SHUT_WR)
-    with pytest.raises(Exception, match="stream ended inside a frame"):
-        read_answer(app, wire, Deadline(5.0), pb.ConnectResult)
+    with pytest.raises(ConnectionError, match="stream ended inside a frame"):
+        read_answer(app, exchange, Deadline(5.0))
 
 
 @pytest.mark.parametrize("timeout", TIMEOUTS)

@@ -135,9 +135,9 @@ def test_oversize_frame_refused_from_its_length(gateway: Gateway) -> None:
 def test_version_mismatch_is_a_clear_error(
     gateway: Gateway, echo_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tether.client import stream
+    from tether.client import exchange
 
-    monkeypatch.setattr(stream, "PROTOCOL_VERSION", 99)
+    monkeypatch.setattr(exchange, "PROTOCOL_VERSION", 99)
     use(gateway.address, gateway.key)
     with ts.socket() as sock, pytest.raises(ConnectionError) as info:
         sock.connect(("127.0.0.1", echo_port))

@@ -9,16 +9,15 @@ by a lock, reopened after a fork or when the gateway has gone away.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import os
 import socket as _socket_mod
 import threading
 
-from tether.client.errors import gateway_error, unreachable
+from tether.client.exchange import Exchange
 from tether.client.settings import Settings
-from tether.client.stream import Deadline, connect_fd, new_wire, read_until, send_all, send_hello
-from tether.wire import Connection, ConnectionClosed, RemoteProtocolError, pb
+from tether.client.stream import Deadline, open_stream, roundtrip
+from tether.wire import pb
 
 _StdSocket = _socket_mod.socket
 
@@ -33,7 +32,7 @@ class ControlChannel:
         self.settings = settings
         self._lock = threading.Lock()
         self._sock: _StdSocket | None = None
-        self._wire: Connection | None = None
+        self._exchange: Exchange | None = None
         self._ids = itertools.count(1)
         self._pid = os.getpid()
 
@@ -42,87 +41,48 @@ class ControlChannel:
         with self._lock:
             if self._pid != os.getpid():
                 # After fork the stream belongs to the parent: never share it.
-                self._sock = None
+                self._sock, self._exchange = None, None
                 self._pid = os.getpid()
             for attempt in (1, 2):
                 fresh = self._sock is None
                 try:
-                    if fresh:
-                        self._open(Deadline(timeout))
                     return self._roundtrip(req, Deadline(timeout))
-                except (ConnectionError, BrokenPipeError) as exc:
+                except BaseException as exc:
+                    if self._exchange is not None and self._exchange.in_step:
+                        raise  # the gateway's answer: a refusal, on a stream still good
                     self._close()
                     # A stream that was fine before may have been closed by a
                     # gateway restart: one retry on a fresh stream.
-                    if fresh or attempt == 2:
+                    if fresh or attempt == 2 or not isinstance(exc, ConnectionError):
                         raise
                     del exc
-                except BaseException:
-                    self._close()
-                    raise
         raise AssertionError("unreachable")
 
-    def _open(self, deadline: Deadline) -> None:
-        endpoint = self.settings.gateway
-        sock = _StdSocket(endpoint.family, _socket_mod.SOCK_STREAM)
-        try:
-            connect_fd(sock.fileno(), self.settings, deadline)
-        except OSError as exc:
-            sock.close()
-            if isinstance(exc, TimeoutError):
-                raise
-            raise unreachable(str(endpoint), exc) from exc
-        wire = new_wire()
-        try:
-            send_all(sock, send_hello(wire, self.settings), deadline)
-            events = read_until(sock, wire, deadline, pb.ServerHello)
-        except BaseException:
-            sock.close()
-            raise
-        last = events[-1]
-        if isinstance(last, pb.ServerHello) and last.HasField("error"):
-            sock.close()
-            raise gateway_error(last.error, str(endpoint))
-        if not isinstance(last, pb.ServerHello):
-            sock.close()
-            raise _closed(last, str(endpoint))
-        self._sock, self._wire = sock, wire
-
     def _roundtrip(self, req: pb.Request, deadline: Deadline) -> pb.Response:
-        assert self._sock is not None and self._wire is not None
+        """`req` on the stream, opened first if need be (the hello pipelined ahead)."""
         req.id = next(self._ids)
-        try:
-            send_all(self._sock, self._wire.send(req), deadline)
-            events = read_until(self._sock, self._wire, deadline, pb.Response)
-        except RemoteProtocolError as exc:
-            raise ConnectionError(
-                errno.EPROTO, f"tether: gateway broke the protocol: {exc}"
-            ) from exc
-        last = events[-1]
-        if not isinstance(last, pb.Response):
-            raise _closed(last, str(self.settings.gateway))
-        if last.HasField("error"):
-            raise gateway_error(last.error, str(self.settings.gateway))
-        return last
+        if self._sock is None:
+            self._sock = open_stream(self.settings, deadline)
+            exchange = self._exchange = Exchange(self.settings.gateway)
+            data = exchange.open(self.settings) + exchange.send(req)
+        else:
+            assert self._exchange is not None
+            exchange = self._exchange
+            data = exchange.send(req)
+        answer = roundtrip(self._sock, exchange, data, deadline)
+        assert isinstance(answer, pb.Response)
+        return answer
 
     def _close(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()
         self._sock = None
-        self._wire = None
+        self._exchange = None
 
     def close(self) -> None:
         with self._lock:
             self._close()
-
-
-def _closed(event: object, gateway: str) -> OSError:
-    if isinstance(event, pb.Error):
-        return gateway_error(event, gateway)
-    if isinstance(event, ConnectionClosed):
-        return ConnectionError(errno.ECONNRESET, f"tether: gateway {gateway} closed the stream")
-    return ConnectionError(errno.EPROTO, f"tether: unexpected answer from gateway {gateway}")
 
 
 _channels: dict[Settings, ControlChannel] = {}
@@ -156,7 +116,7 @@ def _after_fork() -> None:
             with contextlib.suppress(OSError):
                 ch._sock.close()
         ch._sock = None
-        ch._wire = None
+        ch._exchange = None
         ch._pid = os.getpid()
 
 

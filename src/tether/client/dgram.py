@@ -27,7 +27,7 @@ import weakref
 from typing import Any
 
 from tether.client.control import REQUEST_TIMEOUT
-from tether.client.errors import connect_error, gateway_error, unreachable
+from tether.client.exchange import Exchange
 from tether.client.settings import NotConfiguredError, Settings, current
 from tether.client.sock import (
     GATEWAY_CONNECT_TIMEOUT,
@@ -36,9 +36,9 @@ from tether.client.sock import (
     _StdSocket,
 )
 from tether.client.sock import socket as _TetherSocket
-from tether.client.stream import Deadline, connect_fd, new_wire, read_until, send_all, send_hello
+from tether.client.stream import Deadline, open_stream, roundtrip
 from tether.endpoint import host_port
-from tether.wire import Connection, ConnectionClosed, RemoteProtocolError, pb
+from tether.wire import pb
 from tether.wire.convert import FAMILY_TO_WIRE, address_from_wire, encode_option, option_label
 
 # _StdSocket is the stdlib's class as sock.py saw it at import, before
@@ -78,7 +78,7 @@ class _Association:
         self.family = family
         self.lock = threading.Lock()  # one round trip on the stream at a time
         self.stream: _StdSocket | None = None
-        self.wire: Connection | None = None
+        self.exchange: Exchange | None = None
         self.descriptor = ""
         self.outbound_port = 0
         self.source_port = 0  # the fd's own port, once bound for the relays
@@ -97,8 +97,12 @@ class _Association:
             self.stream = None
 
 
-class DatagramSocket(_TetherSocket):
-    """A tether UDP socket; see the module docstring."""
+class DatagramSocket(_TetherSocket, sock_type=_socket_mod.SOCK_DGRAM):
+    """A tether UDP socket; see the module docstring.
+
+    ``socket(AF_INET|AF_INET6, SOCK_DGRAM)`` makes one: the class registers
+    itself with the base class for SOCK_DGRAM.
+    """
 
     __slots__ = ("_udp", "_udp_release")
 
@@ -175,22 +179,15 @@ class DatagramSocket(_TetherSocket):
         """Open the association (with its first destination, if one is named)."""
         settings = u.settings = u.settings or current()
         _check_gateway(settings, self.family)
-        gateway = str(settings.gateway)
-        stream = _StdSocket(settings.gateway.family, _socket_mod.SOCK_STREAM)
+        stream = open_stream(settings, deadline)
         try:
-            try:
-                connect_fd(stream.fileno(), settings, deadline)
-            except TimeoutError:
-                raise
-            except OSError as exc:
-                raise unreachable(gateway, exc) from exc
             here = stream.getsockname()[0]
             if not u.source_port:
                 # Bind the fd where the gateway's relays can reach it: the
                 # address this host reaches the gateway from.
                 _StdSocket.bind(self, self._fd_address(here, 0))
                 u.source_port = _StdSocket.getsockname(self)[1]
-            wire = new_wire()
+            exchange = Exchange(settings.gateway)
             request = pb.Connect(
                 transport=pb.TRANSPORT_UDP,
                 family=FAMILY_TO_WIRE[self.family],
@@ -201,18 +198,13 @@ class DatagramSocket(_TetherSocket):
                     family=FAMILY_TO_WIRE[stream.family], host=here, port=u.source_port
                 ),
             )
-            send_all(stream, send_hello(wire, settings) + wire.send(request), deadline)
-            events = _read(stream, wire, deadline, pb.ConnectResult, gateway)
+            data = exchange.open(settings) + exchange.send(request, host_port(host, port))
+            result = roundtrip(stream, exchange, data, deadline)
         except BaseException:
             stream.close()
             raise
-        result = events[-1]
         assert isinstance(result, pb.ConnectResult)
-        if result.HasField("error"):
-            stream.close()
-            target = host_port(host, port)
-            raise connect_error(result.error, target, gateway)
-        u.stream, u.wire = stream, wire
+        u.stream, u.exchange = stream, exchange
         u.descriptor = result.descriptor
         u.outbound_port = result.local.port
         if not host and not port:
@@ -243,19 +235,16 @@ class DatagramSocket(_TetherSocket):
 
     def _roundtrip(self, u: _Association, request: pb.Request, deadline: Deadline) -> pb.Response:
         """One request on the association's stream; held u.lock. Errors become OSError."""
-        assert u.stream is not None and u.wire is not None and u.settings is not None
-        gateway = str(u.settings.gateway)
+        assert u.stream is not None and u.exchange is not None
+        exchange = u.exchange
         try:
-            send_all(u.stream, u.wire.send(request), deadline)
-            events = _read(u.stream, u.wire, deadline, pb.Response, gateway)
+            response = roundtrip(u.stream, exchange, exchange.send(request), deadline)
         except OSError as exc:
-            # Out of step with the gateway (or cut off): the association is over.
-            self._lose(u, f"tether: UDP socket lost its gateway stream: {exc}")
+            if not exchange.in_step:
+                # Out of step with the gateway (or cut off): the association is over.
+                self._lose(u, f"tether: UDP socket lost its gateway stream: {exc}")
             raise
-        response = events[-1]
         assert isinstance(response, pb.Response)
-        if response.HasField("error"):
-            raise gateway_error(response.error, gateway)
         return response
 
     def _check_alive(self, u: _Association) -> None:
@@ -501,35 +490,17 @@ def _check_gateway(settings: Settings, family: int) -> None:
         )
 
 
-def _read(
-    stream: _StdSocket, wire: Connection, deadline: Deadline, want: type, gateway: str
-) -> list[Any]:
-    """read_until(), with every way the gateway can fail turned into an OSError."""
-    try:
-        events = read_until(stream, wire, deadline, want)
-    except RemoteProtocolError as exc:
-        raise ConnectionError(errno.EPROTO, f"tether: gateway {gateway}: {exc}") from exc
-    for event in events:
-        if isinstance(event, pb.ServerHello) and event.HasField("error"):
-            raise gateway_error(event.error, gateway)
-    last = events[-1]
-    if isinstance(last, pb.Error):
-        raise gateway_error(last, gateway)
-    if isinstance(last, ConnectionClosed):
-        raise ConnectionResetError(errno.ECONNRESET, f"tether: gateway {gateway} closed the stream")
-    return events
-
-
 def _why_closed(data: bytes, u: _Association) -> str:
-    """The gateway's reason from the Error frame it sent before closing, if any."""
-    if data and u.wire is not None:
+    """The gateway's reason for ending the association, from what it sent last.
+
+    That is an Error frame (reclaimed, shutting down) before it closed the
+    stream; the exchange words it as every other gateway error.
+    """
+    if data and u.exchange is not None:
         try:
-            u.wire.receive_data(data)
-            event = u.wire.next_event()
-        except RemoteProtocolError:
-            event = None
-        if isinstance(event, pb.Error) and event.message:
-            return event.message
+            u.exchange.receive(data)
+        except OSError as exc:
+            return exc.strerror or str(exc)
     return f"tether: UDP socket {u.descriptor[:8]}... was closed by the gateway"
 
 

@@ -17,143 +17,32 @@ its own credentials and sends ``Resume`` with the token and the tail, which
 the gateway sends straight back ahead of anything new from the peer: the new
 socket's fd carries the byte stream exactly where the old one stopped. A
 token works once; another app gets PermissionError. See docs/handoff.md.
+
+The two ends are the socket's own steps (``socket._hand_off()`` and
+``socket._resume()`` in tether.client.sock, which its ``__reduce_ex__``
+names); this module is their public face, and moves the bytes that
+protocol clients hold in their readers (:func:`dumps`).
 """
 
 from __future__ import annotations
 
-import _socket
 import contextlib
-import errno
 import io
 import pickle
 import socket as _socket_mod
-from dataclasses import dataclass, field
 from typing import Any
 
-from tether.client import control
-from tether.client.settings import Settings, current
-from tether.client.sock import RW_PAIRS, _StdSocket, socket
-from tether.client.stream import Deadline, new_wire, send_all, send_hello
-from tether.wire import pb
-
-# Detaching waits for the gateway's EOF behind at most a socket buffer or
-# two of data on loopback or a LAN; resuming is one round trip. Both are
-# bounded so a vanished gateway cannot hang a pickle.dumps() forever.
-HANDOFF_TIMEOUT = 30.0
-RECV_CHUNK = 256 * 1024
-
-
-@dataclass(frozen=True)
-class HandoffState:
-    """What a pickled tether socket carries (no secret: the resumer authenticates)."""
-
-    descriptor: str
-    token: str
-    family: int
-    type: int
-    proto: int
-    timeout: float | None
-    peer: tuple[Any, ...]
-    local: tuple[Any, ...]
-    options: tuple[bytes, ...] = ()  # serialized OptionValue messages
-    tail: bytes = field(default=b"", repr=False)
-    origin: str = ""  # the gateway it was detached from, for messages
+from tether.client.sock import HANDOFF_TIMEOUT, RW_PAIRS, HandoffState, socket
 
 
 def hand_off(sock: socket) -> HandoffState:
     """Detach `sock` from this process; see the module docstring."""
-    t = sock._tether
-    if t is None:
-        raise TypeError(f"cannot pickle {type(sock).__name__!r} object")
-    if t.state == "handed-off":
-        raise OSError(errno.EBADF, "tether: this socket was already handed off")
-    if t.state != "connected" or sock.fileno() == -1 or t.settings is None:
-        raise OSError(
-            errno.ENOTCONN, "tether: only a connected socket can be handed off (pickled)"
-        )
-    with t.lock:
-        timeout = sock.gettimeout()
-        deadline = Deadline(HANDOFF_TIMEOUT)
-        response = control.channel(t.settings).request(
-            pb.Request(detach=pb.Detach(descriptor=t.descriptor)), timeout=HANDOFF_TIMEOUT
-        )
-        token = response.handoff.token
-        try:
-            _StdSocket.shutdown(sock, _socket_mod.SHUT_WR)
-            tail = bytearray(t.prefix)
-            while True:
-                _StdSocket.settimeout(sock, deadline.remaining())
-                chunk = _StdSocket.recv(sock, RECV_CHUNK)
-                if not chunk:
-                    break
-                tail += chunk
-        except TimeoutError as exc:
-            raise TimeoutError(
-                f"tether: handing off socket to {t.peer}: the gateway did not finish in "
-                f"{HANDOFF_TIMEOUT:g} s"
-            ) from exc
-        finally:
-            # The stream is spent either way; the object must not be used again.
-            _socket.socket.close(sock)
-            t.mark_handed_off()
-    return HandoffState(
-        descriptor=t.descriptor,
-        token=token,
-        family=int(sock.family),
-        type=int(sock.type),
-        proto=int(sock.proto),
-        timeout=timeout,
-        peer=tuple(t.peer or ()),
-        local=tuple(t.local or ()),
-        options=tuple(v.SerializeToString() for v in t.options.values()),
-        tail=bytes(tail),
-        origin=str(t.settings.gateway),
-    )
+    return sock._hand_off()
 
 
 def resume(state: HandoffState) -> socket:
     """A live socket for a handed-off one, in this process, as this process's app."""
-    settings = current()
-    sock = socket(state.family, state.type, state.proto)
-    t = sock._tether
-    assert t is not None
-    t.settings = settings
-    t.target = f"{state.peer[0]}:{state.peer[1]}" if state.peer else state.descriptor[:8]
-    try:
-        with t.lock:
-            error = _resume_stream(sock, t, state, settings)
-    except BaseException:
-        sock.close()
-        raise
-    if error is not None:
-        sock.close()
-        raise error
-    for raw in state.options:
-        value = pb.OptionValue()
-        value.ParseFromString(raw)
-        t.options[value.name] = value
-    sock.settimeout(state.timeout)
-    return sock
-
-
-def _resume_stream(sock: socket, t: Any, state: HandoffState, settings: Settings) -> OSError | None:
-    """Open a stream and resume on it; the error to raise, if the gateway refused."""
-    deadline = Deadline(HANDOFF_TIMEOUT)
-    sock._open_gateway(settings, deadline)  # raises ConnectionError naming the gateway
-    t.wire = new_wire()
-    request = pb.Resume(
-        descriptor=state.descriptor, token=state.token, tail_length=len(state.tail)
-    )
-    t.state = "connecting"
-    send_all(sock, send_hello(t.wire, settings) + t.wire.send(request), deadline)
-    sock._await_result(t, deadline)
-    if t.error:
-        return sock._take_error(t)
-    # Only now the tail: a refused Resume closes the stream, and tail bytes
-    # it never read would turn the gateway's message into a reset. The
-    # gateway echoes the tail ahead of anything new from the peer.
-    send_all(sock, state.tail, deadline)
-    return None
+    return socket._resume(state)
 
 
 # -- protocol clients (smtplib, poplib, imaplib, nntplib ...) -------------------
@@ -277,3 +166,6 @@ def dumps(obj: Any, protocol: int | None = None) -> bytes:
     for reader, n in moved:
         _drop_buffered(reader, n)
     return buf.getvalue()
+
+
+__all__ = ["HANDOFF_TIMEOUT", "HandoffState", "dumps", "hand_off", "resume"]

@@ -18,7 +18,12 @@ from typing import Any
 
 from tether.client import control
 from tether.client import settings as _settings
-from tether.client.sock import _Tether, get_option, set_option
+
+# Imported for its registration: with it, socket(AF_INET, SOCK_DGRAM) is a
+# tether UDP socket however tether was imported (tether/__init__ imports
+# this module).
+from tether.client.dgram import DatagramSocket  # noqa: F401
+from tether.client.sock import State, _Tether, get_option, set_option
 
 _lock = threading.Lock()
 _saved: dict[str, Any] | None = None
@@ -34,7 +39,7 @@ class TetherSSLSocket(ssl.SSLSocket):
     @classmethod
     def _create(cls, sock: Any, *args: Any, **kwargs: Any) -> Any:
         state = getattr(sock, "_tether", None)
-        if state is not None and state.state == "pending":
+        if state is not None and state.state is State.PENDING:
             # wrap_socket() takes the fd over: finish a non-blocking connect first.
             sock._finish_pending(state, block=True)
         self = super()._create(sock, *args, **kwargs)  # type: ignore[misc]

@@ -26,22 +26,23 @@ import socket as _socket_mod
 import sys
 import threading
 import weakref
-from typing import Any
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar, Final
 
 from tether.client import control
-from tether.client.errors import connect_error, gateway_error, unreachable
+from tether.client.errors import unreachable
+from tether.client.exchange import Exchange
 from tether.client.settings import Settings, current
 from tether.client.stream import (
     Deadline,
     connect_fd,
-    new_wire,
     read_answer,
     readable,
-    send_hello,
     send_now,
 )
 from tether.endpoint import host_port
-from tether.wire import Connection, ConnectionClosed, RemoteProtocolError, pb
+from tether.wire import pb
 from tether.wire.convert import (
     FAMILY_TO_WIRE,
     OPTION_LEVELS,
@@ -95,6 +96,69 @@ _SUPPORTED = ", ".join(
 )
 
 
+# Detaching waits for the gateway's EOF behind at most a socket buffer or
+# two of data on loopback or a LAN; resuming is one round trip. Both are
+# bounded so a vanished gateway cannot hang a pickle.dumps() forever.
+HANDOFF_TIMEOUT = 30.0
+RECV_CHUNK = 256 * 1024
+
+
+class State(StrEnum):
+    """Where a tether TCP socket is in its life (`_Tether.state`).
+
+    NEW         made, or its last connect failed (SO_ERROR, the exception
+                raised, says why); connect() may be called.
+                -> CONNECTING: a blocking connect() sent its request
+                -> PENDING: a non-blocking connect() sent its request and
+                   returned EINPROGRESS
+    PENDING     the answer is read when the app next touches the socket
+                (getsockopt(SO_ERROR), recv, send, getpeername, connect).
+                -> CONNECTED, or NEW with SO_ERROR set
+    CONNECTING  a thread holds the socket's lock and reads the answer (a
+                blocking connect(), or socket._resume() on a new socket).
+                -> CONNECTED, or NEW with the exception raised
+    CONNECTED   the fd carries the remote byte stream.
+                -> HANDED_OFF: pickled (socket._hand_off()), with every dup()
+    HANDED_OFF  moved to another process: every call raises EBADF. Final.
+
+    A NEW socket that binds or connects to a loopback listener of this
+    process leaves the machine: it becomes a plain kernel socket
+    (`socket._tether` is None).
+    """
+
+    NEW = "new"
+    PENDING = "pending"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    HANDED_OFF = "handed-off"
+
+
+# As module names: the state is tested on every call of a socket, and a
+# module global is one lookup where State.X is two.
+_NEW: Final = State.NEW
+_PENDING: Final = State.PENDING
+_CONNECTING: Final = State.CONNECTING
+_CONNECTED: Final = State.CONNECTED
+_HANDED_OFF: Final = State.HANDED_OFF
+
+
+@dataclass(frozen=True)
+class HandoffState:
+    """What a pickled tether socket carries (no secret: the resumer authenticates)."""
+
+    descriptor: str
+    token: str
+    family: int
+    type: int
+    proto: int
+    timeout: float | None
+    peer: tuple[Any, ...]
+    local: tuple[Any, ...]
+    options: tuple[bytes, ...] = ()  # serialized OptionValue messages
+    tail: bytes = field(default=b"", repr=False)
+    origin: str = ""  # the gateway it was detached from, for messages
+
+
 class _Tether:
     """Per-socket state of a tether TCP socket."""
 
@@ -105,6 +169,7 @@ class _Tether:
         "descriptor",
         "error",
         "exc",
+        "exchange",
         "group",
         "late_options",
         "local",
@@ -115,14 +180,13 @@ class _Tether:
         "real_family",
         "settings",
         "state",
-        "target",
-        "wire",
     )
 
     def __init__(self, settings: Settings | None) -> None:
         self.settings = settings
-        self.wire: Connection | None = None
-        self.state = "new"  # new -> pending -> connected | new (after a failure)
+        # The gateway stream's exchange, once the fd is connected to the gateway.
+        self.exchange: Exchange | None = None
+        self.state = _NEW  # see State
         # dup() copies of this socket (weak), made at the first dup(): when one
         # is handed off, every copy is (their fds all lead to the detached stream).
         self.group: list[weakref.ref[_Tether]] | None = None
@@ -141,7 +205,6 @@ class _Tether:
         # reading the same frames. dup() copies share it.
         self.lock = threading.Lock()
         self.deadline: Deadline | None = None
-        self.target = ""
         self.bound = False
         # Bytes the app had already taken from the fd into a buffered reader
         # when it handed the socket off; they travel ahead of the kernel tail.
@@ -165,11 +228,11 @@ class _Tether:
         members = [ref() for ref in self.group] if self.group is not None else [self]
         for member in members:
             if member is not None:
-                member.state = "handed-off"
+                member.state = _HANDED_OFF
 
 
 def _refuse_if_handed_off(t: _Tether | None) -> None:
-    if t is not None and t.state == "handed-off":
+    if t is not None and t.state is _HANDED_OFF:
         raise OSError(
             errno.EBADF, "tether: this socket was handed off (pickled); use the unpickled copy"
         )
@@ -186,19 +249,28 @@ class socket(_StdSocket):
 
     # The stdlib class has __slots__; ours adds one for the tether state.
     __slots__ = ("_tether",)
+    # The class a new AF_INET/AF_INET6 socket of a type other than
+    # SOCK_STREAM is made as: a subclass registers itself for its type
+    # (class DatagramSocket(socket, sock_type=SOCK_DGRAM) in client/dgram.py,
+    # which tether imports at start), so this module never imports it.
+    _by_type: ClassVar[dict[int, type[socket]]] = {}
+
+    def __init_subclass__(cls, *, sock_type: int | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if sock_type is not None:
+            socket._by_type[sock_type] = cls
 
     def __new__(cls, family: int = -1, type: int = -1, *args: Any, **kwargs: Any) -> socket:
-        # A new AF_INET/AF_INET6 SOCK_DGRAM socket is a UDP one (tether.client.dgram).
         if (
             type != -1
-            and type & _TYPE_MASK == _SOCK_DGRAM
+            and type & _TYPE_MASK != _SOCK_STREAM  # first: a TCP socket() pays only this
             and cls is socket
             and family in (-1, _AF_INET, _AF_INET6)
             and (args[1] if len(args) >= 2 else kwargs.get("fileno")) is None
         ):
-            from tether.client.dgram import DatagramSocket
-
-            return super().__new__(DatagramSocket)
+            kind = socket._by_type.get(type & _TYPE_MASK)
+            if kind is not None:
+                return super().__new__(kind)
         return super().__new__(cls)
 
     def __init__(
@@ -249,7 +321,7 @@ class socket(_StdSocket):
 
     def connect(self, address: Any) -> None:
         t = self._tether
-        if t is not None and _local_listeners and _is_local_listener(address) and t.state == "new":
+        if t is not None and _local_listeners and _is_local_listener(address) and t.state is _NEW:
             self._make_local(t)  # a listener of this process: no gateway involved
             t = None
         if t is None:
@@ -260,7 +332,7 @@ class socket(_StdSocket):
 
     def connect_ex(self, address: Any) -> int:
         t = self._tether
-        if t is not None and _local_listeners and _is_local_listener(address) and t.state == "new":
+        if t is not None and _local_listeners and _is_local_listener(address) and t.state is _NEW:
             self._make_local(t)
             t = None
         if t is None:
@@ -280,17 +352,17 @@ class socket(_StdSocket):
 
     def _connect(self, t: _Tether, address: Any) -> None:
         state = t.state
-        if state == "handed-off" or self.fileno() == -1:
+        if state is _HANDED_OFF or self.fileno() == -1:
             self._check_open()  # raises
         family = _family_of(self)
         host, port = _check_address(family, address, "connect")
-        if state != "new":
-            if state == "connected":
+        if state is not _NEW:
+            if state is _CONNECTED:
                 raise OSError(errno.EISCONN, "Transport endpoint is already connected")
-            if state in ("pending", "connecting"):
+            if state is _PENDING or state is _CONNECTING:
                 if not self._finish_pending(t, block=False):
                     raise BlockingIOError(errno.EALREADY, "Operation already in progress")
-                if t.state == "connected":
+                if t.state is _CONNECTED:
                     raise OSError(errno.EISCONN, "Transport endpoint is already connected")
         settings = t.settings
         if settings is None:
@@ -298,16 +370,15 @@ class socket(_StdSocket):
         timeout = self.gettimeout()
         nonblocking = timeout == 0.0
         deadline = Deadline(GATEWAY_CONNECT_TIMEOUT if nonblocking else timeout)
-        target = host_port(host, port)
-        t.target = target
-        if t.wire is None:
+        exchange = t.exchange
+        if exchange is None:
             # A blocking connect's deadline is the socket's own timeout, so the
             # gateway hop can be connected on the socket itself.
             self._open_gateway(settings, deadline, own_timeout=not nonblocking)
-            t.wire = new_wire()
-            first = send_hello(t.wire, settings)
+            exchange = t.exchange = Exchange(settings.gateway)
+            first = exchange.open(settings)
         else:
-            first = b""  # a stream left READY by a failed connect: try again on it
+            first = b""  # a stream left framed by a refused connect: try again on it
         request = pb.Connect(
             transport=pb.TRANSPORT_TCP,
             family=FAMILY_TO_WIRE[family],
@@ -318,22 +389,20 @@ class socket(_StdSocket):
         )
         # Set before the request leaves: once it has, the target may accept
         # and another thread may already call recv() on this socket.
-        t.state = "pending" if nonblocking else "connecting"
+        t.state = _PENDING if nonblocking else _CONNECTING
         try:
-            send_now(self, first + t.wire.send(request), deadline)
+            send_now(self, first + exchange.send(request, host_port(host, port)), deadline)
         except TimeoutError:
             self._reset_stream(t)
             raise
         except OSError as exc:
             self._reset_stream(t)
-            raise unreachable(str(settings.gateway), exc) from exc
+            raise unreachable(settings.gateway, exc) from exc
         if nonblocking:
             t.deadline = Deadline(PENDING_CONNECT_LIMIT)
             raise BlockingIOError(errno.EINPROGRESS, "Operation now in progress")
         t.deadline = deadline  # a blocking connect, answered below under t.lock
         self._await_result(t, deadline)
-        if t.error:
-            raise self._take_error(t)
 
     def _open_gateway(
         self, settings: Settings, deadline: Deadline, *, own_timeout: bool = False
@@ -361,7 +430,7 @@ class socket(_StdSocket):
             raise
         except OSError as exc:
             self._reset_stream(self._tether)
-            raise unreachable(str(settings.gateway), exc) from exc
+            raise unreachable(settings.gateway, exc) from exc
 
     def _reset_stream(self, t: _Tether | None) -> None:
         """Replace the fd's kernel socket with a fresh one (same fd number)."""
@@ -376,58 +445,37 @@ class socket(_StdSocket):
         finally:
             fresh.close()
         _StdSocket.settimeout(self, self.gettimeout())
-        t.wire = None
-        t.state = "new"
+        t.exchange = None
+        t.state = _NEW
 
     def _await_result(self, t: _Tether, deadline: Deadline) -> None:
-        """Read the hello answer and ConnectResult; sets state and SO_ERROR."""
-        assert t.wire is not None and t.settings is not None
-        gateway = str(t.settings.gateway)
+        """Read the answer to the connect (or resume) on the fd: CONNECTED, or raise.
+
+        On a failure the socket is NEW again; its stream is kept only if the
+        gateway refused the connect and the stream is framed again, and
+        replaced by a fresh kernel socket otherwise (a timeout, a refused
+        hello or resume, a broken stream).
+        """
+        exchange = t.exchange
+        assert exchange is not None
         try:
-            events = read_answer(self, t.wire, deadline, pb.ConnectResult)
-        except TimeoutError:
-            # The gateway is still connecting; the stream can no longer be
-            # trusted to be in step, so start over with a fresh one.
-            self._reset_stream(t)
-            raise
-        except RemoteProtocolError as exc:
-            self._reset_stream(t)
-            raise ConnectionError(errno.EPROTO, f"tether: gateway {gateway}: {exc}") from exc
-        except ConnectionError:
-            self._reset_stream(t)
-            raise
-        last = events[-1]
-        # read_answer() stops at a refusing ServerHello, so it can only be last.
-        if isinstance(last, pb.ServerHello) and last.HasField("error"):
-            self._reset_stream(t)
-            self._fail(t, gateway_error(last.error, gateway))
-            return
-        if isinstance(last, (pb.Error, ConnectionClosed)):
-            self._reset_stream(t)
-            if isinstance(last, pb.Error):
-                self._fail(t, gateway_error(last, gateway))
+            result = read_answer(self, exchange, deadline)
+        except OSError:
+            if exchange.in_step:
+                t.state = _NEW
             else:
-                self._fail(
-                    t,
-                    ConnectionError(
-                        errno.ECONNRESET, f"tether: gateway {gateway} closed the stream"
-                    ),
-                )
-            return
-        assert isinstance(last, pb.ConnectResult)
-        if last.HasField("error"):
-            t.state = "new"
-            self._fail(t, connect_error(last.error, t.target, gateway))
-            return
-        t.state = "connected"
-        t.descriptor = last.descriptor
+                self._reset_stream(t)
+            raise
+        assert isinstance(result, pb.ConnectResult)
+        t.state = _CONNECTED
+        t.descriptor = result.descriptor
         if t.late_options:
             for name in sorted(t.late_options):
                 _control(t, pb.Request(set_option=pb.SetOption(
                     descriptor=t.descriptor, value=t.options[name])))
             t.late_options.clear()
-        t.peer = address_from_wire(last.peer)
-        t.local = address_from_wire(last.local)
+        t.peer = address_from_wire(result.peer)
+        t.local = address_from_wire(result.local)
         if _family_of(self) == _AF_INET6 and len(t.peer) == 2:
             t.peer = (*t.peer, 0, 0)
             t.local = (*t.local, 0, 0)
@@ -439,30 +487,29 @@ class socket(_StdSocket):
         t.error, t.exc = 0, None
         return error
 
-    def _fail(self, t: _Tether, exc: OSError) -> None:
-        t.state = "new"
-        t.error = exc.errno if isinstance(exc.errno, int) and exc.errno else errno.EIO
-        if isinstance(exc, TimeoutError):
-            t.error = errno.ETIMEDOUT
-        t.exc = exc
-
     def _finish_pending(self, t: _Tether, *, block: bool) -> bool:
-        """Complete a non-blocking connect if its answer is here (or wait for it)."""
-        if t.state != "pending":
+        """Complete a non-blocking connect if its answer is here (or wait for it).
+
+        A failure is kept for SO_ERROR (and raised by the next call that
+        needs the connection), as the kernel keeps a failed connect's.
+        """
+        if t.state is not _PENDING:
             return True
         if not block and not readable(self.fileno()):
             return False
         if not t.lock.acquire(blocking=block):
             return False  # another thread is reading the answer right now
         try:
-            if t.state != "pending":
+            if t.state is not _PENDING:
                 return True
             assert t.deadline is not None
             try:
                 self._await_result(t, t.deadline)
             except TimeoutError:
-                t.error = errno.ETIMEDOUT
-                t.state = "new"
+                t.error, t.exc = errno.ETIMEDOUT, None  # the kernel's own words for it
+            except OSError as exc:
+                t.error = exc.errno if isinstance(exc.errno, int) and exc.errno else errno.EIO
+                t.exc = exc
             return True
         finally:
             t.lock.release()
@@ -472,7 +519,7 @@ class socket(_StdSocket):
     def _pending_guard(self) -> None:
         t = self._tether
         _refuse_if_handed_off(t)
-        if t is not None and t.state == "connecting":
+        if t is not None and t.state is _CONNECTING:
             # Another thread is in a blocking connect(): a blocking call waits
             # for it, as the stdlib's would; a non-blocking one does not.
             timeout = self.gettimeout()
@@ -481,20 +528,20 @@ class socket(_StdSocket):
             if not t.lock.acquire(timeout=-1 if timeout is None else timeout):
                 raise TimeoutError("timed out")
             t.lock.release()
-        if t is not None and t.state == "pending":
+        if t is not None and t.state is _PENDING:
             # A blocking call waits for the connect to finish, as on Linux;
             # a non-blocking one only takes the answer if it is already here.
             blocking = self.gettimeout() != 0.0
             if not self._finish_pending(t, block=blocking):
                 raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
-        if t is not None and t.state != "connected":
+        if t is not None and t.state is not _CONNECTED:
             if t.error:
                 raise self._take_error(t)
             raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         t = self._tether
-        if t is not None and t.state != "connected":
+        if t is not None and t.state is not _CONNECTED:
             self._pending_guard()
         try:
             return super().recv(bufsize, flags)
@@ -503,7 +550,7 @@ class socket(_StdSocket):
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         t = self._tether
-        if t is not None and t.state != "connected":
+        if t is not None and t.state is not _CONNECTED:
             self._pending_guard()
         try:
             return super().recv_into(buffer, nbytes, flags)
@@ -513,7 +560,7 @@ class socket(_StdSocket):
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
         t = self._tether
         if t is not None:
-            if t.state != "connected":
+            if t.state is not _CONNECTED:
                 self._pending_guard()
             return super().recv(bufsize, flags), None
         return super().recvfrom(bufsize, flags)
@@ -521,28 +568,28 @@ class socket(_StdSocket):
     def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
         t = self._tether
         if t is not None:
-            if t.state != "connected":
+            if t.state is not _CONNECTED:
                 self._pending_guard()
             return super().recv_into(buffer, nbytes, flags), None
         return super().recvfrom_into(buffer, nbytes, flags)
 
     def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> Any:
         t = self._tether
-        if t is not None and t.state != "connected":
+        if t is not None and t.state is not _CONNECTED:
             self._pending_guard()
         data, anc, msg_flags, addr = super().recvmsg(bufsize, ancbufsize, flags)
         return (data, anc, msg_flags, None if t is not None else addr)
 
     def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> Any:
         t = self._tether
-        if t is not None and t.state != "connected":
+        if t is not None and t.state is not _CONNECTED:
             self._pending_guard()
         n, anc, msg_flags, addr = super().recvmsg_into(buffers, ancbufsize, flags)
         return (n, anc, msg_flags, None if t is not None else addr)
 
     def send(self, data: Any, flags: int = 0) -> int:
         t = self._tether
-        if t is not None and t.state != "connected":
+        if t is not None and t.state is not _CONNECTED:
             self._pending_guard()
         try:
             return super().send(data, flags)
@@ -551,7 +598,7 @@ class socket(_StdSocket):
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         t = self._tether
-        if t is not None and t.state != "connected":
+        if t is not None and t.state is not _CONNECTED:
             self._pending_guard()
         try:
             super().sendall(data, flags)
@@ -562,7 +609,7 @@ class socket(_StdSocket):
         t = self._tether
         if t is None:
             return super().sendto(data, *args)
-        if t.state != "connected":
+        if t.state is not _CONNECTED:
             self._pending_guard()
         # A connected TCP socket ignores the address, as Linux does.
         flags = args[0] if len(args) == 2 else 0
@@ -574,7 +621,7 @@ class socket(_StdSocket):
             if address is None:
                 return super().sendmsg(buffers, ancdata, flags)
             return super().sendmsg(buffers, ancdata, flags, address)
-        if t.state != "connected":
+        if t.state is not _CONNECTED:
             self._pending_guard()
         return super().sendmsg(buffers, ancdata, flags)
 
@@ -585,9 +632,9 @@ class socket(_StdSocket):
         if t is None:
             return super().getpeername()
         self._check_open()
-        if t.state == "pending":
+        if t.state is _PENDING:
             self._finish_pending(t, block=False)
-        if t.state != "connected" or t.peer is None:
+        if t.state is not _CONNECTED or t.peer is None:
             raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
         return t.peer
 
@@ -596,7 +643,7 @@ class socket(_StdSocket):
         if t is None:
             return super().getsockname()
         self._check_open()
-        if t.state == "connected" and t.local is not None:
+        if t.state is _CONNECTED and t.local is not None:
             return t.local
         if self.family == _AF_INET6:
             return ("::", 0, 0, 0)
@@ -618,7 +665,7 @@ class socket(_StdSocket):
         if host in ("", "0.0.0.0", "::") and port == 0:
             t.bound = True  # "any address, any port": what connect() does anyway
             return
-        if _is_loopback(host) and t.state == "new":
+        if _is_loopback(host) and t.state is _NEW:
             # A socket on this host's loopback never reaches the gateway: it
             # is for in-process plumbing such as the wake-up socket pairs
             # pika and paho-mqtt build with bind/listen/connect.
@@ -661,7 +708,7 @@ class socket(_StdSocket):
 
     def shutdown(self, how: int, /) -> None:
         t = self._tether
-        if t is not None and t.state != "connected":
+        if t is not None and t.state is not _CONNECTED:
             self._pending_guard()
         super().shutdown(how)
 
@@ -675,7 +722,7 @@ class socket(_StdSocket):
             else:
                 super().setsockopt(level, optname, value, optlen)
             return
-        if t.state == "handed-off" or self.fileno() == -1:
+        if t.state is _HANDED_OFF or self.fileno() == -1:
             self._check_open()  # raises
         set_option(t, level, optname, value)
 
@@ -687,7 +734,7 @@ class socket(_StdSocket):
             return super().getsockopt(level, optname, buflen)
         self._check_open()
         is_so_error = (level, optname) == (_socket_mod.SOL_SOCKET, _socket_mod.SO_ERROR)
-        if is_so_error and t.state == "pending":
+        if is_so_error and t.state is _PENDING:
             # The app saw the fd writable and asks how the connect went: wait for it.
             self._finish_pending(t, block=True)
         return get_option(t, int(self.type), level, optname, buflen)
@@ -737,12 +784,103 @@ class socket(_StdSocket):
 
     # -- handoff (pickling) --------------------------------------------------------
 
+    # A connected socket pickles by moving: see tether.client.handoff (and
+    # docs/handoff.md) for the protocol; these are its two ends.
+
     def __reduce_ex__(self, protocol: Any) -> Any:
         if self._tether is None:
             return super().__reduce_ex__(protocol)  # the stdlib's "cannot pickle" TypeError
-        from tether.client.handoff import hand_off, resume
+        return (socket._resume, (self._hand_off(),))
 
-        return (resume, (hand_off(self),))
+    def _hand_off(self) -> HandoffState:
+        """Detach this socket from this process: CONNECTED -> HANDED_OFF, with every dup()."""
+        t = self._tether
+        if t is None:
+            raise TypeError(f"cannot pickle {type(self).__name__!r} object")
+        if t.state is _HANDED_OFF:
+            raise OSError(errno.EBADF, "tether: this socket was already handed off")
+        if t.state is not _CONNECTED or self.fileno() == -1 or t.settings is None:
+            raise OSError(
+                errno.ENOTCONN, "tether: only a connected socket can be handed off (pickled)"
+            )
+        with t.lock:
+            timeout = self.gettimeout()
+            deadline = Deadline(HANDOFF_TIMEOUT)
+            response = control.channel(t.settings).request(
+                pb.Request(detach=pb.Detach(descriptor=t.descriptor)), timeout=HANDOFF_TIMEOUT
+            )
+            token = response.handoff.token
+            try:
+                # Everything the app wrote goes to the peer before the gateway's
+                # EOF; what the gateway had sent until then is the tail.
+                _StdSocket.shutdown(self, _socket_mod.SHUT_WR)
+                tail = bytearray(t.prefix)
+                while True:
+                    _StdSocket.settimeout(self, deadline.remaining())
+                    chunk = _StdSocket.recv(self, RECV_CHUNK)
+                    if not chunk:
+                        break
+                    tail += chunk
+            except TimeoutError as exc:
+                raise TimeoutError(
+                    f"tether: handing off socket to {t.peer}: the gateway did not finish in "
+                    f"{HANDOFF_TIMEOUT:g} s"
+                ) from exc
+            finally:
+                # The stream is spent either way; the object must not be used again.
+                _socket.socket.close(self)
+                t.mark_handed_off()
+        return HandoffState(
+            descriptor=t.descriptor,
+            token=token,
+            family=int(self.family),
+            type=int(self.type),
+            proto=int(self.proto),
+            timeout=timeout,
+            peer=tuple(t.peer or ()),
+            local=tuple(t.local or ()),
+            options=tuple(v.SerializeToString() for v in t.options.values()),
+            tail=bytes(tail),
+            origin=str(t.settings.gateway),
+        )
+
+    @classmethod
+    def _resume(cls, state: HandoffState) -> socket:
+        """A live socket for a handed-off one, in this process, as this process's app."""
+        settings = current()
+        sock = cls(state.family, state.type, state.proto)
+        t = sock._tether
+        assert t is not None
+        t.settings = settings
+        try:
+            with t.lock:
+                sock._reattach(t, state, settings)
+        except BaseException:
+            sock.close()
+            raise
+        for raw in state.options:
+            value = pb.OptionValue()
+            value.ParseFromString(raw)
+            t.options[value.name] = value
+        sock.settimeout(state.timeout)
+        return sock
+
+    def _reattach(self, t: _Tether, state: HandoffState, settings: Settings) -> None:
+        """Open a stream and resume `state` on it: NEW -> CONNECTING -> CONNECTED, or raise."""
+        deadline = Deadline(HANDOFF_TIMEOUT)
+        self._open_gateway(settings, deadline)  # raises ConnectionError naming the gateway
+        exchange = t.exchange = Exchange(settings.gateway)
+        request = pb.Resume(
+            descriptor=state.descriptor, token=state.token, tail_length=len(state.tail)
+        )
+        target = f"{state.peer[0]}:{state.peer[1]}" if state.peer else state.descriptor[:8]
+        t.state = _CONNECTING
+        send_now(self, exchange.open(settings) + exchange.send(request, target), deadline)
+        self._await_result(t, deadline)
+        # Only now the tail: a refused Resume closes the stream, and tail bytes
+        # it never read would turn the gateway's message into a reset. The
+        # gateway echoes the tail ahead of anything new from the peer.
+        send_now(self, state.tail, deadline)
 
     def __getstate__(self) -> Any:
         raise TypeError(f"cannot pickle {self.__class__.__name__!r} object")
@@ -756,9 +894,9 @@ def set_option(t: _Tether, level: int, optname: int, value: Any) -> None:
     if value is None:
         raise OSError(errno.EINVAL, f"tether: {option_label(level, optname)} needs a value")
     encoded = encode_option(name, value)
-    if t.state == "connected":
+    if t.state is _CONNECTED:
         _control(t, pb.Request(set_option=pb.SetOption(descriptor=t.descriptor, value=encoded)))
-    elif t.state in ("pending", "connecting"):
+    elif t.state is _PENDING or t.state is _CONNECTING:
         t.late_options.add(name)
     t.options[name] = encoded
 
@@ -773,7 +911,7 @@ def get_option(t: _Tether, sock_type: int, level: int, optname: int, buflen: int
     name = OPTIONS.get((level, optname))
     if name is None:
         raise _unsupported_option(level, optname)
-    if t.state == "connected":
+    if t.state is _CONNECTED:
         response = _control(t, pb.Request(get_option=pb.GetOption(
             descriptor=t.descriptor, name=name)))
         return decode_option(response.option, buflen)
@@ -868,7 +1006,7 @@ def _check_address(family: int, address: Any, op: str) -> tuple[str, int]:
     return host, port
 
 
-__all__ = ["socket"]
+__all__ = ["HandoffState", "State", "socket"]
 
 
 def keepalive(sock: _StdSocket) -> None:
@@ -883,6 +1021,6 @@ def keepalive(sock: _StdSocket) -> None:
         udp_keepalive()
         return
     t = getattr(sock, "_tether", None) or getattr(sock, "_tether_state", None)
-    if not isinstance(t, _Tether) or t.state != "connected":
+    if not isinstance(t, _Tether) or t.state is not _CONNECTED:
         raise OSError(errno.ENOTCONN, "tether: keepalive() needs a connected tether socket")
     _control(t, pb.Request(touch=pb.Touch(descriptor=t.descriptor)))

@@ -1,35 +1,24 @@
-"""Blocking I/O for the client side of the wire protocol.
+"""Blocking I/O for the client side of the wire protocol: the driver of an Exchange.
 
-The app's socket must carry exactly the remote byte stream once connected,
-so the frames in front of it are read with MSG_PEEK and then consumed to
-the byte: whatever the peer sent right behind the ConnectResult (an SMTP
-greeting, say) stays in the kernel for the app's own recv() and select().
+tether.client.exchange decides what a gateway stream's bytes mean; this
+module moves them. The app's socket must carry exactly the remote byte
+stream once connected, so the frames in front of it are read with MSG_PEEK
+and then consumed to the byte: whatever the peer sent right behind the
+ConnectResult (an SMTP greeting, say) stays in the kernel for the app's own
+recv() and select().
 """
 
 from __future__ import annotations
 
 import _socket
-import errno
 import os
 import select
 import socket as _socket_mod
 import time
 
-from tether import __version__
+from tether.client.errors import closed, unreachable
+from tether.client.exchange import Answer, Exchange
 from tether.client.settings import Settings
-from tether.wire import (
-    NEED_DATA,
-    PAUSED,
-    PROTOCOL_VERSION,
-    Connection,
-    ConnectionClosed,
-    Event,
-    RemoteProtocolError,
-    Role,
-    encode_frame,
-    pb,
-)
-from tether.wire.protocol import _Sentinel
 
 _StdSocket = _socket_mod.socket
 PEEK_SIZE = 64 * 1024  # one peek holds the hello answer and any connect result
@@ -54,35 +43,6 @@ class Deadline:
         return left
 
 
-# The last Settings' hello and its frame: a process has one Settings object
-# in force, and the message only ever goes to Connection.send().
-_hello: tuple[Settings, pb.ClientHello, bytes] | None = None
-
-
-def _hello_and_frame(settings: Settings) -> tuple[Settings, pb.ClientHello, bytes]:
-    global _hello
-    cached = _hello
-    if cached is None or cached[0] is not settings:
-        message = pb.ClientHello(
-            protocol_version=PROTOCOL_VERSION,
-            app=settings.app,
-            key=settings.key,
-            client_version=__version__,
-        )
-        cached = _hello = (settings, message, encode_frame(message))
-    return cached
-
-
-def hello(settings: Settings) -> pb.ClientHello:
-    return _hello_and_frame(settings)[1]
-
-
-def send_hello(wire: Connection, settings: Settings) -> bytes:
-    """The bytes that open a stream: the hello, encoded once per Settings."""
-    _, message, frame = _hello_and_frame(settings)
-    return wire.send(message, frame=frame)
-
-
 def connect_fd(fd: int, settings: Settings, deadline: Deadline) -> None:
     """Connect the kernel socket `fd` to the gateway (TCP or Unix)."""
     endpoint = settings.gateway
@@ -99,45 +59,40 @@ def connect_fd(fd: int, settings: Settings, deadline: Deadline) -> None:
         tmp.detach()
 
 
-def read_until(
-    sock: _StdSocket, wire: Connection, deadline: Deadline, want: type
-) -> list[Event]:
-    """Read frames (consuming exactly their bytes) until an event of type `want`.
-
-    Returns every event read, the wanted one last. Raises TimeoutError,
-    ConnectionError (the gateway hung up) or RemoteProtocolError.
-    """
-    events: list[Event] = []
-    stop = (want, pb.Error, ConnectionClosed)
-    saved = sock.gettimeout()
+def open_stream(settings: Settings, deadline: Deadline) -> _StdSocket:
+    """A new stream connected to the gateway (for the control stream and UDP associations)."""
+    endpoint = settings.gateway
+    sock = _StdSocket(endpoint.family, _socket_mod.SOCK_STREAM)
     try:
-        while True:
-            _StdSocket.settimeout(sock, deadline.remaining())
-            try:
-                data = _StdSocket.recv(sock, PEEK_SIZE, _MSG_PEEK)
-            except TimeoutError as exc:
-                raise TimeoutError("timed out") from exc
-            done = _take_events(wire, data, events, stop)
-            consumed = len(data) - len(wire.trailing_data)
-            _consume(sock, consumed)
-            if done:
-                return events
-            if not data:
-                raise ConnectionError(errno.ECONNRESET, "tether: gateway closed the stream")
-    finally:
-        _StdSocket.settimeout(sock, saved)
+        connect_fd(sock.fileno(), settings, deadline)
+    except OSError as exc:
+        sock.close()
+        if isinstance(exc, TimeoutError):
+            raise
+        raise unreachable(endpoint, exc) from exc
+    # connect_fd() left the fd non-blocking; back in step with the socket's
+    # timeout (None: blocking), as read_answer() and send_now() expect.
+    _StdSocket.settimeout(sock, None)
+    return sock
 
 
-def read_answer(
-    sock: _StdSocket, wire: Connection, deadline: Deadline, want: type
-) -> list[Event]:
-    """read_until() on a socket whose fd is in step with its timeout, which it leaves alone.
+def roundtrip(sock: _StdSocket, exchange: Exchange, data: bytes, deadline: Deadline) -> Answer:
+    """Send `data` (made by `exchange`) and read the answer it awaits."""
+    send_now(sock, data, deadline)
+    return read_answer(sock, exchange, deadline)
 
-    No settimeout() pair (two ioctls): the wait is a poll() on the deadline,
-    then a peek, and the frames' bytes are dropped without a second wait.
+
+def read_answer(sock: _StdSocket, exchange: Exchange, deadline: Deadline) -> Answer:
+    """Read frames, consuming exactly their bytes, until `exchange` has its answer.
+
+    Raises what the exchange raises (a refusal, an Error frame, a closed
+    or out-of-protocol stream), or TimeoutError at the deadline. Leaves the
+    socket's timeout alone: no settimeout() pair (two ioctls); the wait is
+    a poll() on the deadline, then a peek, and the frames' bytes are dropped
+    without a second wait.
     """
-    events: list[Event] = []
-    stop = (want, pb.Error, ConnectionClosed)
+    wire = exchange.wire
+    receive = exchange.receive
     fd = sock.fileno()
     timeout = sock.gettimeout()
     # A socket with a timeout has CPython's recv() wait by that timeout, not
@@ -154,31 +109,16 @@ def read_answer(
             continue
         except TimeoutError as exc:
             raise TimeoutError("timed out") from exc
-        done = _take_events(wire, data, events, stop)
-        consumed = len(data) - len(wire.trailing_data)
-        if consumed:
-            _drop(sock, fd, timeout, consumed, deadline)
-        if done:
-            return events
-        if not data:
-            raise ConnectionError(errno.ECONNRESET, "tether: gateway closed the stream")
-
-
-def _take_events(
-    wire: Connection, data: bytes, events: list[Event], stop: tuple[type, ...]
-) -> bool:
-    """Feed `data` to the wire and append its events; True once one of `stop` is in."""
-    wire.receive_data(data)
-    while True:
-        event = wire.next_event()
-        if event is NEED_DATA or event is PAUSED:
-            return False  # PAUSED never happens on the client side
-        assert not isinstance(event, _Sentinel)
-        events.append(event)
-        if isinstance(event, stop):
-            return True
-        if isinstance(event, pb.ServerHello) and event.HasField("error"):
-            return True
+        try:
+            answer = receive(data)
+        finally:
+            # Consumed even when the answer is a refusal: the stream may carry
+            # another request (the exchange's in_step).
+            consumed = len(data) - len(wire.trailing_data)
+            if consumed:
+                _drop(sock, fd, timeout, consumed, deadline, exchange)
+        if answer is not None:
+            return answer
 
 
 def wait_readable(fd: int, deadline: Deadline) -> None:
@@ -201,7 +141,12 @@ def readable(fd: int, wait_ms: float | None = 0) -> bool:
 
 
 def _drop(
-    sock: _StdSocket, fd: int, timeout: float | None, n: int, deadline: Deadline
+    sock: _StdSocket,
+    fd: int,
+    timeout: float | None,
+    n: int,
+    deadline: Deadline,
+    exchange: Exchange,
 ) -> None:
     """Drop exactly n bytes that a peek has shown are queued, without a poll() first."""
     while n > 0:
@@ -216,16 +161,7 @@ def _drop(
             wait_readable(fd, deadline)  # only if another reader took them meanwhile
             continue
         if not chunk:
-            raise ConnectionError(errno.ECONNRESET, "tether: gateway closed the stream")
-        n -= len(chunk)
-
-
-def _consume(sock: _StdSocket, n: int) -> None:
-    """Drop exactly n bytes that a peek has shown are already queued."""
-    while n > 0:
-        chunk = _StdSocket.recv(sock, min(n, PEEK_SIZE))
-        if not chunk:
-            raise ConnectionError(errno.ECONNRESET, "tether: gateway closed the stream")
+            raise closed(exchange.gateway)
         n -= len(chunk)
 
 
@@ -260,19 +196,13 @@ def send_now(sock: _StdSocket, data: bytes, deadline: Deadline) -> None:
         send_all(sock, data[sent:], deadline)
 
 
-def new_wire() -> Connection:
-    return Connection(Role.CLIENT)
-
-
 __all__ = [
     "Deadline",
-    "RemoteProtocolError",
     "connect_fd",
-    "hello",
-    "new_wire",
+    "open_stream",
     "read_answer",
-    "read_until",
     "readable",
+    "roundtrip",
     "send_all",
     "send_now",
     "wait_readable",
