@@ -31,7 +31,7 @@ _HELLO = pb.ClientHello(
 _HELLO_FRAME = encode_frame(_HELLO)
 _SERVER_HELLO = pb.ServerHello(protocol_version=PROTOCOL_VERSION, gateway_version=__version__)
 _SERVER_HELLO_FRAME = encode_frame(_SERVER_HELLO)
-_DESCRIPTOR = "A" * 22  # 16 random bytes, URL-safe base64 (gateway/registry.py)
+_DESCRIPTOR = "A" * 22  # 16 random bytes, URL-safe base64 (gateway/core/registry.py)
 
 
 def _expect(event: object, kind: type) -> None:

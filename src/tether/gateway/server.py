@@ -65,7 +65,7 @@ class Gateway(GatewayCore):
                 bound = Endpoint(host=host, port=port)
             self._servers.append(server)
             self.endpoints.append(bound)
-        self.serve((e.host, e.port) for e in self.endpoints if not e.is_unix)
+        self.begin((e.host, e.port) for e in self.endpoints if not e.is_unix)
         for bound in self.endpoints:
             log.info("listening on %s", bound)
         return list(self.endpoints)

@@ -61,7 +61,7 @@ class GatewayCore:
         # Tasks whose dial the connect timeout cancelled (dial.expire).
         self._expired: set[asyncio.Task[None]] = set()
         self._sweep_task: asyncio.Task[None] | None = None
-        # The loop serve() runs in, kept: asyncio.get_running_loop() costs a
+        # The loop the gateway runs in, kept: asyncio.get_running_loop() costs a
         # getpid() system call on every call in Python 3.11.
         self.loop: asyncio.AbstractEventLoop = cast(asyncio.AbstractEventLoop, None)
 
@@ -70,8 +70,8 @@ class GatewayCore:
     dial = dialling.dial
     _expire = dialling.expire
 
-    def serve(self, own_addresses: Iterable[tuple[str, int]]) -> None:
-        """Start serving on the running loop (kept in `loop`): the sweep, the self-exclusion."""
+    def begin(self, own_addresses: Iterable[tuple[str, int]]) -> None:
+        """Start on `loop` (set by the owner): never dial `own_addresses`; sweep idle sockets."""
         self.own_addresses = list(own_addresses)
         self.decider = Decider(self.config.policy, self_addresses=self.own_addresses)
         self._sweep_task = self.loop.create_task(self._sweeper())

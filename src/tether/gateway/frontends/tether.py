@@ -230,9 +230,9 @@ class TetherSession(asyncio.Protocol):
         core = self.core
         app = self.app
         if self.admin:
-            self._write(self.wire.send(pb.ConnectResult(error=pb.Error(
-                code=pb.Error.PERMISSION_DENIED, errno=errno.EACCES,
-                message="tether: the admin identity can list sockets but not open them"))))
+            refusal = Refusal(pb.Error.PERMISSION_DENIED, errno.EACCES,
+                "tether: the admin identity can list sockets but not open them")
+            self._write(self.wire.send(pb.ConnectResult(error=wire_error(refusal))))
             return
         if req.transport == pb.TRANSPORT_UDP:
             result, self.association = await tether_udp.open_association(
@@ -337,8 +337,8 @@ class TetherSession(asyncio.Protocol):
                 inspect.list_sockets(core.registry, app, every_app=self.admin)
             )
         else:
-            response.error.CopyFrom(pb.Error(code=pb.Error.UNSUPPORTED,
-                message=f"tether: request {op!r} is not supported by this gateway"))
+            response.error.CopyFrom(wire_error(Refusal(pb.Error.UNSUPPORTED, 0,
+                f"tether: request {op!r} is not supported by this gateway")))
 
     # -- resume ------------------------------------------------------------
 
