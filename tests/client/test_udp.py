@@ -12,6 +12,8 @@ import pickle
 import selectors
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +50,22 @@ def test_a_dgram_socket_is_a_tether_udp_socket(sock: socket.socket) -> None:
     assert sock.type == socket.SOCK_DGRAM
     assert sock.family == socket.AF_INET
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_DGRAM
+
+
+def test_the_socket_class_makes_udp_sockets_whoever_imports_it_first() -> None:
+    # sock.py never imports dgram.py (no import cycle): DatagramSocket registers
+    # itself, and importing any part of tether imports it.
+    code = (
+        "import socket as std\n"
+        "from tether.client.sock import socket\n"
+        "s = socket(std.AF_INET, std.SOCK_DGRAM)\n"
+        "print(type(s).__module__, type(s).__name__)\n"
+        "s.close()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.stdout.split() == ["tether.client.dgram", "DatagramSocket"], result.stderr
 
 
 @pytest.mark.parametrize("size", [1, 512, 1472, 8192, MAX_DATAGRAM])

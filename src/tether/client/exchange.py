@@ -47,6 +47,7 @@ Answer: TypeAlias = pb.ServerHello | pb.ConnectResult | pb.Response
 Request: TypeAlias = pb.Connect | pb.Resume | pb.Request
 
 _ServerHello: Final = pb.ServerHello
+_Request: Final = pb.Request
 _Response: Final = pb.Response
 _ConnectResult: Final = pb.ConnectResult
 _Error: Final = pb.Error
@@ -111,7 +112,7 @@ class Exchange:
         named in the error if the gateway cannot reach it.
         """
         data = self.wire.send(message)
-        self._want = _Response if type(message) is pb.Request else _ConnectResult
+        self._want = _Response if type(message) is _Request else _ConnectResult
         self.target = target
         return data
 
