@@ -10,6 +10,11 @@ for itself is emulated: connect, getpeername (the real target),
 getsockname (the gateway's outbound address), the supported socket options,
 and the refusal of listen/accept/bind.
 
+The frames in front of the stream (hello, Connect or Resume, the answer,
+the gateway's errors) are tether.client.exchange's, which decides without
+I/O; this class drives it on its own fd (stream.read_answer). Its state is
+a `State`; handing off and resuming are its own steps (_hand_off, _resume).
+
 Other families (AF_UNIX, socketpair()) and sockets built on an existing fd
 behave exactly as the stdlib's: every override hands them straight to the
 base class.
