@@ -127,7 +127,7 @@ class State(StrEnum):
     HANDED_OFF  moved to another process: every call raises EBADF. Final.
 
     A NEW socket that binds or connects to a loopback listener of this
-    process leaves the machine: it becomes a plain kernel socket
+    process leaves tether out: it becomes a plain kernel socket
     (`socket._tether` is None).
     """
 
