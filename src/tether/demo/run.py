@@ -324,8 +324,12 @@ def _port25_step() -> tuple[bool, str]:
     """smtplib to 127.0.0.1:25 through tether: the gateway must refuse it."""
     try:
         client = smtplib.SMTP("127.0.0.1", 25, timeout=TIMEOUT)
-    except PermissionError as exc:
-        return True, f"127.0.0.1:25 DENIED by the gateway: PermissionError: {exc.strerror}"
+    except tether.PolicyDenied as exc:
+        # A PermissionError too, so smtplib's callers' `except OSError` still catch it.
+        return True, (
+            f"127.0.0.1:25 DENIED by the gateway: PolicyDenied (a PermissionError): "
+            f"{exc.reason} [rule: {exc.rule}]"
+        )
     client.close()
     return False, "127.0.0.1:25 was connected to; the gateway should have refused it"
 
