@@ -16,6 +16,7 @@ import ssl
 import threading
 from typing import Any
 
+from tether.aio.hooks import install_loop_hooks, uninstall_loop_hooks
 from tether.client import control
 from tether.client import settings as _settings
 
@@ -117,6 +118,9 @@ def install(
                 setattr(_std, name, value)
             _saved_ssl = ssl.SSLContext.sslsocket_class
             ssl.SSLContext.sslsocket_class = TetherSSLSocket
+            # The loops' own connects and lookups (uvloop's are in C); patched
+            # when asyncio / uvloop are imported, so no cost for programs without.
+            install_loop_hooks()
 
 
 def uninstall() -> None:
@@ -130,6 +134,7 @@ def uninstall() -> None:
         if _saved_ssl is not None:
             ssl.SSLContext.sslsocket_class = _saved_ssl
             _saved_ssl = None
+        uninstall_loop_hooks()
         _settings.configure(None)
         control.close_all()
         if _dev_gateway is not None:

@@ -228,6 +228,24 @@ class _Tether:
         self.group.append(weakref.ref(other))
         return other
 
+    def handoff_state(
+        self, sock: _StdSocket, token: str, timeout: float | None, tail: bytes
+    ) -> HandoffState:
+        """What the pickle of `sock` (this state's socket, detached with `token`) carries."""
+        return HandoffState(
+            descriptor=self.descriptor,
+            token=token,
+            family=int(sock.family),
+            type=int(sock.type),
+            proto=int(sock.proto),
+            timeout=timeout,
+            peer=tuple(self.peer or ()),
+            local=tuple(self.local or ()),
+            options=tuple(v.SerializeToString() for v in self.options.values()),
+            tail=tail,
+            origin=str(self.settings.gateway if self.settings else ""),
+        )
+
     def mark_handed_off(self) -> None:
         """This socket and every dup() of it now refuse all calls ("handed off")."""
         members = [ref() for ref in self.group] if self.group is not None else [self]
@@ -466,11 +484,19 @@ class socket(_StdSocket):
         try:
             result = read_answer(self, exchange, deadline)
         except OSError:
-            if exchange.in_step:
-                t.state = _NEW
-            else:
-                self._reset_stream(t)
+            self._answer_failed(t, exchange)
             raise
+        self._take_result(t, result)
+
+    def _answer_failed(self, t: _Tether, exchange: Exchange) -> None:
+        """After a failed connect or resume: NEW, on the same stream only if it is framed again."""
+        if exchange.in_step:
+            t.state = _NEW
+        else:
+            self._reset_stream(t)
+
+    def _take_result(self, t: _Tether, result: Any) -> None:
+        """The gateway's ConnectResult for this socket: CONNECTED (tether.aio reads it too)."""
         assert isinstance(result, pb.ConnectResult)
         t.state = _CONNECTED
         t.descriptor = result.descriptor
@@ -835,19 +861,7 @@ class socket(_StdSocket):
                 # The stream is spent either way; the object must not be used again.
                 _socket.socket.close(self)
                 t.mark_handed_off()
-        return HandoffState(
-            descriptor=t.descriptor,
-            token=token,
-            family=int(self.family),
-            type=int(self.type),
-            proto=int(self.proto),
-            timeout=timeout,
-            peer=tuple(t.peer or ()),
-            local=tuple(t.local or ()),
-            options=tuple(v.SerializeToString() for v in t.options.values()),
-            tail=bytes(tail),
-            origin=str(t.settings.gateway),
-        )
+        return t.handoff_state(self, token, timeout, bytes(tail))
 
     @classmethod
     def _resume(cls, state: HandoffState) -> socket:
@@ -900,6 +914,10 @@ def set_option(t: _Tether, level: int, optname: int, value: Any) -> None:
         raise OSError(errno.EINVAL, f"tether: {option_label(level, optname)} needs a value")
     encoded = encode_option(name, value)
     if t.state is _CONNECTED:
+        if t.options.get(name) == encoded:
+            # Already so at the gateway (asyncio sets TCP_NODELAY on every
+            # transport; tether.aio asks for it in the Connect): no round trip.
+            return
         _control(t, pb.Request(set_option=pb.SetOption(descriptor=t.descriptor, value=encoded)))
     elif t.state is _PENDING or t.state is _CONNECTING:
         t.late_options.add(name)
