@@ -39,7 +39,13 @@ from tether.client.sock import socket as _TetherSocket
 from tether.client.stream import Deadline, open_stream, roundtrip
 from tether.endpoint import host_port
 from tether.wire import pb
-from tether.wire.convert import FAMILY_TO_WIRE, address_from_wire, encode_option, option_label
+from tether.wire.convert import (
+    FAMILY_TO_WIRE,
+    address_from_wire,
+    encode_option,
+    option_key,
+    option_label,
+)
 
 # _StdSocket is the stdlib's class as sock.py saw it at import, before
 # install() replaced socket.socket (this module is imported lazily, maybe after).
@@ -409,14 +415,21 @@ class DatagramSocket(_TetherSocket, sock_type=_socket_mod.SOCK_DGRAM):
 
     # -- options ---------------------------------------------------------------
 
-    def setsockopt(self, level: int, optname: int, value: Any, optlen: int | None = None) -> None:
+    def setsockopt(
+        self, level: int, optname: int, value: Any, optlen: int | None = None, /
+    ) -> None:
         u = self._assoc()
+        if type(level) is not int or type(optname) is not int:
+            level, optname = option_key(level, optname)  # 1.0 would find SOL_SOCKET's
         name = _UDP_OPTIONS.get((level, optname))
         if name is None:
-            raise _unsupported(level, optname)
-        if value is None or optlen is not None:
-            raise OSError(errno.EINVAL, f"tether: {option_label(level, optname)} needs a value")
-        _StdSocket.setsockopt(self, level, optname, value)
+            raise _unsupported(*option_key(level, optname))
+        # The fd takes the option first: the stdlib and the kernel check the
+        # value exactly as for any UDP socket (encode_option then agrees).
+        if optlen is None:
+            _StdSocket.setsockopt(self, level, optname, value)
+        else:
+            _StdSocket.setsockopt(self, level, optname, value, optlen)
         encoded = encode_option(name, value)
         u.options[name] = encoded
         with u.lock:
@@ -424,10 +437,12 @@ class DatagramSocket(_TetherSocket, sock_type=_socket_mod.SOCK_DGRAM):
                 option = pb.SetOption(descriptor=u.descriptor, value=encoded)
                 self._roundtrip(u, pb.Request(set_option=option), self._deadline())
 
-    def getsockopt(self, level: int, optname: int, buflen: int | None = None) -> Any:
+    def getsockopt(self, level: int, optname: int, buflen: int | None = None, /) -> Any:
         self._assoc()
+        if type(level) is not int or type(optname) is not int:
+            level, optname = option_key(level, optname)
         if (level, optname) not in _UDP_OPTIONS and (level, optname) not in _LOCAL_ONLY:
-            raise _unsupported(level, optname)
+            raise _unsupported(*option_key(level, optname))
         if buflen is None:
             return _StdSocket.getsockopt(self, level, optname)
         return _StdSocket.getsockopt(self, level, optname, buflen)

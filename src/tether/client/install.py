@@ -65,7 +65,7 @@ class TetherSSLSocket(ssl.SSLSocket):
         if self._tether_state is None:
             super().setsockopt(level, optname, value, *rest)
             return
-        set_option(self._tether_state, level, optname, value)
+        set_option(self._tether_state, level, optname, value, *rest)
 
     def getsockopt(self, level: int, optname: int, *rest: Any) -> Any:
         if self._tether_state is None:

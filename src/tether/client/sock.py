@@ -26,6 +26,7 @@ import _socket
 import errno
 import io
 import ipaddress
+import operator
 import os
 import socket as _socket_mod
 import sys
@@ -55,6 +56,7 @@ from tether.wire.convert import (
     address_from_wire,
     decode_option,
     encode_option,
+    option_key,
     option_label,
 )
 
@@ -79,6 +81,9 @@ PENDING_CONNECT_LIMIT = 35.0
 # Connecting to the gateway itself (a loopback or LAN hop) inside a
 # non-blocking connect(): it is done before returning EINPROGRESS.
 GATEWAY_CONNECT_TIMEOUT = 10.0
+
+# getsockopt()'s largest buflen: CPython's sock_getsockopt refuses more.
+_MAX_BUFLEN = 1024
 
 _SUPPORTED = ", ".join(
     sorted(
@@ -745,7 +750,9 @@ class socket(_StdSocket):
 
     # -- options -------------------------------------------------------------------
 
-    def setsockopt(self, level: int, optname: int, value: Any, optlen: int | None = None) -> None:
+    def setsockopt(
+        self, level: int, optname: int, value: Any, optlen: int | None = None, /
+    ) -> None:
         t = self._tether
         if t is None:
             if optlen is None:
@@ -755,9 +762,9 @@ class socket(_StdSocket):
             return
         if t.state is _HANDED_OFF or self.fileno() == -1:
             self._check_open()  # raises
-        set_option(t, level, optname, value)
+        set_option(t, level, optname, value, optlen)
 
-    def getsockopt(self, level: int, optname: int, buflen: int | None = None) -> Any:
+    def getsockopt(self, level: int, optname: int, buflen: int | None = None, /) -> Any:
         t = self._tether
         if t is None:
             if buflen is None:
@@ -905,14 +912,17 @@ class socket(_StdSocket):
         raise TypeError(f"cannot pickle {self.__class__.__name__!r} object")
 
 
-def set_option(t: _Tether, level: int, optname: int, value: Any) -> None:
-    """setsockopt() for a tether socket: kept, and applied at the gateway once connected."""
+def set_option(t: _Tether, level: int, optname: int, value: Any, optlen: Any = None) -> None:
+    """setsockopt() for a tether socket: kept, and applied at the gateway once connected.
+
+    Takes and refuses what the stdlib's does (encode_option, option_key).
+    """
+    if type(level) is not int or type(optname) is not int:
+        level, optname = option_key(level, optname)  # 6.0 would find IPPROTO_TCP's entries
     name = OPTIONS.get((level, optname))
     if name is None:
-        raise _unsupported_option(level, optname)
-    if value is None:
-        raise OSError(errno.EINVAL, f"tether: {option_label(level, optname)} needs a value")
-    encoded = encode_option(name, value)
+        raise _unsupported_option(*option_key(level, optname))
+    encoded = encode_option(name, value, optlen)
     if t.state is _CONNECTED:
         if t.options.get(name) == encoded:
             # Already so at the gateway (asyncio sets TCP_NODELAY on every
@@ -926,6 +936,10 @@ def set_option(t: _Tether, level: int, optname: int, value: Any) -> None:
 
 def get_option(t: _Tether, sock_type: int, level: int, optname: int, buflen: int | None) -> Any:
     """getsockopt() for a tether socket: the outbound socket's real value once connected."""
+    if buflen is not None:
+        buflen = _buflen(buflen)
+    if type(level) is not int or type(optname) is not int:
+        level, optname = option_key(level, optname)  # 1.0 would pass for SOL_SOCKET
     if level == _socket_mod.SOL_SOCKET and optname == _socket_mod.SO_ERROR:
         err, t.error, t.exc = t.error, 0, None
         return err if buflen is None else err.to_bytes(4, sys.byteorder)[:buflen]
@@ -933,7 +947,7 @@ def get_option(t: _Tether, sock_type: int, level: int, optname: int, buflen: int
         return sock_type if buflen is None else sock_type.to_bytes(4, sys.byteorder)[:buflen]
     name = OPTIONS.get((level, optname))
     if name is None:
-        raise _unsupported_option(level, optname)
+        raise _unsupported_option(*option_key(level, optname))
     if t.state is _CONNECTED:
         response = _control(t, pb.Request(get_option=pb.GetOption(
             descriptor=t.descriptor, name=name)))
@@ -976,6 +990,16 @@ def _is_local_listener(address: Any) -> bool:
     ref = _local_listeners.get((address[0], address[1]))
     listener = ref() if ref is not None else None
     return listener is not None and listener.fileno() != -1
+
+
+def _buflen(buflen: Any) -> int | None:
+    """getsockopt()'s buflen as the stdlib takes it: 0 asks for an int, 1-1024 for bytes."""
+    size: int = operator.index(buflen)
+    if size == 0:
+        return None
+    if not 0 < size <= _MAX_BUFLEN:
+        raise OSError("getsockopt buflen out of range")  # the stdlib's words
+    return size
 
 
 def _unsupported_option(level: int, optname: int) -> OSError:

@@ -6,10 +6,12 @@ both ends whatever their platforms number it as.
 
 from __future__ import annotations
 
+import errno
+import operator
 import socket
 import struct
 import sys
-from typing import Final
+from typing import Any, Final
 
 from tether.wire._pb import tether_pb2 as pb
 
@@ -64,6 +66,8 @@ OPTION_NAMES: Final[dict[pb.OptionName.ValueType, str]] = {
     pb.TCP_KEEPCNT: "TCP_KEEPCNT",
 }
 _LINGER = struct.Struct("ii")  # struct linger on Linux: int l_onoff, int l_linger
+_INT_SIZE = struct.calcsize("i")
+_INT_MIN, _INT_MAX = -(2 ** (8 * _INT_SIZE - 1)), 2 ** (8 * _INT_SIZE - 1) - 1
 
 
 def option_label(level: int, optname: int) -> str:
@@ -88,18 +92,83 @@ def option_label(level: int, optname: int) -> str:
     return f"{level_names.get(level, str(level))}/{name}"
 
 
-def encode_option(name: pb.OptionName.ValueType, value: int | bytes) -> pb.OptionValue:
-    """An option value as the app passed it to setsockopt()."""
+def option_key(level: Any, optname: Any) -> tuple[int, int]:
+    """(level, optname) as C ints, checked as the stdlib's setsockopt/getsockopt check them.
+
+    For the slow path only (not exact ints, or not an option tether carries):
+    a bool, an IntEnum or any object with __index__ is the int it stands
+    for; anything else is a TypeError and an int outside a C int an
+    OverflowError, as the stdlib raises them.
+    """
+    key = (operator.index(level), operator.index(optname))
+    for number in key:
+        if not _INT_MIN <= number <= _INT_MAX:
+            raise OverflowError(
+                "signed integer is greater than maximum"
+                if number > 0
+                else "signed integer is less than minimum"
+            )
+    return key
+
+
+def encode_option(name: pb.OptionName.ValueType, value: Any, optlen: Any = None) -> pb.OptionValue:
+    """An option value as the app passed it to setsockopt(level, opt, value[, optlen]).
+
+    Accepts and refuses what the stdlib and the kernel do, with their
+    exception types (CPython's sock_setsockopt, Linux's sk_setsockopt and
+    do_tcp_setsockopt): an integer is anything with __index__ that fits a C
+    int (a bool is 0 or 1); otherwise a C-contiguous bytes-like object whose
+    first sizeof(int) bytes (sizeof(struct linger) for SO_LINGER) are read,
+    shorter being EINVAL. ``None`` with an optlen is the stdlib's NULL
+    option value, which no supported option takes.
+    """
+    size = _LINGER.size if name == pb.SO_LINGER else _INT_SIZE
+    label = OPTION_NAMES.get(name, str(name))
+    if optlen is not None:
+        if value is not None:
+            raise TypeError(f"setsockopt() takes an optlen only with None as the value ({label})")
+        # The stdlib passes optlen as a C unsigned int (no overflow check) and
+        # the kernel reads it as an int: negative or shorter than an int is
+        # EINVAL; then it reads an int from the NULL value: EFAULT (for
+        # SO_LINGER too, before its own size check).
+        length = operator.index(optlen) & 0xFFFF_FFFF
+        if length > _INT_MAX or length < _INT_SIZE:
+            raise OSError(errno.EINVAL, f"tether: {label} takes {size} bytes, not {length}")
+        raise OSError(errno.EFAULT, f"tether: {label} needs a value, not None")
+    if name != pb.SO_LINGER:
+        number = _c_int(value)
+        if number is not None:
+            return pb.OptionValue(name=name, int_value=number)
+    elif _c_int(value) is not None:
+        # The stdlib passes an int as sizeof(int) bytes: short for a struct linger.
+        raise OSError(
+            errno.EINVAL, f"tether: {label} takes a packed struct linger ({size} bytes), not an int"
+        )
+    try:
+        view = memoryview(value)
+    except TypeError:
+        raise TypeError(f"a bytes-like object is required, not '{type(value).__name__}'") from None
+    with view:
+        if not view.c_contiguous:
+            raise BufferError("memoryview: underlying buffer is not C-contiguous")
+        if view.nbytes < size:
+            raise OSError(errno.EINVAL, f"tether: {label} takes {size} bytes, not {view.nbytes}")
+        data = view.tobytes()[:size]
     if name == pb.SO_LINGER:
-        if isinstance(value, int):
-            raise TypeError("SO_LINGER takes a packed struct linger (bytes)")
-        onoff, seconds = _LINGER.unpack(bytes(value)[: _LINGER.size])
+        onoff, seconds = _LINGER.unpack(data)
         return pb.OptionValue(name=name, linger_on=bool(onoff), linger_seconds=seconds)
-    if not isinstance(value, int):
-        int_value = int.from_bytes(bytes(value)[:4].ljust(4, b"\0"), sys.byteorder, signed=True)
-    else:
-        int_value = value
-    return pb.OptionValue(name=name, int_value=int_value)
+    return pb.OptionValue(name=name, int_value=int.from_bytes(data, sys.byteorder, signed=True))
+
+
+def _c_int(value: Any) -> int | None:
+    """The C int the stdlib's "i" format makes of value, or None when it makes none."""
+    if type(value) is not int:
+        try:
+            value = operator.index(value)
+        except TypeError:
+            return None
+    # Out of range, the stdlib tries the value as a buffer next (a TypeError).
+    return value if _INT_MIN <= value <= _INT_MAX else None
 
 
 def decode_option(value: pb.OptionValue, buflen: int | None = None) -> int | bytes:
