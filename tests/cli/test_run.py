@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
-from support import Gateway, tether_cli
+from support import Gateway, client_settings_for, tether_cli
+
+from tether.client import control
 
 CHILD = textwrap.dedent(
     """
@@ -88,3 +91,67 @@ def test_run_bad_dev_config(tmp_path: Path) -> None:
     result = tether_cli("run", "--", sys.executable, "-c", "pass", cwd=tmp_path)
     assert result.returncode == 2
     assert "gateway.idle_timeout" in result.stderr
+
+
+# -- nothing left open at exit -------------------------------------------------------
+
+# A lookup, a connection and a setsockopt (both go over the control stream),
+# on the main thread, another thread and a forked child that exits through
+# the interpreter's normal teardown: under -X dev -W error, a stream left
+# open would print "ResourceWarning: unclosed <socket.socket ...>".
+EXIT_CHILD = textwrap.dedent(
+    """
+    import os, socket, sys, threading
+    port = int(sys.argv[1])
+
+    def use_the_gateway():
+        assert socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM)
+        with socket.create_connection(("localhost", port), timeout=5) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+            s.sendall(b"ping")
+            assert s.recv(4) == b"ping"
+
+    use_the_gateway()
+    worker = threading.Thread(target=use_the_gateway)
+    worker.start()
+    worker.join()
+    pid = os.fork()
+    use_the_gateway()  # the child on its own control stream
+    if pid:
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+    print(socket.socket.__module__)
+    """
+)
+
+
+def test_run_leaves_no_stream_open_at_exit(
+    gateway: Gateway, echo_port: int, tmp_path: Path
+) -> None:
+    script = tmp_path / "exit_child.py"
+    script.write_text(EXIT_CHILD)
+    result = tether_cli(
+        "run", "--gateway", gateway.address, "--app", gateway.app, f"--key={gateway.key}",
+        "--", sys.executable, "-X", "dev", "-W", "error", str(script), str(echo_port),
+    )
+    assert "ResourceWarning" not in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.split() == ["tether.client.sock", "child", "0", "tether.client.sock"]
+
+
+def test_exit_does_not_wait_for_a_stream_in_use(gateway: Gateway) -> None:
+    # A daemon thread may be mid-request when the interpreter exits; the exit
+    # hook must not wait out its timeout (30 s) on the stream's lock.
+    settings = client_settings_for(gateway.address, gateway.app, gateway.key)
+    busy = control.channel(settings)
+    assert busy._lock.acquire(timeout=5)  # as a thread mid-request holds it
+    closer = threading.Thread(target=control.close_all, kwargs={"wait": False}, daemon=True)
+    try:
+        closer.start()
+        closer.join(timeout=5)
+        assert not closer.is_alive(), "close_all(wait=False) waited for a busy stream"
+    finally:
+        busy._lock.release()
+        closer.join(timeout=5)
+        busy.close()

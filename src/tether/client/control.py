@@ -97,13 +97,23 @@ def channel(settings: Settings) -> ControlChannel:
         return ch
 
 
-def close_all() -> None:
-    """Close every control stream of this process (uninstall(); they reopen on use)."""
+def close_all(*, wait: bool = True) -> None:
+    """Close every control stream of this process (uninstall(); they reopen on use).
+
+    With wait=False (at interpreter exit) a stream in use by another thread
+    (a daemon thread mid-lookup) is left alone rather than waited for.
+    """
     with _channels_lock:
         channels = list(_channels.values())
         _channels.clear()
     for ch in channels:
-        ch.close()
+        if wait:
+            ch.close()
+        elif ch._lock.acquire(blocking=False):
+            try:
+                ch._close()
+            finally:
+                ch._lock.release()
 
 
 def _after_fork() -> None:

@@ -30,6 +30,7 @@ _lock = threading.Lock()
 _saved: dict[str, Any] | None = None
 _saved_ssl: type[ssl.SSLSocket] | None = None
 _dev_gateway: Any = None
+_exit_hook = False  # control streams are closed at interpreter exit (registered once)
 
 
 class TetherSSLSocket(ssl.SSLSocket):
@@ -95,8 +96,13 @@ def install(
     no gateway configured, a gateway is started in this process (development
     mode) with the config at `config` or ``./tether.toml``.
     """
-    global _saved, _saved_ssl, _dev_gateway
+    global _saved, _saved_ssl, _dev_gateway, _exit_hook
     with _lock:
+        if not _exit_hook:
+            # Close the control streams at exit, or the interpreter's teardown
+            # finds them open (a ResourceWarning under -X dev / -W error).
+            atexit.register(_close_at_exit)
+            _exit_hook = True
         resolved = _settings.resolve_settings(gateway, app, key)
         if resolved is None and dev:
             from tether.devmode import start_dev_gateway
@@ -140,6 +146,12 @@ def uninstall() -> None:
         if _dev_gateway is not None:
             _dev_gateway.stop()
             _dev_gateway = None
+
+
+def _close_at_exit() -> None:
+    # A forked child has its own streams (control's after-fork hook dropped
+    # the parent's), so this closes only what this process opened.
+    control.close_all(wait=False)
 
 
 def installed() -> bool:
