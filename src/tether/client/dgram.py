@@ -488,6 +488,31 @@ class DatagramSocket(_TetherSocket, sock_type=_socket_mod.SOCK_DGRAM):
         )
 
 
+# -- for event-loop drivers (tether.aio.datagram) -------------------------------
+
+
+def known_destination(sock: DatagramSocket, address: Any) -> tuple[tuple[str, int], bool]:
+    """`address` as `sock` keys its destinations, and whether sendto() to it sends at once.
+
+    At once means without a round trip to the gateway (nor waiting for
+    another thread's): the destination was decided before. Otherwise
+    sendto() waits for the gateway's decision, which an event loop must not
+    do on its own thread: it calls decide() off the loop. Raises what
+    sendto() raises for a malformed address.
+    """
+    key = _check_address(sock.family, address, "sendto")
+    return key, key in sock._assoc().routes
+
+
+def decide(sock: DatagramSocket, address: Any) -> None:
+    """Have the gateway decide `address` as a first sendto() would, sending nothing (blocking).
+
+    Raises what that sendto() would: tether.PolicyDenied for a denied
+    destination, ConnectionResetError once the association is lost.
+    """
+    sock._route(address, "sendto")
+
+
 def _check_gateway(settings: Settings, family: int) -> None:
     """Refuse early, and clearly, a gateway that cannot carry this socket's datagrams."""
     endpoint = settings.gateway
@@ -533,4 +558,4 @@ def _unsupported(level: int, optname: int) -> OSError:
     )
 
 
-__all__ = ["DatagramSocket"]
+__all__ = ["DatagramSocket", "decide", "known_destination"]
