@@ -33,6 +33,7 @@ from support import (
     list_sockets,
     start_gateway,
 )
+from tcpservers import TLSMaterial, serving, starttls
 from test_driver import full_accept_queue, greet_and_echo
 
 import tether
@@ -70,6 +71,15 @@ def test_the_loop_connects_through_the_gateway(
                 writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             assert await reader.readline() == b"220 ready\r\n"
             local = _through_gateway(tethered, writer, peer)
+            # The transport names the target and the gateway's outbound socket
+            # (uvloop named the hop to the gateway), and its socket's options
+            # are the outbound socket's.
+            assert writer.get_extra_info("peername") == ("127.0.0.1", peer.port)
+            assert writer.get_extra_info("sockname") == local
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
             writer.close()
             await writer.wait_closed()
             return local
@@ -106,6 +116,29 @@ def test_tls_with_verification(
         return data
 
     assert run(main()).startswith(b"HTTP/1.")
+
+
+def test_starttls(run: Runner[Any], tmp_path: Path, tethered: Gateway) -> None:
+    # uvloop's start_tls takes only its own transports: the hook unwraps tether's.
+    material = TLSMaterial(tmp_path)
+    client = ssl.create_default_context(cafile=str(material.cafile))
+
+    async def main(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"HELLO\r\n")
+        assert await reader.readline() == b"HELLO plain\r\n"
+        writer.write(b"STARTTLS\r\n")
+        assert await reader.readline() == b"OK go ahead\r\n"
+        await writer.start_tls(client, server_hostname="localhost")
+        assert writer.get_extra_info("peername") == ("127.0.0.1", port)
+        assert writer.get_extra_info("peercert") is not None
+        writer.write(b"secret\n")
+        assert await reader.readexactly(7) == b"secret\n"
+        writer.close()
+        await writer.wait_closed()
+
+    with serving(starttls(material.server)) as server:
+        run(main(server.port))
 
 
 def test_sock_connect_on_a_tether_socket_leaves_the_loop_running(
@@ -213,6 +246,11 @@ def test_over_a_unix_gateway(run: Runner[Any], tmp_path: Path) -> None:
                 assert await reader.readline() == b"220 ready\r\n"
                 writer.write(b"x" * 100_000)
                 assert await reader.readexactly(100_000) == b"x" * 100_000
+                # redis.asyncio and aiomysql set TCP_NODELAY on the transport's
+                # socket: uvloop's reached the AF_UNIX fd (EOPNOTSUPP).
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                assert writer.get_extra_info("peername") == ("127.0.0.1", peer.port)
                 writer.close()
                 # aiohttp's way: sock_connect, then create_connection(sock=).
                 sock = socket.socket()

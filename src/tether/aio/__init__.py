@@ -6,7 +6,8 @@
   own ``create_connection``, ``sock_connect``, lookups and
   ``create_datagram_endpoint`` go through the gateway;
 - :func:`hand_off` / :func:`resume` / :func:`resume_transport`: move a
-  connection to another process.
+  connection to another process;
+- :func:`create_datagram_endpoint`: UDP (tether.aio.datagram).
 
 See docs/asyncio.md. The names are loaded on first use, so ``tether``
 (which installs the hooks) does not import asyncio for programs that never
@@ -22,12 +23,14 @@ from tether.aio.hooks import install_loop_hooks, loop_hooks_installed, uninstall
 
 if TYPE_CHECKING:
     from tether.aio.connection import create_connection, open_connection
+    from tether.aio.datagram import create_datagram_endpoint
     from tether.aio.handoff import hand_off, resume, resume_transport
     from tether.client.sock import HandoffState
 
 _LAZY = {
     "create_connection": "tether.aio.connection",
     "open_connection": "tether.aio.connection",
+    "create_datagram_endpoint": "tether.aio.datagram",
     "hand_off": "tether.aio.handoff",
     "resume": "tether.aio.handoff",
     "resume_transport": "tether.aio.handoff",
@@ -47,6 +50,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "HandoffState",
     "create_connection",
+    "create_datagram_endpoint",
     "hand_off",
     "install_loop_hooks",
     "loop_hooks_installed",

@@ -25,6 +25,7 @@ from typing import Any
 
 from tether.aio import driver
 from tether.aio.hooks import ORIGINALS
+from tether.aio.transport import TetherTransport, announcing
 from tether.client.sock import State, socket
 
 _StdSocket = _socket_mod.socket
@@ -75,6 +76,8 @@ def tether_socket(transport: Any) -> socket | None:
     sock = _SOCKETS.get(transport)
     if sock is not None:
         return sock
+    if isinstance(transport, TetherTransport):
+        transport = transport.inner
     # The default loop's transports show theirs (a TransportSocket around it).
     inner = getattr(transport.get_extra_info("socket"), "_sock", None)
     return inner if isinstance(inner, socket) and inner._tether is not None else None
@@ -91,15 +94,35 @@ async def start(
     assert t is not None
     if t.state is State.PENDING:
         await driver.finish_pending(loop, sock)  # a connect_ex() of the blocking API
+    made: list[TetherTransport] = []
+    if is_uvloop(loop):
+        family, type_, proto = int(sock.family), int(sock.type), int(sock.proto)
+        protocol_factory = announcing(
+            protocol_factory, lambda inner: TetherTransport(inner, t, family, type_, proto), made
+        )
     given = loop_socket(loop, sock)
     transport, protocol = await original(loop, "create_connection")(
         protocol_factory, sock=given, **kwargs
     )
+    if made:
+        transport = made[0]
     if kwargs.get("ssl") is None:
         # A transport without weak references: hand_off() refuses it by name.
         with contextlib.suppress(TypeError):
             _SOCKETS[transport] = sock
     return transport, protocol
+
+
+async def start_tls(
+    loop: asyncio.AbstractEventLoop, transport: Any, protocol: Any, sslcontext: Any, **kwargs: Any
+) -> Any:
+    """``loop.start_tls`` that takes a TetherTransport (uvloop accepts only its own)."""
+    inner = transport.inner if isinstance(transport, TetherTransport) else transport
+    tls = await original(loop, "start_tls")(inner, protocol, sslcontext, **kwargs)
+    if isinstance(transport, TetherTransport) and tls is not None:
+        view = transport._view
+        return TetherTransport(tls, transport.tether, view.family, view.type, view.proto)
+    return tls
 
 
 def _port(port: Any) -> int:

@@ -128,11 +128,9 @@ async def _getnameinfo(
 async def _create_datagram_endpoint(
     self: asyncio.AbstractEventLoop, protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any
 ) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
-    raise OSError(
-        errno.EOPNOTSUPP,
-        "tether: loop.create_datagram_endpoint() does not go through the gateway yet "
-        "(tether.aio.datagram); use tether.socket's UDP sockets",
-    )
+    from tether.aio.datagram import create_datagram_endpoint
+
+    return await create_datagram_endpoint(self, protocol_factory, *args, **kwargs)
 
 
 async def _create_server(
@@ -159,6 +157,14 @@ async def _create_server(
     return await original(self, "create_server")(protocol_factory, host, port, **kwargs)
 
 
+async def _start_tls(
+    self: asyncio.AbstractEventLoop, transport: Any, protocol: Any, sslcontext: Any, **kwargs: Any
+) -> Any:
+    from tether.aio.connection import start_tls
+
+    return await start_tls(self, transport, protocol, sslcontext, **kwargs)
+
+
 def _is_loopback(host: Any) -> bool:
     if host == "localhost":
         return True
@@ -177,7 +183,7 @@ _COMMON: dict[str, Callable[..., Any]] = {
 }
 _HOOKS: dict[str, dict[str, Callable[..., Any]]] = {
     "asyncio.selector_events": _COMMON,
-    "uvloop": {**_COMMON, "create_server": _create_server},
+    "uvloop": {**_COMMON, "create_server": _create_server, "start_tls": _start_tls},
 }
 
 
