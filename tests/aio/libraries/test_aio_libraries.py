@@ -37,8 +37,6 @@ from support import APP, Gateway, gateway_config, require_service, start_gateway
 from tether.cli.run import child_env
 from tether.demo.servers import HTTPServer, SMTPServer, write_ca_file
 
-pytestmark = pytest.mark.services
-
 CLIENTS = Path(__file__).with_name("clients.py")
 REDIS, MYSQL, POSTGRES, AMQP, NATS = 6379, 3306, 5432, 5672, 4222
 RUN_TIMEOUT = 90.0  # one child process: interpreter start, imports, the work (~1 s here)
@@ -83,7 +81,8 @@ LIBRARIES: dict[str, Library] = {
 }
 
 CASES = [
-    pytest.param(name, loop, id=f"{name}-{loop}")
+    pytest.param(name, loop, id=f"{name}-{loop}",
+                 marks=[pytest.mark.services] if library.services else [])
     for name, library in LIBRARIES.items()
     for loop in library.loops
 ]
@@ -274,6 +273,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.services
 def test_namespace_control_direct_connections_fail() -> None:
     require_service(REDIS, "Redis")  # reachable from here, the host...
     require_netns()
