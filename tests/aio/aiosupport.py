@@ -78,3 +78,52 @@ def least_lag(measure: Callable[[], tuple[float, float]], slow_at_least: float) 
         "the loop stalled on every attempt: " + ", ".join(f"{w * 1000:.1f} ms" for w in seen)
     )
     return min(seen)
+
+
+# -- the child side of tests/aio/test_aio_handoff.py (spawned: importable by name) ---------
+
+
+def resume_in_child(
+    kind: str, address: str, app: str, key: str, payload: bytes, expect: bytes, reply: bytes,
+    after: bytes, results: Any,
+) -> None:
+    """Resume a pickled HandoffState as (reader, writer) on a `kind` loop and check the stream.
+
+    `expect`: the bytes the parent had not read (its reader's buffer, then the
+    kernel's tail); `reply` is sent, and `after` must follow from the peer.
+    """
+    import pickle
+    import traceback
+
+    import uvloop
+
+    import tether
+    import tether.aio
+
+    tether.install(gateway=address, app=app, key=key)  # this process's own credentials
+
+    async def main() -> str:
+        state = pickle.loads(payload)
+        reader, writer = await tether.aio.resume(state)
+        got = await asyncio.wait_for(reader.readexactly(len(expect)), 10)
+        if got != expect:
+            return f"resumed stream differs from byte {_first_difference(got, expect)}"
+        writer.write(reply)
+        await writer.drain()
+        more = await asyncio.wait_for(reader.readexactly(len(after)), 10)
+        writer.close()
+        await writer.wait_closed()
+        return "ok" if more == after else "the peer's answer differs"
+
+    try:
+        runner = uvloop.run if kind == "uvloop" else asyncio.run
+        results.put(runner(main()))
+    except BaseException:
+        results.put(traceback.format_exc())
+    finally:
+        tether.uninstall()
+
+
+def _first_difference(a: bytes, b: bytes) -> int:
+    differ = (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    return next(differ, min(len(a), len(b)))
