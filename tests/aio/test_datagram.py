@@ -18,12 +18,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import dns.asyncquery
+import dns.asyncresolver
 import dns.message
 import dns.rcode
 import pytest
 import uvloop
 from aiosupport import LagMeter, Runner, least_lag
 from dnsserver import DNSServer
+from support import Gateway
 from udpsupport import IDLE, TIMEOUT, StdSocket, UdpEnv, UdpPeer, udp_env, wait_for
 
 import tether.socket as tsock
@@ -147,6 +150,7 @@ def test_unconnected_endpoint_talks_to_several_destinations(env: UdpEnv, run: Ru
         assert proto.errors == []
         transport.close()
         assert await proto.lost is None
+        assert transport.get_extra_info("sockname") == (host, port)  # kept after closing
 
     run(main())
     assert wait_for(lambda: not env.records())  # closing ended the association
@@ -546,3 +550,72 @@ def test_a_dns_query_through_the_endpoint(run: Runner[None]) -> None:
             run(main())
         assert dns_server.count("www.test", "A", transport="udp") == 1
 
+
+# -- the loop's own method, after tether.install() -----------------------------------------
+# `tethered`: a `tether serve` child process, the socket module and the
+# loops' methods routed through it (tether.install() installs the hooks).
+
+
+def test_the_loops_create_datagram_endpoint_goes_through_the_gateway(
+    tethered: Gateway, run: Runner[None]
+) -> None:
+    peer = UdpPeer()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        transport, proto = await loop.create_datagram_endpoint(
+            Recorder, remote_addr=peer.address
+        )
+        assert isinstance(transport, TetherDatagramTransport)
+        assert transport.get_extra_info("peername") == peer.address
+        transport.sendto(b"through the gateway")
+        assert await proto.next() == (b"through the gateway", peer.address)
+        # The peer saw the gateway's outbound socket, not the app's fd: no bypass.
+        [(_, source)] = peer.received
+        assert source == transport.get_extra_info("sockname")
+        fd_address = StdSocket.getsockname(transport._sock)  # type: ignore[arg-type]
+        assert source != fd_address
+        transport.close()
+        await proto.lost
+
+        unconnected, proto = await loop.create_datagram_endpoint(Recorder, family=socket.AF_INET)
+        assert isinstance(unconnected, TetherDatagramTransport)
+        unconnected.sendto(b"unconnected", peer.address)
+        assert await proto.next() == (b"unconnected", peer.address)
+        unconnected.close()
+        await proto.lost
+
+    try:
+        run(main())
+    finally:
+        peer.close()
+    log = tethered.log_text()
+    decisions = [
+        line for line in log.splitlines()
+        if '"decision"' in line and f":{peer.port}" in line and "udp" in line
+    ]
+    assert len(decisions) == 2, log[-2000:]  # one per endpoint
+
+
+def test_dnspython_asyncio_query_and_resolver(tethered: Gateway, run: Runner[None]) -> None:
+    with DNSServer() as dns_server:
+        dns_server.add("www.test", "A", "127.0.0.1", ttl=30)
+        dns_server.add("alias.test", "CNAME", "www.test")
+
+        async def main() -> None:
+            query = dns.message.make_query("www.test", "A")
+            answer = await dns.asyncquery.udp(
+                query, dns_server.host, port=dns_server.port, timeout=TIMEOUT
+            )
+            assert answer.rcode() == dns.rcode.NOERROR
+            assert [rr.address for rr in answer.answer[0]] == ["127.0.0.1"]
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = [dns_server.host]
+            resolver.port = dns_server.port
+            resolver.lifetime = TIMEOUT
+            resolved = await resolver.resolve("alias.test", "A")
+            assert [rr.address for rr in resolved] == ["127.0.0.1"]
+
+        run(main())
+        assert dns_server.count("www.test", "A", transport="udp") == 1
+        assert dns_server.count("alias.test", "A", transport="udp") == 1

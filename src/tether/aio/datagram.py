@@ -107,7 +107,7 @@ class TetherDatagramTransport(asyncio.DatagramTransport):
         # Connected: sendto() takes None, the address as the app gave it, or the peer's.
         self._address: Any = address if address is not None else self._peer
         self._trsock = trsock.TransportSocket(sock)
-        self._sockname: Any = None
+        self._sockname: Any = sock.getsockname()  # kept for after close, as asyncio keeps it
         self._buffer: collections.deque[tuple[bytes, Any]] = collections.deque()
         self._waiting: dict[tuple[str, int], _Waiting] = {}
         self._deciding = 0  # decisions running in the executor (they use the socket)
