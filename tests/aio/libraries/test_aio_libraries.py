@@ -233,18 +233,7 @@ def test_library_through_the_gateway(
     _check_run(library, loop, servers, tcp_gateway, starttls_server, _on_host)
 
 
-# Left out until they pass (not marked xfail): on uvloop over a unix: gateway,
-# redis.asyncio and aiomysql set TCP_NODELAY on transport.get_extra_info("socket"),
-# uvloop's PseudoSocket, which calls it on a new socket.socket (tether's) made
-# from the fd: a socket tether does not know as a hop, so the option goes to
-# the AF_UNIX fd itself and fails with EOPNOTSUPP.
-NAMESPACE_PENDING = {("redis", "uvloop"), ("aiomysql", "uvloop")}
-
-
-@pytest.mark.parametrize(
-    ("library", "loop"),
-    [case for case in CASES if tuple(case.values) not in NAMESPACE_PENDING],
-)
+@pytest.mark.parametrize(("library", "loop"), CASES)
 def test_library_in_a_namespace_with_no_network(
     library: str, loop: str, servers: Servers, unix_gateway: AuditedGateway,
     starttls_server: SMTPServer,
