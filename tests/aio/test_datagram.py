@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import dns.asyncquery
 import dns.asyncresolver
 import dns.message
@@ -589,12 +592,12 @@ def test_the_loops_create_datagram_endpoint_goes_through_the_gateway(
         run(main())
     finally:
         peer.close()
-    log = tethered.log_text()
-    decisions = [
-        line for line in log.splitlines()
-        if '"decision"' in line and f":{peer.port}" in line and "udp" in line
-    ]
-    assert len(decisions) == 2, log[-2000:]  # one per endpoint
+    assert len(udp_audit(tethered, "decision", peer.port)) == 2  # one per endpoint
+    # Closing each endpoint ended its association: the gateway's close line.
+    assert wait_for(lambda: len(udp_audit(tethered, "close", peer.port)) == 2)
+    for close in udp_audit(tethered, "close", peer.port):
+        assert close["reason"] == "closed by the app"
+        assert (close["datagrams_out"], close["datagrams_in"]) == (1, 1)
 
 
 def test_dnspython_asyncio_query_and_resolver(tethered: Gateway, run: Runner[None]) -> None:
@@ -619,3 +622,38 @@ def test_dnspython_asyncio_query_and_resolver(tethered: Gateway, run: Runner[Non
         run(main())
         assert dns_server.count("www.test", "A", transport="udp") == 1
         assert dns_server.count("alias.test", "A", transport="udp") == 1
+
+
+def test_anyio_udp_sockets(tethered: Gateway, run: Runner[None]) -> None:
+    # anyio's UDP sockets are loop.create_datagram_endpoint with local_addr ("0.0.0.0", 0).
+    peer = UdpPeer()
+    address = anyio.abc.SocketAttribute
+
+    async def main() -> None:
+        async with await anyio.create_udp_socket(family=socket.AF_INET) as udp:
+            await udp.sendto(b"anyio", *peer.address)
+            assert await udp.receive() == (b"anyio", peer.address)
+            assert udp.extra(address.local_address)[1] != 0
+        async with await anyio.create_connected_udp_socket(*peer.address) as connected:
+            assert connected.extra(address.remote_address) == peer.address
+            await connected.send(b"connected")
+            assert await connected.receive() == b"connected"
+
+    try:
+        run(main())
+    finally:
+        peer.close()
+    assert [d for d, _ in peer.received] == [b"anyio", b"connected"]
+    assert len(udp_audit(tethered, "decision", peer.port)) == 2  # through the gateway, both
+
+
+def udp_audit(gateway: Gateway, event: str, port: int) -> list[dict[str, Any]]:
+    """The gateway's audit lines of `event` for UDP to loopback `port`."""
+    found = []
+    for line in gateway.log_text().splitlines():
+        if "tether.audit: " in line:
+            entry = json.loads(line.split("tether.audit: ", 1)[1])
+            at_port = entry.get("port") == port or entry.get("peer") == f"127.0.0.1:{port}"
+            if entry["event"] == event and entry.get("transport") == "udp" and at_port:
+                found.append(entry)
+    return found
