@@ -122,6 +122,13 @@ def encode_option(name: pb.OptionName.ValueType, value: Any, optlen: Any = None)
     shorter being EINVAL. ``None`` with an optlen is the stdlib's NULL
     option value, which no supported option takes.
     """
+    if (
+        optlen is None
+        and type(value) is int
+        and _INT_MIN <= value <= _INT_MAX
+        and name != pb.SO_LINGER
+    ):
+        return pb.OptionValue(name=name, int_value=value)  # the common case
     size = _LINGER.size if name == pb.SO_LINGER else _INT_SIZE
     label = OPTION_NAMES.get(name, str(name))
     if optlen is not None:
