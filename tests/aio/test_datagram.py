@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -449,6 +450,32 @@ def test_abort_drops_what_awaits_a_decision(env: UdpEnv, run: Runner[None]) -> N
     run(main())  # the runner waits for the decision's thread, which then closes the socket
     assert wait_for(lambda: not env.records())
     assert not wait_for(lambda: bool(peer.received), timeout=0.3)
+
+
+def test_cancelled_while_connecting_closes_the_socket_once_decided(
+    env: UdpEnv, run: Runner[None], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tether.audit")
+    peer = env.peers[0]
+
+    def closes() -> list[Any]:
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tether.audit"]
+        return [line for line in lines if line["event"] == "close"]
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(endpoint(remote_addr=("echo.test", peer.port)), 0.1)
+        # The decision's thread runs on; its socket closes when it returns,
+        # which ends the association.
+        assert closes() == []
+        assert await until(lambda: bool(closes()))
+        [close] = closes()
+        assert close["reason"] == "closed by the app" and close["datagrams_out"] == 0
+
+    with slow_lookups(env, 0.5):
+        run(main())
+    assert not env.records()
+    assert peer.received == []
 
 
 # -- arguments -----------------------------------------------------------------------------
