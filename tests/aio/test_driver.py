@@ -59,6 +59,29 @@ def in_process_gateway(listen: str) -> Iterator[EmbeddedGateway]:
         gw.stop()
 
 
+def test_cancelled_mid_dial_closes_the_stream(
+    run: Runner[Any], gateway_tcp: EmbeddedGateway, echo_port: int
+) -> None:
+    gateway = gateway_tcp.gateway
+    assert gateway is not None
+
+    def streams() -> int:
+        return gateway_tcp.call(lambda: len(gateway.streams))
+
+    async def main() -> None:
+        with full_accept_queue() as (port, _):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(tether.aio.open_connection("127.0.0.1", port), 0.2)
+            # The socket was closed, so the gateway's side of its stream ends.
+            for _ in range(200):
+                if streams() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert streams() == 0, "the cancelled connect's stream is still open"
+
+    run(main())
+
+
 @pytest.fixture
 def gateway_tcp() -> Iterator[EmbeddedGateway]:
     with in_process_gateway("127.0.0.1:0") as gw:

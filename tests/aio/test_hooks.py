@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import secrets
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,8 @@ from support import (
     installed,
     list_sockets,
     start_gateway,
+    tether_cli,
+    wait_for,
 )
 from tcpservers import TLSMaterial, serving, starttls
 from test_driver import full_accept_queue, greet_and_echo
@@ -282,3 +286,46 @@ def test_uninstall_puts_the_loops_back(gateway: Gateway) -> None:
         assert uvloop.Loop.create_connection is not own[0]
     assert (uvloop.Loop.create_connection, asyncio.BaseEventLoop.create_connection) == own
     assert not tether.aio.loop_hooks_installed()
+
+
+RUN_SCRIPT = """
+import asyncio, sys, uvloop
+
+async def main(port):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"ping")
+    assert await reader.readexactly(4) == b"ping"
+    print(type(asyncio.get_running_loop()).__module__, writer.get_extra_info("peername")[1])
+    writer.close()
+    await writer.wait_closed()
+
+asyncio.run(main(int(sys.argv[1])))
+uvloop.run(main(int(sys.argv[1])))
+"""
+
+
+def test_tether_run_covers_both_loops(gateway: Gateway, echo_port: int, tmp_path: Path) -> None:
+    """The hooks come with tether run (sitecustomize's install()), asyncio imported after it."""
+    script = tmp_path / "app.py"
+    script.write_text(RUN_SCRIPT)
+    result = tether_cli(
+        "run", "--gateway", gateway.address, "--app", gateway.app, f"--key={gateway.key}",
+        "--", sys.executable, str(script), str(echo_port),
+    )
+    assert result.returncode == 0, result.stderr
+    port = str(echo_port)
+    assert result.stdout.split() == ["asyncio.unix_events", port, "uvloop", port]
+    # One audit decision per connection: the gateway decided both.
+    assert wait_for(lambda: len(_decisions(gateway, echo_port)) >= 2), gateway.log_text()[-2000:]
+    assert len(_decisions(gateway, echo_port)) == 2
+
+
+def _decisions(gateway: Gateway, port: int) -> list[dict[str, Any]]:
+    found = []
+    for line in gateway.log_text().splitlines():
+        if '"event":"decision"' in line:
+            record = json.loads(line[line.index("{") :])
+            if record.get("port") == port:
+                found.append(record)
+    return found
+
