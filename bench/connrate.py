@@ -54,10 +54,7 @@ def connections(path: Path, port: int, count: int, budget: float) -> dict[str, A
                 s.close()
         except OSError as exc:
             first = f"{type(exc).__name__}: {exc}".encode()
-        if first != b"!":
-            errors.append(f"first byte {first!r}")
-            if len(errors) >= MAX_ERRORS:
-                raise BenchError(f"connection rate: {len(errors)} errors: {errors[:3]}")
+        if not first_byte_ok(first, errors):
             continue
         samples.append(clock() - t0)
         if time.perf_counter() > deadline:
@@ -65,12 +62,29 @@ def connections(path: Path, port: int, count: int, budget: float) -> dict[str, A
             break
     elapsed = time.perf_counter() - start
     made = max(1, len(samples))
-    client_us = (time.process_time() - client_cpu) / made * 1e6
     proxy_us = (cpu_seconds(proxy) - proxy_cpu) / made * 1e6 if proxy else None
+    return rate_result(samples, elapsed, client_cpu, count, truncated, errors) | {
+        "proxy_cpu_us": proxy_us,
+    }
+
+
+def first_byte_ok(first: bytes, errors: list[str]) -> bool:
+    """Whether a connection gave the greet server's byte; a batch gives up at MAX_ERRORS."""
+    if first == b"!":
+        return True
+    errors.append(f"first byte {first!r}")
+    if len(errors) >= MAX_ERRORS:
+        raise BenchError(f"connection rate: {len(errors)} errors: {errors[:3]}")
+    return False
+
+
+def rate_result(samples: array[int], elapsed: float, cpu_start: float, count: int,
+                truncated: bool, errors: list[str]) -> dict[str, Any]:
+    """A batch's figures: the rate, one connection's p50/p99, this process's CPU per connection."""
+    made = max(1, len(samples))
     ordered = sorted(samples)
     return {
-        "client_cpu_us": client_us,
-        "proxy_cpu_us": proxy_us,
+        "client_cpu_us": (time.process_time() - cpu_start) / made * 1e6,
         "per_s": len(ordered) / elapsed,
         "p50_us": percentile(ordered, 50) / 1e3,
         "p99_us": percentile(ordered, 99) / 1e3,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path as FsPath
 from typing import Any
 
+from bench.aio import KINDS, LOOPS, REFUSED, recorded_name
 from bench.paths import LABELS, ORDER, TETHER
 
 # workload -> the metrics summarised for it
@@ -25,6 +26,10 @@ METRICS: dict[str, tuple[str, ...]] = {
     "handoff": ("p50_ms", "p99_ms"),
     "memory": ("rss_kib_per_conn", "pss_kib_per_conn"),
 }
+# The event-loop workloads (bench/aio.py), kept per loop: "asyncio-rtt", "uvloop-rtt"...
+METRICS |= {recorded_name(loop, kind): tuple(m for m in METRICS[kind] if m != "proxy_cpu_us")
+            for loop in LOOPS for kind in KINDS}
+AIO_PATHS = ("direct", *TETHER)
 
 README_START = "<!-- bench:latest:start -->"
 README_END = "<!-- bench:latest:end -->"
@@ -46,7 +51,7 @@ def summarise(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
                 entry["held"] = min(int(r["held"]) for r in ok)
                 entry["errors"] = max(int(r["errors"]) for r in ok)
                 entry["processes"] = max(int(r["processes"]) for r in ok)
-            if workload == "connrate" and ok:
+            if workload.endswith("connrate") and ok:
                 entry["errors"] = sum(int(r["errors"]) for r in ok)
                 entry["count"] = min(int(r["count"]) for r in ok)
                 entry["truncated"] = any(r.get("truncated") for r in ok)
@@ -80,6 +85,26 @@ def ratios(summary: dict[str, Any]) -> dict[str, Any]:
         }
         if any(v is not None for r in row.values() for v in r.values()):
             out[t] = row
+    return out
+
+
+def aio_ratios(summary: dict[str, Any]) -> dict[str, Any]:
+    """Each Tether path against the same event loop direct, per loop."""
+    out: dict[str, Any] = {}
+    for loop in LOOPS:
+        for t in TETHER:
+            row: dict[str, Any] = {}
+            for kind, metric in (("download", "mb_s"), ("upload", "mb_s"),
+                                 ("connrate", "per_s"), ("rtt", "p50_us")):
+                name = recorded_name(loop, kind)
+                mine = value(summary, name, t, metric)
+                direct = value(summary, name, "direct", metric)
+                row[kind] = _div(mine, direct)
+                if kind == "rtt":
+                    row["rtt_above_direct_us"] = (
+                        None if mine is None or direct is None else mine - direct)
+            if any(v is not None for v in row.values()):
+                out[f"{loop}/{t}"] = row
     return out
 
 
@@ -196,34 +221,47 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+# (label, workload, metric, digits) of the rows every client's table has.
+ROWS = [
+    ("bulk download, MB/s", "download", "mb_s", 0),
+    ("bulk upload, MB/s", "upload", "mb_s", 0),
+    ("64 B round trip p50, us", "rtt", "p50_us", 1),
+    ("64 B round trip p99, us", "rtt", "p99_us", 1),
+    ("connections/s", "connrate", "per_s", 0),
+    ("connect + first byte p50, us", "connrate", "p50_us", 0),
+    ("  CPU per connection: client, us", "connrate", "client_cpu_us", 0),
+]
+
+
+def _cell(results: dict[str, Any], workload: str, path: str, metric: str, digits: int) -> str:
+    """One figure of a table: its median, or why there is none."""
+    if not results["paths"][path]["available"]:
+        return "skipped"
+    entry = results["summary"].get(workload, {}).get(path)
+    if entry is None:
+        return "-"
+    v = entry.get(metric)
+    if v is None:
+        if REFUSED in entry.get("error", ""):
+            return "refused"  # bench/aio.py: it did not go through the gateway
+        return "error" if entry.get("error") else "-"
+    text = _fmt(float(v), digits)
+    if workload.endswith("connrate") and entry.get("truncated"):
+        text += "+"
+    return text + ("*" if entry.get("failed") else "")
+
+
 def render(results: dict[str, Any]) -> str:
     summary = results["summary"]
     paths = [p for p in ORDER if p in results["paths"]]
     status = results["paths"]
 
     def cell(workload: str, path: str, metric: str, digits: int) -> str:
-        if not status[path]["available"]:
-            return "skipped"
-        entry = summary.get(workload, {}).get(path)
-        if entry is None:
-            return "-"
-        v = entry.get(metric)
-        if v is None:
-            return "error" if entry.get("error") else "-"
-        text = _fmt(float(v), digits)
-        if workload == "connrate" and entry.get("truncated"):
-            text += "+"
-        return text + ("*" if entry.get("failed") else "")
+        return _cell(results, workload, path, metric, digits)
 
     rows = [["", *(LABELS[p] for p in paths)]]
     spec = [
-        ("bulk download, MB/s", "download", "mb_s", 0),
-        ("bulk upload, MB/s", "upload", "mb_s", 0),
-        ("64 B round trip p50, us", "rtt", "p50_us", 1),
-        ("64 B round trip p99, us", "rtt", "p99_us", 1),
-        ("connections/s", "connrate", "per_s", 0),
-        ("connect + first byte p50, us", "connrate", "p50_us", 0),
-        ("  CPU per connection: client, us", "connrate", "client_cpu_us", 0),
+        *ROWS,
         ("  CPU per connection: proxy, us", "connrate", "proxy_cpu_us", 0),
         ("proxy KiB per idle connection (RSS)", "memory", "rss_kib_per_conn", 1),
     ]
@@ -246,7 +284,7 @@ def render(results: dict[str, Any]) -> str:
         if "handoff" in summary:
             rows.append([label, *("-" if p not in TETHER else cell("handoff", p, metric, 2)
                                   for p in paths)])
-    parts = [_table(rows)]
+    parts = [_table(rows)] if len(rows) > 1 else []
 
     rat = results.get("ratios", {})
     if rat:
@@ -267,10 +305,12 @@ def render(results: dict[str, Any]) -> str:
                           _fmt(r["connrate"]["dante"], 2, "x")])
         parts.append(_table(rrows))
 
-    trows = [["target (issue 6)", *(LABELS[t] for t in TETHER)]]
-    for row in results.get("targets", []):
-        trows.append([row["target"], *(row[t]["text"] for t in TETHER)])
-    parts.append(_table(trows))
+    if len(rows) > 1:
+        trows = [["target (issue 6)", *(LABELS[t] for t in TETHER)]]
+        for row in results.get("targets", []):
+            trows.append([row["target"], *(row[t]["text"] for t in TETHER)])
+        parts.append(_table(trows))
+    parts.extend(render_aio(results))
     notes = []
     if any("*" in c for r in rows for c in r):
         notes.append("`*` some repetitions failed; see the JSON.")
@@ -287,6 +327,43 @@ def render(results: dict[str, Any]) -> str:
     if notes:
         parts.append("\n".join(notes))
     return "\n\n".join(parts)
+
+
+def render_aio(results: dict[str, Any]) -> list[str]:
+    """The event-loop tables: each loop direct and through Tether, then the ratios."""
+    summary = results["summary"]
+    status = results["paths"]
+    paths = [p for p in AIO_PATHS if p in status]
+    loops = [loop for loop in LOOPS
+             if any(recorded_name(loop, k) in summary for k in KINDS)]
+    if not loops or not paths:
+        return []
+
+    rows = [["event loop, asyncio streams", *(LABELS[p] for p in paths)]]
+    for loop in loops:
+        for label, kind, metric, digits in ROWS:
+            name = recorded_name(loop, kind)
+            if name in summary:
+                rows.append([f"{loop}: {label}", *(_cell(results, name, p, metric, digits)
+                                                   for p in paths)])
+    parts = [_table(rows)]
+    rat = results.get("aio_ratios", {})
+    if rat:
+        rrows = [["same loop, Tether vs direct", "download", "upload", "round trip p50",
+                  "connections/s"]]
+        for key, r in rat.items():
+            loop, t = key.split("/", 1)
+            rtt = "-" if r["rtt_above_direct_us"] is None else (
+                f"{_signed(r['rtt_above_direct_us'])} ({_fmt(r['rtt'], 2, 'x')})")
+            rrows.append([f"{LABELS[t]} / direct, {loop}", _fmt(r["download"], 2, "x"),
+                          _fmt(r["upload"], 2, "x"), rtt, _fmt(r["connrate"], 2, "x")])
+        parts.append(_table(rrows))
+    refused = sorted({f"{LABELS[p]} {name}: {e['error']}"
+                      for name, by_path in summary.items() if name.split("-", 1)[0] in LOOPS
+                      for p, e in by_path.items() if REFUSED in e.get("error", "")})
+    if refused:
+        parts.append("refused (did not go through the gateway): " + "; ".join(refused))
+    return parts
 
 
 def _signed(v: float | None) -> str:

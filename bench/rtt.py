@@ -52,6 +52,11 @@ def round_trips(path: Path, port: int, count: int, limit: float) -> dict[str, An
                 raise BenchError(f"round trips: over the {limit:g} s limit after {i}")
     finally:
         s.close()
+    return latency_result(samples)
+
+
+def latency_result(samples: array[int]) -> dict[str, Any]:
+    """p50, p99 and mean in microseconds of nanosecond samples."""
     ordered = sorted(samples)
     return {
         "p50_us": percentile(ordered, 50) / 1e3,

@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path as FsPath
 from typing import Any
 
-from bench import bulk, connrate, handoff, memory, procs, proxies, report, rtt
+from bench import aio, bulk, connrate, handoff, memory, procs, proxies, report, rtt
 from bench.floor import FloorRelay
 from bench.gateway import TetherGateway
 from bench.paths import (
@@ -43,7 +43,7 @@ from bench.paths import (
 )
 from bench.procs import REPO_ROOT, Child, Pinning, descendants, python, python_env, raise_fd_limit
 
-WORKLOADS = ["download", "upload", "rtt", "connrate", "handoff", "memory"]
+WORKLOADS = ["download", "upload", "rtt", "connrate", "handoff", "memory", *aio.WORKLOADS]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 README = REPO_ROOT / "bench" / "README.md"
 
@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(ORDER)}")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    p.add_argument("--loops", default=",".join(aio.LOOPS),
+                   help="event loops for the aio-* workloads (default: asyncio,uvloop)")
     p.add_argument("--no-install", action="store_true",
                    help="do not apt-get install the proxies when they are missing")
     p.add_argument("--results", type=FsPath, default=RESULTS_DIR, help="where the JSON goes")
@@ -110,6 +112,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for x in args.workload_list:
         if x not in WORKLOADS:
             p.error(f"unknown workload {x!r} (known: {', '.join(WORKLOADS)})")
+    args.loop_list = [x for x in args.loops.split(",") if x]
+    for x in args.loop_list:
+        if x not in aio.LOOPS:
+            p.error(f"unknown loop {x!r} (known: {', '.join(aio.LOOPS)})")
     if args.reps < 1 or args.memory_reps < 1:
         p.error("--reps and --memory-reps must be at least 1")
     return args
@@ -143,6 +149,8 @@ class Suite:
         self.runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self.cleanup: list[Callable[[], None]] = []
         self.targets: Targets | None = None
+        self.gateway: TetherGateway | None = None
+        self.audit: aio.AuditCounter | None = None
         self.workers: dict[str, handoff.Worker] = {}
         self.handoff_note = ""
         self.versions: dict[str, str] = {"dante": "-", "microsocks": "-"}
@@ -159,7 +167,8 @@ class Suite:
         if "direct" in wanted:
             self.paths["direct"] = direct()
         if any(t in wanted for t in TETHER):
-            gw = self.start_gateway("gateway")
+            gw = self.gateway = self.start_gateway("gateway")
+            self.audit = aio.AuditCounter(gw.audit_path)
             for t, addr in (("tether-tcp", gw.tcp), ("tether-unix", gw.unix)):
                 if t in wanted:
                     self.paths[t] = tether(t, addr, gw.app, gw.key, constant(gw.pid))
@@ -287,13 +296,14 @@ class Suite:
             # A different path goes first each repetition, so drift spreads evenly.
             order = names[rep % len(names):] + names[:rep % len(names)] if names else []
             for workload in args.workload_list:
-                if workload == "memory":
+                if workload == "memory" or workload in aio.WORKLOADS:
                     continue
                 for name in order:
                     path = self.paths[name]
                     fn = self.job(workload, path)
                     if fn is not None:
                         self.measure(workload, path, rep, fn)
+            self.run_aio(order)
         if "memory" in args.workload_list:
             self.run_memory()
 
@@ -315,6 +325,47 @@ class Suite:
             return partial(rtt.round_trips, path, ports["echo"], args.round_trips, LIMIT_RTT)
         return partial(connrate.connections, path, ports["greet"], args.connections,
                        args.conn_seconds)
+
+    def run_aio(self, order: list[str]) -> None:
+        """The event-loop workloads: one client process per loop and path (bench/aio.py)."""
+        kinds = [w.removeprefix("aio-") for w in self.args.workload_list if w in aio.WORKLOADS]
+        if not kinds:
+            return
+        for loop in self.args.loop_list:
+            for name in [n for n in order if n in aio.PATHS]:
+                self.measure_aio(loop, kinds, self.paths[name])
+
+    def measure_aio(self, loop: str, kinds: list[str], path: Path) -> None:
+        args = self.args
+        assert self.targets is not None
+        gateway, env = None, python_env()
+        if path.name in TETHER:
+            gw = self.gateway
+            assert gw is not None and self.audit is not None
+            gateway = gw.tcp if path.name == "tether-tcp" else gw.unix
+            env = python_env({"TETHER_GATEWAY": gateway, "TETHER_APP": gw.app,
+                              "TETHER_KEY": gw.key})
+        limits = {"bulk": LIMIT_BULK, "rtt": LIMIT_RTT}
+        spec = aio.client_spec(args, loop, kinds, self.targets.ports, gateway, limits)
+        # Every workload within its own bound, plus the process's start.
+        timeout = 60.0 + len(kinds) * max(LIMIT_BULK, LIMIT_RTT, args.conn_seconds + 30)
+        before = self.audit.count() if gateway is not None and self.audit else 0
+        try:
+            results = aio.run_client(spec, env, self.pinning.prefix(), timeout)
+            refused = (aio.verify_through_gateway(results, self.audit, before)
+                       if gateway is not None and self.audit else None)
+        except (bulk.BenchError, OSError, ValueError, subprocess.SubprocessError) as exc:
+            results, refused = {}, f"{type(exc).__name__}: {exc}"
+        for kind in kinds:
+            result = results.get(kind) or {"error": refused or "no result"}
+            if refused:
+                result = {"error": refused}
+            name = aio.recorded_name(loop, kind)
+            if "error" in result:
+                say(f"  {name:16} {path.name:12} ERROR {result['error']}")
+            else:
+                say(f"  {name:16} {path.name:12} {brief(kind, result)}")
+            self.record(name, path.name, result)
 
     def run_memory(self) -> None:
         """A fresh proxy for each repetition and path; the shared ones are left alone."""
@@ -465,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             suite.teardown()
     settings = {k: getattr(args, k) for k in FULL} | {
         "quick": args.quick, "paths": args.path_list, "workloads": args.workload_list,
-        "pin": args.pin,
+        "pin": args.pin, "loops": args.loop_list,
     }
     results: dict[str, Any] = {
         "meta": machine_meta(args, pinning, fds, suite.versions),
@@ -476,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     results["summary"] = report.summarise(suite.runs)
     results["ratios"] = report.ratios(results["summary"])
+    results["aio_ratios"] = report.aio_ratios(results["summary"])
     results["targets"] = report.targets(results["summary"], settings)
     if "handoff" in args.workload_list and not suite.workers:
         results["handoff_note"] = suite.handoff_note or "no Tether path selected"
@@ -489,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"bench: {results['meta']['seconds']:.0f} s; results in {out}")
     default_run = (not args.quick and args.path_list == ORDER
                    and args.workload_list == WORKLOADS
-                   and all(getattr(args, k) == v for k, v in FULL.items()))
+                   and args.loop_list == list(aio.LOOPS)
+                 and all(getattr(args, k) == v for k, v in FULL.items()))
     if args.readme == "yes" or (args.readme == "auto" and default_run):
         report.update_readme(README, results, table, out.name)
         say(f"bench: table written to {README}")
