@@ -237,7 +237,7 @@ def test_a_slow_lookup_leaves_the_loop_running(
     least_lag(lambda: run(main()), 0.8)
 
 
-def test_over_a_unix_gateway(run: Runner[Any], tmp_path: Path) -> None:
+def test_over_a_unix_gateway(run: Runner[Any], tmp_path: Path, echo_port: int) -> None:
     """uvloop wrapped a tether socket whose fd is AF_UNIX in a TCP handle: EOPNOTSUPP."""
     key = secrets.token_urlsafe(16)
     gw = start_gateway(tmp_path, gateway_config(key), key, listen=f"unix:{tmp_path}/gw.sock")
@@ -257,11 +257,20 @@ def test_over_a_unix_gateway(run: Runner[Any], tmp_path: Path) -> None:
                 assert writer.get_extra_info("peername") == ("127.0.0.1", peer.port)
                 writer.close()
                 # aiohttp's way: sock_connect, then create_connection(sock=).
-                sock = socket.socket()
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
                 sock.setblocking(False)
+                await loop.sock_connect(sock, ("127.0.0.1", echo_port))
+                reader, writer = await asyncio.open_connection(sock=sock)
+                writer.write(b"echo")
+                assert await reader.readexactly(4) == b"echo"
+                assert writer.get_extra_info("peername") == ("127.0.0.1", echo_port)
+                writer.close()
+                await writer.wait_closed()
+                refused = socket.socket()
+                refused.setblocking(False)
                 with pytest.raises(ConnectionRefusedError):
-                    await loop.sock_connect(sock, ("127.0.0.1", peer.port))  # peer is busy
-                sock.close()
+                    await loop.sock_connect(refused, ("127.0.0.1", peer.port))  # peer is busy
+                refused.close()
 
             run(main())
     finally:
