@@ -66,6 +66,20 @@ DEFAULT_FILES = (
 )
 # redis-py's dev_requirements.txt: what its test files import beyond redis.
 TEST_TOOLS = ("pytest", "pytest-timeout", "pytest-asyncio", "packaging")
+# A pytest plugin (-p) that records, for every test, the loop it ran on and
+# whose socket class the socket module had: evidence that the tethered run
+# was on uvloop with tether installed, not merely asked to be.
+PROBE = """\
+import asyncio, os, socket
+import pytest_asyncio
+
+@pytest_asyncio.fixture(autouse=True)
+async def _tether_loop_probe():
+    with open(os.environ["LOOP_PROBE_FILE"], "a") as f:
+        loop = type(asyncio.get_running_loop())
+        f.write(f"{loop.__module__}.{loop.__name__} {socket.socket.__module__}\\n")
+    yield
+"""
 START_TIMEOUT = 10.0  # redis-server answering PING; seconds
 RUN_TIMEOUT = 1800.0  # one pytest run; the direct one takes ~2 minutes here
 APP = "redis-py"
@@ -137,6 +151,7 @@ def start_redis(work: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def gateway_config(work: Path, key: str) -> Path:
+    (work / "audit.jsonl").unlink(missing_ok=True)  # this run's lines only (--work is reused)
     path = work / "tether.toml"
     path.write_text(
         "[gateway]\n"
@@ -214,11 +229,17 @@ def main() -> int:
             *(["--uvloop"] if args.uvloop else []),
             *(f"tests/test_asyncio/{name}" for name in args.files),
         ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+        probe_dir = work / "probe"
+        probe_dir.mkdir(exist_ok=True)
+        (probe_dir / "tether_loop_probe.py").write_text(PROBE)
         results: dict[str, dict[str, str]] = {}
+        seen: dict[str, collections.Counter[str]] = {}
         for mode in ("direct", "tethered"):
-            junit = work / f"{mode}.xml"
-            argv = [*pytest_argv, f"--junitxml={junit}"]
+            junit, probe = work / f"{mode}.xml", work / f"{mode}.loops"
+            probe.unlink(missing_ok=True)
+            env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+            env.update(PYTHONPATH=str(probe_dir), LOOP_PROBE_FILE=str(probe))
+            argv = [*pytest_argv, "-p", "tether_loop_probe", f"--junitxml={junit}"]
             if mode == "tethered":
                 tether = str(python.parent / "tether")
                 argv = netns_argv([tether, "run", "--gateway", address, "--app", APP,
@@ -230,6 +251,7 @@ def main() -> int:
                                timeout=RUN_TIMEOUT, check=False)
             print(f"   {time.monotonic() - started:.0f} s, log {work / f'{mode}.log'}")
             results[mode] = outcomes(junit)
+            seen[mode] = collections.Counter(probe.read_text().splitlines())
     finally:
         gateway.stop()
         redis_proc.terminate()
@@ -251,6 +273,13 @@ def main() -> int:
     d, t = totals["d"], totals["t"]
     print(f"{'total':<36}" + "".join(f"{f'{d[k]}/{t[k]}':>18}" for k in kinds))
     print(f"gateway: {connected_decisions(work / 'audit.jsonl')} connections decided and made")
+    want_loop = "uvloop.Loop" if args.uvloop else "asyncio.unix_events._UnixSelectorEventLoop"
+    want_socket = {"direct": "socket", "tethered": "tether.client.sock"}
+    wrong = 0
+    for mode, counts in seen.items():
+        print(f"{mode}: tests on (loop, socket class):",
+              ", ".join(f"{what} x{n}" for what, n in counts.items()))
+        wrong += sum(n for what, n in counts.items() if what != f"{want_loop} {want_socket[mode]}")
 
     differ = sorted(
         (test_id, direct.get(test_id, "absent"), tethered.get(test_id, "absent"))
@@ -264,7 +293,9 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     else:
         print(f"work directory kept: {work}")
-    return 1 if differ or not direct else 0
+    if wrong:
+        print(f"{wrong} tests ran on another loop or socket class than asked")
+    return 1 if differ or wrong or not direct else 0
 
 
 if __name__ == "__main__":
