@@ -4,14 +4,15 @@ A tether UDP socket (tether.client.dgram) keeps a real kernel fd, but what
 the fd talks to is the gateway's relay for each destination, not the
 destination: ``sendto(d)`` must go through the socket's own method (which
 picks the relay and, for a new destination, asks the gateway first) and
-``recvfrom`` translates the relay's address back into ``d``. A loop's own
-datagram transport uses the fd directly (uvloop in C, whatever socket object
-it was given), so handing it a tether socket (``sock=``) would send each
-datagram straight to its destination, past the policy, and report replies
-from the relays' addresses. This module's transport is the loop's
-``_SelectorDatagramTransport`` rebuilt over the tether socket's methods
-with ``add_reader``/``add_writer``, which the default loop and uvloop both
-offer, so it behaves the same on both.
+``recvfrom`` translates the relay's address back into ``d``. uvloop's own
+datagram transport uses the fd in C, whatever socket object it was given:
+handed a tether socket (``sock=``), it would send each datagram straight to
+its destination, past the policy, and report replies from the relays'
+addresses. The default loop's calls the socket's methods, but would wait
+for each new destination's decision on the loop's thread. This module's
+transport is asyncio's ``_SelectorDatagramTransport`` rebuilt over the
+tether socket's methods with ``add_reader``/``add_writer``, which both
+loops offer, so it behaves the same on both.
 
 Nothing here blocks the loop. A destination the socket has already been
 allowed costs a kernel ``sendto`` (plus one non-blocking peek at the
