@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -42,12 +43,17 @@ class LagMeter:
         # test artefact, not the loop's, so the GIL changes hands sooner.
         self._interval = sys.getswitchinterval()
         sys.setswitchinterval(0.0005)
+        # Likewise a full collection of a long test session's heap (several ms):
+        # the process's pause, not a wait of the loop's.
+        gc.collect()
+        gc.disable()
         self._task = asyncio.get_running_loop().create_task(self._tick())
         await asyncio.sleep(0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         sys.setswitchinterval(self._interval)
+        gc.enable()
         assert self._task is not None
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
