@@ -37,7 +37,7 @@ from support import (
     tether_cli,
     wait_for,
 )
-from tcpservers import TLSMaterial, serving, starttls
+from tcpservers import TLSMaterial, echo, serving, starttls
 from test_driver import full_accept_queue, greet_and_echo
 
 import tether
@@ -91,6 +91,25 @@ def test_the_loop_connects_through_the_gateway(
         local = run(main())
     # What the target saw is the gateway's outbound socket, not this process.
     assert peer.result == local
+
+
+def test_a_name_with_an_ipv6_address(run: Runner[Any], tethered: Gateway) -> None:
+    # v6only.test is ::1 in the gateway's table: the Connect asks for any family,
+    # and the socket the loop wraps is of the peer's (AF_INET6), as the stdlib's.
+    async def main(port: int) -> None:
+        reader, writer = await asyncio.open_connection("v6only.test", port)
+        assert writer.get_extra_info("socket").family == socket.AF_INET6
+        assert writer.get_extra_info("peername")[:2] == ("::1", port)
+        writer.write(b"six")
+        assert await reader.readexactly(3) == b"six"
+        writer.close()
+        await writer.wait_closed()
+        with pytest.raises(OSError) as info:
+            await asyncio.open_connection("v6only.test", port, family=socket.AF_INET)
+        assert info.value.errno == errno.EAFNOSUPPORT
+
+    with serving(echo, host="::1", family=socket.AF_INET6) as server:
+        run(main(server.port))
 
 
 def test_a_denied_destination_is_policy_denied(run: Runner[Any], tethered: Gateway) -> None:
