@@ -127,6 +127,35 @@ def test_open_connection_keeps_the_first_bytes_and_goes_through_the_gateway(
     assert peer.result == local
 
 
+def test_the_loops_nodelay_costs_no_round_trip(
+    run: Runner[Any], gateway_tcp: EmbeddedGateway, echo_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Both loops set TCP_NODELAY on every TCP transport; the Connect asked for
+    # it already, so only an option that changes goes to the gateway.
+    requests: list[str] = []
+    real = control.ControlChannel.request
+
+    def counting(self: control.ControlChannel, req: Any, *args: Any) -> Any:
+        requests.append(req.WhichOneof("op"))
+        return real(self, req, *args)
+
+    monkeypatch.setattr(control.ControlChannel, "request", counting)
+
+    async def main() -> None:
+        _, writer = await tether.aio.open_connection("127.0.0.1", echo_port)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert requests == []
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0  # the gateway's
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        assert requests == ["get_option", "set_option"]
+        writer.close()
+        await writer.wait_closed()
+
+    run(main())
+
+
 def test_a_name_is_resolved_by_the_gateway(
     run: Runner[Any], gateway_tcp: EmbeddedGateway
 ) -> None:
