@@ -28,14 +28,18 @@ class LagMeter:
         self.worst = 0.0
         self.ticks = 0
         self._interval = 0.005
+        self._since = time.perf_counter()  # when the tick under way began
         self._task: asyncio.Task[None] | None = None
 
     async def _tick(self) -> None:
         while True:
-            before = time.perf_counter()
+            self._since = time.perf_counter()
             await asyncio.sleep(self.TICK)
-            self.worst = max(self.worst, time.perf_counter() - before - self.TICK)
+            self._late(time.perf_counter())
             self.ticks += 1
+
+    def _late(self, now: float) -> None:
+        self.worst = max(self.worst, now - self._since - self.TICK)
 
     async def __aenter__(self) -> LagMeter:
         # A gateway in this process (EmbeddedGateway) or a peer thread holding
@@ -52,6 +56,9 @@ class LagMeter:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        # The tick under way counts too: a loop held until just before this
+        # point never let it finish.
+        self._late(time.perf_counter())
         sys.setswitchinterval(self._interval)
         gc.enable()
         assert self._task is not None

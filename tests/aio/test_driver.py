@@ -22,6 +22,7 @@ from aiosupport import LagMeter, Runner, least_lag
 from support import Peer, StdSocket
 
 import tether.aio
+from tether import socket as tsocket
 from tether.aio import connection
 from tether.client import control
 from tether.client import settings as client_settings
@@ -311,6 +312,29 @@ def test_a_slow_dial_leaves_the_loop_running(
         return took, lag.worst
 
     least_lag(lambda: run(main()), 0.5)
+
+
+def test_the_lag_meter_sees_the_old_blocking_connect(gateway_tcp: EmbeddedGateway) -> None:
+    """The control: the default loop's own sock_connect on a tether socket (no hooks)
+    waits for the gateway's answer inside getsockopt(SO_ERROR), holding the loop for
+    the whole dial (1,002 ms in the issue); the meter must see it."""
+
+    async def main(port: int) -> tuple[float, float]:
+        sock = tsocket.socket()
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        assert not tether.aio.loop_hooks_installed()
+        with sock:
+            async with LagMeter() as lag:
+                started = time.perf_counter()
+                await loop.sock_connect(sock, ("127.0.0.1", port))
+                took = time.perf_counter() - started
+        return took, lag.worst
+
+    with full_accept_queue() as (port, _):
+        took, worst = asyncio.run(main(port))
+    assert took >= 0.5
+    assert worst >= took * 0.8, f"a {took:.3f} s blocking connect showed as {worst:.3f} s"
 
 
 def test_over_a_unix_gateway(run: Runner[Any], unix_gateway: EmbeddedGateway) -> None:
