@@ -37,11 +37,11 @@ SLOW = 1.0
 
 
 @contextlib.contextmanager
-def in_process_gateway(listen: str) -> Iterator[EmbeddedGateway]:
+def in_process_gateway(listen: str, **gateway: Any) -> Iterator[EmbeddedGateway]:
     """An in-thread gateway for app 'a' (loopback allowed, www.test and localhost in its
     static table), configured as the client's. Never with install(): its loop is plain."""
     config = parse_config({
-        "gateway": {"listen": [listen]},
+        "gateway": {"listen": [listen], **gateway},
         "resolver": {"mode": "static", "hosts": {"localhost": ["127.0.0.1"],
                                                  "www.test": ["127.0.0.1"]}},
         "policy": {"allow": ["127.0.0.0/8:*"]},
@@ -200,6 +200,18 @@ def test_a_refused_port_is_connection_refused(
 
         async def main() -> None:
             with pytest.raises(ConnectionRefusedError, match=f"127.0.0.1:{port}"):
+                await tether.aio.open_connection("127.0.0.1", port)
+
+        run(main())
+
+
+def test_a_dial_the_gateway_gives_up_is_a_timeout(run: Runner[Any]) -> None:
+    # The target's SYN is dropped (full accept queue) past the gateway's
+    # connect timeout: TimeoutError, as a blocking connect() raises.
+    with in_process_gateway("127.0.0.1:0", connect_timeout=0.3), full_accept_queue() as (port, _):
+
+        async def main() -> None:
+            with pytest.raises(TimeoutError):
                 await tether.aio.open_connection("127.0.0.1", port)
 
         run(main())
