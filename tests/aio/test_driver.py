@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import threading
 import time
@@ -155,6 +156,27 @@ def test_the_loops_nodelay_costs_no_round_trip(
         await writer.wait_closed()
 
     run(main())
+
+
+def test_a_socket_still_connecting_is_awaited(
+    run: Runner[Any], gateway_tcp: EmbeddedGateway
+) -> None:
+    # connect_ex() of a non-blocking tether socket returns EINPROGRESS with the
+    # answer still to come; the loop is given the socket only once it is connected.
+    with Peer(greet_and_echo) as peer:
+
+        async def main() -> None:
+            sock = tsocket.socket()
+            sock.setblocking(False)
+            assert sock.connect_ex(("127.0.0.1", peer.port)) == errno.EINPROGRESS
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader()
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await tether.aio.create_connection(loop, lambda: protocol, sock=sock)
+            assert await reader.readline() == b"220 ready\r\n"
+            transport.close()
+
+        run(main())
 
 
 def test_a_name_is_resolved_by_the_gateway(

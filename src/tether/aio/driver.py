@@ -169,11 +169,6 @@ async def read_answer(
             return answer
 
 
-def _tether_of(sock: Any) -> _Tether | None:
-    """The tether state of a TCP socket made by tether.socket, else None."""
-    return sock._tether if isinstance(sock, socket) else None
-
-
 async def connect(
     loop: asyncio.AbstractEventLoop,
     sock: socket,
