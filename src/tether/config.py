@@ -51,6 +51,8 @@ class AppConfig:
     name: str
     key: str = field(repr=False)  # never in a repr, so never in a log
     idle_timeout: float | None = None
+    # Concurrent sockets (TCP sockets and UDP associations); None: the gateway's default
+    max_sockets: int | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,11 @@ class Config:
     max_frame: int = DEFAULT_MAX_FRAME
     # JSON lines, one per decision and per closed socket; None: the gateway's log
     audit_log: str | None = None
+    # Socket caps (docs/configuration.md, "Limits"): None derives them from the
+    # open-files limit at start-up (tether.gateway.core.gateway.derive_caps).
+    max_sockets: int | None = None
+    max_sockets_per_app: int | None = None
+    fd_reserve: int | None = None
     # `tether sockets --admin` lists every app's sockets with this key
     admin_key: str | None = field(default=None, repr=False)
     resolver_mode: str = "system"
@@ -119,8 +126,14 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
     _known(
         gateway,
         "gateway",
-        {"listen", "idle_timeout", "connect_timeout", "max_frame", "audit_log", "admin_key"},
+        {
+            "listen", "idle_timeout", "connect_timeout", "max_frame", "audit_log", "admin_key",
+            "max_sockets", "max_sockets_per_app", "fd_reserve",
+        },
     )
+    max_sockets = _count(gateway, "gateway", "max_sockets")
+    max_sockets_per_app = _count(gateway, "gateway", "max_sockets_per_app")
+    fd_reserve = _count(gateway, "gateway", "fd_reserve")
     admin_key = gateway.get("admin_key")
     if admin_key is not None and (not isinstance(admin_key, str) or not admin_key):
         raise ConfigError("gateway.admin_key", "must be a non-empty string")
@@ -185,12 +198,14 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
         where = f"apps.{name}"
         if not isinstance(app, Mapping):
             raise ConfigError(where, "must be a table")
-        _known(app, where, {"key", "idle_timeout", "policy"})
+        _known(app, where, {"key", "idle_timeout", "policy", "max_sockets"})
         key = app.get("key")
         if not isinstance(key, str) or not key:
             raise ConfigError(f"{where}.key", "must be a non-empty string")
         app_idle = _seconds(app, where, "idle_timeout", None) if "idle_timeout" in app else None
-        apps[name] = AppConfig(name=name, key=key, idle_timeout=app_idle)
+        apps[name] = AppConfig(
+            name=name, key=key, idle_timeout=app_idle, max_sockets=_count(app, where, "max_sockets")
+        )
         if "policy" in app:
             app_policies[name] = _table(app, "policy", where=f"{where}.policy")
     policy = parse_policy(_table(data, "policy") or None, app_policies)
@@ -201,6 +216,9 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
         max_frame=max_frame,
         audit_log=audit_log,
         admin_key=admin_key,
+        max_sockets=max_sockets,
+        max_sockets_per_app=max_sockets_per_app,
+        fd_reserve=fd_reserve,
         resolver_mode=mode,
         resolver_hosts=hosts,
         resolver_upstream=upstream,
@@ -291,6 +309,16 @@ def _table(parent: Mapping[str, Any], key: str, *, where: str | None = None) -> 
     value = parent.get(key, {})
     if not isinstance(value, Mapping):
         raise ConfigError(where or key, "must be a table")
+    return value
+
+
+def _count(table: Mapping[str, Any], where: str, key: str) -> int | None:
+    """A positive whole number, or None when the key is absent."""
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}.{key}", "must be a whole number, 1 or more")
     return value
 
 

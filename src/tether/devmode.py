@@ -37,9 +37,16 @@ START_TIMEOUT = 20.0  # a cold interpreter start plus imports; seconds
 class GatewayProcess:
     """A ``tether serve`` child process; stop() sends SIGTERM and waits."""
 
-    def __init__(self, config_path: Path, *, listen: str = "127.0.0.1:0") -> None:
-        self.config_path = config_path
+    def __init__(
+        self,
+        config_path: Path | None,
+        *,
+        listen: str = "127.0.0.1:0",
+        prefix: list[str] | None = None,
+    ) -> None:
+        self.config_path = config_path  # None: the built-in defaults (no --config)
         self.listen = listen
+        self.prefix = prefix or []  # a command the gateway runs under (tests: prlimit)
         self.log: list[str] = []
         self.address = ""
         self.proc: subprocess.Popen[str] | None = None
@@ -47,7 +54,8 @@ class GatewayProcess:
 
     def start(self, timeout: float = START_TIMEOUT) -> str:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tether.gateway", "--config", str(self.config_path),
+            [*self.prefix, sys.executable, "-m", "tether.gateway",
+             *(["--config", str(self.config_path)] if self.config_path is not None else []),
              "--listen", self.listen],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

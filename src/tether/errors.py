@@ -53,4 +53,27 @@ class PolicyDenied(PermissionError):
         return (type(self), (self.strerror, self.rule, self.reason))
 
 
-__all__ = ["ConfigError", "PolicyDenied"]
+class LimitExceeded(OSError):
+    """The gateway refused a new socket because a resource limit is reached.
+
+    An ``OSError`` with errno ``EMFILE`` ("Too many open files"): what an
+    app that runs out of descriptors on its own host already meets from
+    ``socket()`` or ``accept()``, and what its ``except OSError`` (and
+    connection pools that back off on EMFILE) already handle. The text is the
+    gateway's sentence (``tether: app 'billing' has 100 open sockets, its
+    max_sockets``).
+
+    `limit` names the limit (``max_sockets`` of the app, or the gateway's
+    ``max_sockets``); `value` is its value (0 from a gateway that does not say).
+    """
+
+    def __init__(self, message: str, limit: str = "", value: int = 0) -> None:
+        super().__init__(errno.EMFILE, message)
+        self.limit = limit
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.strerror, self.limit, self.value))
+
+
+__all__ = ["ConfigError", "LimitExceeded", "PolicyDenied"]

@@ -16,7 +16,7 @@ import pytest
 
 import tether
 from tether.client.errors import broke_protocol, closed, gateway_error, unreachable
-from tether.errors import PolicyDenied
+from tether.errors import LimitExceeded, PolicyDenied
 from tether.wire import RemoteProtocolError, pb
 
 GW = "127.0.0.1:7000"
@@ -25,6 +25,8 @@ DENIAL = (
     "tether: connection to 127.0.0.1:25 denied for app 'tests': port 25 is denied "
     "(rule: deny port 25)"
 )
+
+LIMIT = "tether: app 'tests' has 100 open sockets, its max_sockets; close one first"
 
 # code, errno sent, message sent, rule sent, target -> class (exactly), errno, text (strerror
 # or, for the classes that have none, str())
@@ -68,6 +70,8 @@ TABLE: list[tuple[int, int, str, str, str, type[BaseException], int | None, str]
     (E.CLOSED, errno.ECONNRESET, "tether: socket to h:1 was reclaimed", "", "",
      ConnectionResetError, errno.ECONNRESET, "tether: socket to h:1 was reclaimed"),
     (E.ALREADY_RESUMED, 0, "token used", "", "", OSError, errno.EINVAL, "token used"),
+    (E.LIMIT, errno.EMFILE, LIMIT, "max_sockets", "127.0.0.1:80", LimitExceeded, errno.EMFILE,
+     LIMIT),
 ]
 
 
@@ -122,6 +126,22 @@ def test_policy_denied_pickles_with_its_details() -> None:
     assert type(back) is PolicyDenied
     assert (back.errno, back.strerror, back.rule, back.reason) == (
         errno.EACCES, DENIAL, "deny port 25", "port 25 is denied")
+
+
+def test_limit_exceeded_is_an_emfile_oserror_naming_the_limit() -> None:
+    err = pb.Error(code=E.LIMIT, errno=errno.EMFILE, message=LIMIT, rule="max_sockets",
+                   reason="100")
+    exc = gateway_error(err, GW, "127.0.0.1:80")
+    assert isinstance(exc, LimitExceeded) and type(exc).__mro__[1] is OSError
+    assert (exc.errno, exc.strerror, exc.limit, exc.value) == (
+        errno.EMFILE, LIMIT, "max_sockets", 100)
+    with pytest.raises(OSError, match="max_sockets"):
+        raise exc
+    back = pickle.loads(pickle.dumps(exc))
+    assert (type(back), back.errno, back.limit, back.value) == (
+        LimitExceeded, errno.EMFILE, "max_sockets", 100)
+    # From a gateway that names no value: 0.
+    assert gateway_error(pb.Error(code=E.LIMIT, message=LIMIT), GW).value == 0  # type: ignore[attr-defined]
 
 
 def test_stream_failures_have_one_wording() -> None:

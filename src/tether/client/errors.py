@@ -16,7 +16,7 @@ import errno
 import os
 import socket
 
-from tether.errors import PolicyDenied
+from tether.errors import LimitExceeded, PolicyDenied
 from tether.wire import ProtocolError, pb
 
 _E = pb.Error
@@ -35,6 +35,10 @@ def gateway_error(err: pb.Error, gateway: object, target: str = "") -> OSError:
         if err.rule:
             return PolicyDenied(err.message, err.rule, err.reason)
         return PermissionError(errno.EACCES, err.message)
+    if code == _E.LIMIT:
+        # The limit's name travels in `rule`, its value in `reason` (as text).
+        value = int(err.reason) if err.reason.isdigit() else 0
+        return LimitExceeded(err.message, err.rule, value)
     if code == _E.AUTH_FAILED:
         return PermissionError(errno.EACCES, err.message)
     if code == _E.TIMEOUT:

@@ -804,19 +804,28 @@ class socket(_StdSocket):
         return sock
 
     def _explain(self, exc: OSError) -> OSError:
-        """A reset from the gateway's side: ask it why, and say so (e.g. reclaimed)."""
+        """A reset from the gateway's side: ask it why, and say so.
+
+        Reclaimed when idle, revoked (the app was removed from the gateway's
+        config, or its key changed: the gateway then refuses the question
+        itself with that reason), or the gateway shutting down.
+        """
         t = self._tether
         if t is None or not t.descriptor or t.settings is None:
             return exc
+        peer = t.peer or ("?", 0)
         try:
             response = control.channel(t.settings).request(
                 pb.Request(close_reason=pb.CloseReason(descriptor=t.descriptor)), timeout=2.0
             )
+        except PermissionError as refused:
+            # This app's key is no longer accepted: the refusal says why.
+            why = str(refused.strerror or refused).removeprefix("tether: ")
+            return type(exc)(exc.errno, f"tether: socket to {peer[0]}:{peer[1]} was revoked: {why}")
         except OSError:
             return exc
         reason = response.text.text
-        if reason.startswith(("reclaimed", "gateway shutting down")):
-            peer = t.peer or ("?", 0)
+        if reason.startswith(("reclaimed", "revoked", "gateway shutting down")):
             return type(exc)(exc.errno, f"tether: socket to {peer[0]}:{peer[1]} was {reason}")
         return exc
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import resource
@@ -20,11 +21,21 @@ from collections.abc import Callable
 
 from tether.config import Config
 from tether.endpoint import Endpoint
-from tether.gateway.core.gateway import SWEEP_INTERVAL, GatewayCore
+from tether.gateway.core.gateway import SHUTTING_DOWN, SWEEP_INTERVAL, GatewayCore
 from tether.gateway.frontends.tether import TetherSession
 from tether.gateway.resolve import GatewayResolver
 
 log = logging.getLogger("tether.gateway")
+
+# After SIGTERM, how long the gateway answers apps asking why their sockets
+# were reset: an app blocked in recv() asks within milliseconds; 2 s bounds
+# the exit. SHUTDOWN_QUIET: no stream came or went for this long, nobody is
+# asking.
+SHUTDOWN_GRACE = 2.0
+SHUTDOWN_QUIET = 0.3
+# Out of descriptors at accept(): asyncio logs each retry (once a second,
+# with a traceback); one line per this many seconds is enough to see it.
+EMFILE_LOG_WINDOW = 10.0
 
 
 class Gateway(GatewayCore):
@@ -70,11 +81,26 @@ class Gateway(GatewayCore):
             log.info("listening on %s", bound)
         return list(self.endpoints)
 
-    async def close(self) -> None:
-        """Stop accepting, close every stream and socket."""
+    async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Reset every socket and end every stream saying why, then stop listening.
+
+        If sockets were reset, their apps' next calls ask the gateway why
+        (a CloseReason on a new stream), so it keeps answering for up to
+        `grace` seconds, until no stream has come or gone for SHUTDOWN_QUIET.
+        New connects in that time are refused: the gateway is shutting down.
+        """
+        if self.begin_shutdown() and grace > 0:
+            deadline = self.loop.time() + grace
+            seen, quiet_since = set(self.streams), self.loop.time()
+            while self.loop.time() < deadline:
+                await asyncio.sleep(0.05)
+                if set(self.streams) != seen:
+                    seen, quiet_since = set(self.streams), self.loop.time()
+                elif self.loop.time() - quiet_since >= SHUTDOWN_QUIET:
+                    break
         for server in self._servers:
             server.close()
-        self.abort_all("gateway shutting down")
+        self.abort_all(SHUTTING_DOWN)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
@@ -92,13 +118,47 @@ def _is_socket(path: str) -> bool:
 
 
 def raise_fd_limit() -> int:
-    """Raise the soft open-files limit to the hard limit: each socket costs two fds."""
+    """Raise the soft open-files limit to the hard limit (each socket costs two fds); logged."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = soft
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            return hard
-    return soft
+            raised = hard
+    log.info("open files: soft limit %d (was %d), hard limit %d", raised, soft, hard)
+    return raised
+
+
+class _ResourceLog:
+    """The loop's exception handler: "accept() out of system resource" once per window.
+
+    asyncio's loop stops accepting for a second when accept() fails with
+    EMFILE/ENFILE and then tries again (connections wait in the backlog), and
+    reports every attempt; uvloop (libuv) accepts and closes the waiting
+    connections instead, silently. Either way the gateway lives on and
+    serves again once descriptors are freed; this keeps the log to one line
+    per window saying so.
+    """
+
+    def __init__(self) -> None:
+        self.last = -EMFILE_LOG_WINDOW
+        self.suppressed = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            now = loop.time()
+            if now - self.last < EMFILE_LOG_WINDOW:
+                self.suppressed += 1
+                return
+            log.error(
+                "out of file descriptors (%s); new app connections wait until some are "
+                "freed (%d more such errors in the last %g s)",
+                exc.strerror, self.suppressed, EMFILE_LOG_WINDOW,
+            )
+            self.last, self.suppressed = now, 0
+            return
+        loop.default_exception_handler(context)
 
 
 # glibc's mallopt() parameters (malloc.h).
@@ -143,17 +203,27 @@ def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
     """Run a gateway until SIGINT/SIGTERM; returns the exit status.
 
     On SIGHUP, `reload()` is called for a new config; if it raises (a bad
-    file), the error is logged and the old config stays in force.
+    file), the error is logged and the old config stays in force. Without
+    `reload` (no --config) SIGHUP is logged and changes nothing. SIGINT and
+    SIGTERM reset every socket and end every stream with the reason
+    (Gateway.close), then exit 0.
     """
     raise_fd_limit()
     tune_malloc()
     loop = new_event_loop()
+    loop.set_exception_handler(_ResourceLog())
     asyncio.set_event_loop(loop)
     gateway = Gateway(config)
+    gateway.log_caps()
     stop = asyncio.Event()
 
     def _reload() -> None:
-        assert reload is not None
+        if reload is None:
+            log.warning(
+                "SIGHUP: nothing to reload: the gateway was started without --config "
+                "(built-in defaults); it keeps running as it is"
+            )
+            return
         try:
             new = reload()
         except Exception as exc:  # a bad file must never take the gateway down
@@ -162,15 +232,17 @@ def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
         gateway.reload(new)
 
     async def main() -> None:
+        # Before "listening on" is logged: a supervisor may signal as soon as
+        # it reads that line. SIGHUP is always handled: its default action
+        # would end the gateway.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, _reload)
         try:
             await gateway.start()
         except OSError as exc:
             log.error("cannot listen: %s", exc)  # noqa: TRY400 - the reason is enough
             raise SystemExit(1) from exc
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        if reload is not None:
-            loop.add_signal_handler(signal.SIGHUP, _reload)
         await stop.wait()
         log.info("shutting down: %d sockets open", len(gateway.registry))
         await gateway.close()
@@ -183,6 +255,7 @@ def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
 
 
 __all__ = [
+    "SHUTDOWN_GRACE",
     "SWEEP_INTERVAL",
     "Gateway",
     "new_event_loop",

@@ -31,13 +31,22 @@ _FAMILY_NAMES = {int(socket.AF_INET): "IPv4", int(socket.AF_INET6): "IPv6"}
 
 
 async def admit(
-    core: GatewayCore, app: str, host: str, port: int, transport: Transport, family: int
+    core: GatewayCore,
+    app: str,
+    host: str,
+    port: int,
+    transport: Transport,
+    family: int,
+    *,
+    new_socket: bool = True,
 ) -> Admission | Refusal:
     """Admit `app` to `host`:`port`, or say why not.
 
     `family` AF_INET or AF_INET6 keeps only that family's addresses
     (AF_UNSPEC: all). Normalises the host, decides what can be decided
-    before a lookup, resolves once, and judges every address.
+    before a lookup, resolves once, and judges every address. `new_socket`
+    False: a destination for a socket that exists (a UDP association's),
+    not counted against the socket caps.
     """
     decider = core.decider
     target = decider.normalize(host)
@@ -63,10 +72,13 @@ async def admit(
             rule=decision.rule,
             reason=decision.reason,
         )
-    # A per-app quota or connection cap goes here: after the policy (a
-    # denied destination never counts against a quota), before any socket
-    # is opened; it refuses with its own Refusal, written to the audit log
-    # like a denial.
+    # Quotas and caps: after the policy (a denied destination never counts
+    # against a quota), before any socket is opened; a refusal is written to
+    # the audit log like a denial.
+    if new_socket:
+        refused = capacity(core, app, decision)
+        if refused is not None:
+            return refused
     addresses: Sequence[str] = decision.addresses
     if family != socket.AF_UNSPEC:
         want_v6 = family == socket.AF_INET6
@@ -80,6 +92,43 @@ async def admit(
             f"tether: {host} has no {name} address the policy allows",
         )
     return decision, addresses
+
+
+def capacity(core: GatewayCore, app: str, decision: Decision | None = None) -> Refusal | None:
+    """None if `app` may open one more socket, else the Refusal naming the limit.
+
+    Sockets being dialled count (``AppUsage.connecting``), so a burst of
+    slow connects cannot overshoot. The app is checked first: at its own
+    cap, an app is told about its cap, not the gateway's. An app no longer
+    in the config (removed by a reload while this stream was open) opens
+    nothing. `decision` is the one to log the refusal with; without it (a
+    UDP association opened with no destination yet) a line of its own.
+    """
+    if core.shutting_down:
+        return Refusal(pb.Error.CLOSED, errno.ESHUTDOWN, "tether: the gateway is shutting down")
+    entry = core.config.apps.get(app)
+    if entry is None:
+        return Refusal(pb.Error.AUTH_FAILED, errno.EACCES,
+            f"tether: app '{app}' is not in the gateway's config (it was removed)")
+    usage = core.registry.app_usage(app)
+    in_use = usage.open_sockets + usage.connecting
+    cap, name = core.app_cap(entry)
+    if in_use < cap:
+        total = len(core.registry) + core.connecting
+        if total < core.max_sockets:
+            return None
+        cap, name, in_use = core.max_sockets, "gateway.max_sockets", total
+        message = (f"tether: the gateway has {total} open sockets, its max_sockets ({cap}) "
+                   "for all apps together; try again when some close")
+    else:
+        message = (f"tether: app '{app}' has {in_use} open sockets, its max_sockets ({cap}); "
+                   "close one before opening another")
+    outcome = f"refused: {name} {cap} reached"
+    if decision is not None:
+        log_decision(decision, outcome=outcome)
+    else:
+        audit.emit({"event": "decision", "app": app, "transport": "udp", "outcome": outcome})
+    return Refusal(pb.Error.LIMIT, errno.EMFILE, message, rule=name, reason=str(cap))
 
 
 def log_decision(
@@ -104,4 +153,4 @@ def log_decision(
     audit.emit_line(line + "}")
 
 
-__all__ = ["Admission", "admit", "log_decision"]
+__all__ = ["Admission", "admit", "capacity", "log_decision"]

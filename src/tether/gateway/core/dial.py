@@ -52,6 +52,11 @@ async def dial(
     loop = core.loop
     port = decision.port
     link = Link(loop, None)
+    # Counted against the socket caps while it is dialled (admission.capacity):
+    # admit() returned with no await since, so no other connect came between.
+    usage = core.registry.app_usage(decision.app)
+    usage.connecting += 1
+    core.connecting += 1
     early = [o for o in options if o.name in PRE_CONNECT_OPTIONS]
     # A timer that cancels the task, not asyncio.timeout(): ~8 us less per
     # connect (no Timeout object, no current_task() lookups).
@@ -95,6 +100,8 @@ async def dial(
         raise
     finally:
         timer.cancel()
+        usage.connecting -= 1
+        core.connecting -= 1
     # The peer side starts paused (Link.starting): nothing of the peer may
     # reach the app's stream before the front-end's answer, and the options
     # must be final before the app can ask for them.

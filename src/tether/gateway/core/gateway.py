@@ -11,24 +11,73 @@ the listeners.
 from __future__ import annotations
 
 import asyncio
+import errno
+import hashlib
+import hmac
 import logging
+import resource
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import cast
+from typing import Protocol, cast
 
-from tether.config import Config
+from tether.config import AppConfig, Config
 from tether.gateway.core import admission, auth
 from tether.gateway.core import dial as dialling
-from tether.gateway.core.registry import Registry
+from tether.gateway.core.errors import Refusal
+from tether.gateway.core.registry import TOMBSTONE_LIMIT, TOMBSTONE_TTL, Registry
 from tether.gateway.resolve import GatewayResolver
 from tether.policy import Decider
+from tether.wire import pb
 
 log = logging.getLogger("tether.gateway")
 
 # How often idle sockets are looked for: idle timeouts are minutes (App
 # Engine's 10), so a second of slack is invisible and the scan is cheap.
 SWEEP_INTERVAL = 1.0
+
+# The descriptors kept for the gateway's own work when gateway.fd_reserve is
+# not set: a tenth of the open-files limit, at least 64. They hold the
+# listeners, the audit file, resolver queries, control streams and streams
+# still in their hello: what must still work when the apps' sockets are at
+# their cap, so an app over it is told why instead of being reset.
+MIN_FD_RESERVE = 64
+FD_RESERVE_FRACTION = 10
+# Each TCP socket costs the gateway two descriptors (the app's stream and the
+# outbound connection); a UDP association two and one per destination.
+FDS_PER_SOCKET = 2
+# Credentials a reload revoked, remembered (bounded, like tombstones) so the
+# hello of a process still holding one is refused with the real reason.
+REVOKED_LIMIT = TOMBSTONE_LIMIT
+SHUTTING_DOWN = "gateway shutting down"
+
+
+class Stream(Protocol):
+    """A front-end's app stream as the core ends it (revocation, shutdown)."""
+
+    app: str | None
+
+    def end(self, refusal: Refusal) -> None: ...
+
+
+def derive_caps(config: Config, fd_limit: int) -> tuple[int, int, int]:
+    """(fd reserve, gateway max_sockets, the per-app default) for `fd_limit` open files.
+
+    An unset cap is derived: the reserve as above; max_sockets from what is
+    left, two descriptors a socket; the per-app default half of that, so no
+    one app can take the whole gateway.
+    """
+    reserve = config.fd_reserve
+    if reserve is None:
+        reserve = max(MIN_FD_RESERVE, fd_limit // FD_RESERVE_FRACTION)
+    max_sockets = config.max_sockets
+    if max_sockets is None:
+        max_sockets = max(1, (fd_limit - reserve) // FDS_PER_SOCKET)
+    per_app = config.max_sockets_per_app
+    if per_app is None:
+        per_app = max(1, max_sockets // 2)
+    return reserve, max_sockets, per_app
 
 
 class GatewayCore:
@@ -60,6 +109,15 @@ class GatewayCore:
         self.streams: set[asyncio.BaseTransport] = set()
         # Tasks whose dial the connect timeout cancelled (dial.expire).
         self._expired: set[asyncio.Task[None]] = set()
+        # Outbound connects being dialled, all apps (per app: AppUsage.connecting).
+        self.connecting = 0
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_reserve, self.max_sockets, self.max_sockets_per_app = derive_caps(
+            config, self.fd_limit
+        )
+        # (app, sha256 of a revoked key) -> why it was revoked (reload).
+        self._revoked: OrderedDict[tuple[str, bytes], tuple[str, float]] = OrderedDict()
+        self.shutting_down = False
         self._sweep_task: asyncio.Task[None] | None = None
         # The loop the gateway runs in, kept: asyncio.get_running_loop() costs a
         # getpid() system call on every call in Python 3.11.
@@ -75,6 +133,35 @@ class GatewayCore:
         self.own_addresses = list(own_addresses)
         self.decider = Decider(self.config.policy, self_addresses=self.own_addresses)
         self._sweep_task = self.loop.create_task(self._sweeper())
+
+    def app_cap(self, entry: AppConfig) -> tuple[int, str]:
+        """An app's socket cap and the config key it comes from."""
+        if entry.max_sockets is not None:
+            return entry.max_sockets, f"apps.{entry.name}.max_sockets"
+        return self.max_sockets_per_app, "gateway.max_sockets_per_app"
+
+    def log_caps(self) -> None:
+        """One line at start-up: the open-files limit and the caps derived from it."""
+        log.info(
+            "open files: limit %d, %d kept for the gateway's own work; max_sockets %d for all "
+            "apps, %d per app unless [apps.NAME] max_sockets says otherwise (a TCP socket "
+            "costs 2 descriptors, a UDP association 2 + 1 per destination)",
+            self.fd_limit, self.fd_reserve, self.max_sockets, self.max_sockets_per_app,
+        )
+        if self.max_sockets * FDS_PER_SOCKET > self.fd_limit - self.fd_reserve:
+            log.warning(
+                "gateway.max_sockets %d needs %d descriptors, more than the %d the open-files "
+                "limit leaves: apps may meet 'Too many open files' before the cap",
+                self.max_sockets, self.max_sockets * FDS_PER_SOCKET,
+                self.fd_limit - self.fd_reserve,
+            )
+
+    def revoked(self, app: str, key: str) -> str | None:
+        """Why `app`'s `key` is no longer accepted, if a reload revoked it."""
+        found = self._revoked.get((app, _digest(key)))
+        if found is None or self.registry.clock() - found[1] > TOMBSTONE_TTL:
+            return None
+        return found[0]
 
     def idle_timeout(self, app: str) -> float:
         app_config = self.config.apps.get(app)
@@ -106,12 +193,26 @@ class GatewayCore:
     def reload(self, config: Config) -> None:
         """Take a new policy, apps and resolver table; open sockets stay open.
 
+        Except an app's that was removed or whose key changed: its sockets
+        and its streams are closed, each with the reason (revoke()).
         Listeners and the frame limit are fixed at start-up: changing where
         the gateway listens needs a restart, and the log says so.
         """
         if config.listen != self.config.listen:
             log.warning("reload: gateway.listen changed; it takes effect at the next restart")
+        old = self.config
         self.config = replace(config, listen=self.config.listen, max_frame=self.config.max_frame)
+        self.fd_reserve, self.max_sockets, self.max_sockets_per_app = derive_caps(
+            self.config, self.fd_limit
+        )
+        for name, entry in old.apps.items():
+            new = config.apps.get(name)
+            if new is None:
+                self.revoke(name, entry.key, f"app '{name}' was removed from the gateway's config")
+            elif not hmac.compare_digest(new.key.encode(), entry.key.encode()):
+                self.revoke(name, entry.key, f"app '{name}''s key changed")
+        if old.admin_key is not None and old.admin_key != config.admin_key:
+            self.revoke(auth.ADMIN_APP, old.admin_key, "the admin key changed")
         self.resolver = GatewayResolver.from_config(
             config, decider=lambda: self.decider, clock=self._clock
         )
@@ -122,6 +223,61 @@ class GatewayCore:
             len(config.apps),
             len(self.registry),
         )
+
+    def revoke(self, app: str, key: str, cause: str) -> None:
+        """End what `app` holds under `key`: its sockets and streams, each told `cause`.
+
+        The sockets' tombstones read "revoked: CAUSE"; a stream gets an Error
+        frame; a hello with the old key is refused with the cause (revoked()).
+        """
+        self._revoked[(app, _digest(key))] = (cause, self.registry.clock())
+        while len(self._revoked) > REVOKED_LIMIT:
+            self._revoked.popitem(last=False)
+        reason = f"revoked: {cause}"
+        sockets = self._end(reason, app)
+        streams = self._end_streams(
+            Refusal(pb.Error.AUTH_FAILED, errno.EACCES, f"tether: {cause}"), app
+        )
+        log.warning("reload: %s: %d sockets and %d streams closed", cause, sockets, streams)
+
+    def _end(self, reason: str, app: str | None = None) -> int:
+        """Reset every socket (of `app`, or all): the app's next call reads `reason`."""
+        ended = 0
+        for record in list(self.registry):
+            if app is not None and record.app != app:
+                continue
+            if record.link is not None:
+                record.link.abort(reason, reset_app=True)
+            else:
+                record.finish(reason)  # a UDP association: an Error frame, then closed
+            ended += 1
+        return ended
+
+    def _end_streams(self, refusal: Refusal, app: str | None = None) -> int:
+        """Send every framed stream (of `app`, or all) an Error frame and close it."""
+        ended = 0
+        for transport in list(self.streams):
+            stream = transport.get_protocol()
+            if app is not None and getattr(stream, "app", None) != app:
+                continue
+            if hasattr(stream, "end"):
+                cast(Stream, stream).end(refusal)
+            else:
+                transport.close()
+            ended += 1
+        return ended
+
+    def begin_shutdown(self) -> int:
+        """Stop sweeping; reset every socket and end every stream, saying why. Returns
+        how many sockets were reset (whose apps may come and ask why)."""
+        self.shutting_down = True
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+        reset = self._end(SHUTTING_DOWN)
+        self._end_streams(
+            Refusal(pb.Error.CLOSED, errno.ESHUTDOWN, f"tether: the {SHUTTING_DOWN}")
+        )
+        return reset
 
     def abort_all(self, reason: str) -> None:
         """Stop sweeping; drop every socket and every app stream now (shutdown)."""
@@ -136,4 +292,9 @@ class GatewayCore:
             stream.abort()  # type: ignore[attr-defined]  # a stream transport
 
 
-__all__ = ["SWEEP_INTERVAL", "GatewayCore"]
+def _digest(key: str) -> bytes:
+    # Only a digest of a revoked key is kept, never the key itself.
+    return hashlib.sha256(key.encode()).digest()
+
+
+__all__ = ["SHUTTING_DOWN", "SWEEP_INTERVAL", "GatewayCore", "Stream", "derive_caps"]

@@ -64,6 +64,10 @@ class AppUsage:
     bytes_in: int = 0
     sockets_opened: int = 0
     connects_denied: int = 0
+    # Live now, for the socket caps (core/admission.py): registered sockets,
+    # and outbound connects still being dialled (not registered yet).
+    open_sockets: int = 0
+    connecting: int = 0
 
 
 # slots: the relay updates the counters on every chunk, and 5,000 idle
@@ -152,7 +156,9 @@ class Registry:
             idle_timeout=idle_timeout,
         )
         self._sockets[descriptor] = record
-        self.app_usage(app).sockets_opened += 1
+        usage = self.app_usage(app)
+        usage.sockets_opened += 1
+        usage.open_sockets += 1
         return record
 
     def get(self, app: str, descriptor: str) -> SocketRecord | None:
@@ -193,7 +199,8 @@ class Registry:
         return usage
 
     def closed(self, record: SocketRecord) -> None:
-        self._sockets.pop(record.descriptor, None)
+        if self._sockets.pop(record.descriptor, None) is not None:
+            self.app_usage(record.app).open_sockets -= 1
         now = self.clock()
         peer = host_port(record.peer[0], record.peer[1])
         reason = record.closed_reason or "closed"

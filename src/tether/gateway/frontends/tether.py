@@ -173,6 +173,13 @@ class TetherSession(asyncio.Protocol):
             self._write(self.wire.send_error(exc))
         self._close()
 
+    def end(self, refusal: Refusal) -> None:
+        """The core ends this stream (app revoked, gateway shutting down): say why, close."""
+        if self._switched or self.transport is None or self.transport.is_closing():
+            return
+        self._write(self.wire.send_error(wire_error(refusal)))
+        self._close()
+
     def _close(self) -> None:
         if self._pending:
             self._write(b"")
@@ -213,7 +220,9 @@ class TetherSession(asyncio.Protocol):
             reply.error.CopyFrom(
                 pb.Error(
                     code=pb.Error.AUTH_FAILED,
-                    message=f"tether: app '{hello.app}' authentication failed",
+                    # A key a reload revoked is told why (its holder knew it).
+                    message="tether: " + (self.core.revoked(hello.app, hello.key)
+                        or f"app '{hello.app}' authentication failed"),
                 )
             )
             # The key is never logged, not even a wrong one.

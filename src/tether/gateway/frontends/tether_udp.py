@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from tether.gateway.core.admission import log_decision
+from tether.gateway.core.admission import capacity, log_decision
 from tether.gateway.core.errors import Refusal, wire_error
 from tether.gateway.core.gateway import GatewayCore
 from tether.gateway.core.options import apply_option, read_option
@@ -52,6 +52,10 @@ async def open_association(
             if isinstance(admitted, Refusal):
                 raise admitted
             first = admitted
+        else:
+            refused = capacity(core, app)  # what admit() checks when given a destination
+            if refused is not None:
+                raise refused
         outbound = socket.socket(family, socket.SOCK_DGRAM)
         try:
             outbound.setblocking(False)
@@ -93,7 +97,9 @@ async def answer(
     if op == "allow_destination":
         allow = req.allow_destination
         outbound = association.outbound
-        admitted = await _admit_peer(core, app, allow.host, allow.port, outbound.family)
+        admitted = await _admit_peer(
+            core, app, allow.host, allow.port, outbound.family, new_socket=False
+        )
         if isinstance(admitted, Refusal):
             response.error.CopyFrom(wire_error(admitted))
             return
@@ -113,10 +119,14 @@ async def answer(
 
 
 async def _admit_peer(
-    core: GatewayCore, app: str, host: str, port: int, family: int
+    core: GatewayCore, app: str, host: str, port: int, family: int, *, new_socket: bool = True
 ) -> tuple[Decision, tuple[str, int]] | Refusal:
-    """The policy's decision and the address to send to, or why not."""
-    admitted = await core.admit(app, host, port, Transport.UDP, family)
+    """The policy's decision and the address to send to, or why not.
+
+    `new_socket` False: a further destination of an open association, which
+    is not another socket for the caps.
+    """
+    admitted = await core.admit(app, host, port, Transport.UDP, family, new_socket=new_socket)
     if isinstance(admitted, Refusal):
         return admitted
     decision, addresses = admitted

@@ -164,6 +164,8 @@ class Error(_message.Message):
         """the socket is gone; `message` says why (reclaimed, ...)"""
         ALREADY_RESUMED: Error._Code.ValueType  # 13
         """a handoff token that was used before"""
+        LIMIT: Error._Code.ValueType  # 14
+        """a resource limit refused it: `rule` names it, `reason` its value"""
 
     class Code(_Code, metaclass=_CodeEnumTypeWrapper): ...
     CODE_UNSPECIFIED: Error.Code.ValueType  # 0
@@ -193,6 +195,8 @@ class Error(_message.Message):
     """the socket is gone; `message` says why (reclaimed, ...)"""
     ALREADY_RESUMED: Error.Code.ValueType  # 13
     """a handoff token that was used before"""
+    LIMIT: Error.Code.ValueType  # 14
+    """a resource limit refused it: `rule` names it, `reason` its value"""
 
     CODE_FIELD_NUMBER: _builtins.int
     ERRNO_FIELD_NUMBER: _builtins.int
