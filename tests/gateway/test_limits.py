@@ -23,6 +23,7 @@ from tether.client import control
 from tether.client import settings as client_settings
 from tether.devmode import GatewayProcess
 from tether.errors import LimitExceeded
+from tether.wire import PREAMBLE, encode_frame, pb
 
 pytestmark = pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit")
 
@@ -177,4 +178,47 @@ def test_per_app_max_sockets_and_udp_associations_count(
     finally:
         for sock in held:
             sock.close()
+        assert gw.stop() == 0
+
+
+def test_out_of_descriptors_is_logged_once_and_the_gateway_serves_again(
+    tmp_path: Path, echo_port: int
+) -> None:
+    """Idle authenticated streams past the limit: accept() fails, nothing crashes."""
+    path = tmp_path / "tether.toml"
+    path.write_text(gateway_config("k-limits"))
+    gw = GatewayProcess(path, prefix=["prlimit", "--nofile=128:128", "--"])
+    gw.start()
+    host, port = gw.address.rsplit(":", 1)
+    hello = PREAMBLE + encode_frame(
+        pb.ClientHello(protocol_version=1, app=APP, key="k-limits"))
+    streams: list[socket.socket] = []
+    try:
+        for _ in range(200):  # each holds one of the gateway's 128 descriptors
+            raw = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+            raw.connect((host, int(port)))
+            raw.sendall(hello)
+            streams.append(raw)
+        line = wait_for_line(gw, "out of file descriptors")
+        assert "Too many open files" in line
+        for raw in streams:
+            raw.close()
+        streams.clear()
+        # Once descriptors are free again, another app is served.
+        use_gateway(gw.address, "other", "other-k-limits")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with ts.create_connection(("127.0.0.1", echo_port), timeout=5) as sock:
+                    sock.sendall(b"back")
+                    assert sock.recv(4) == b"back"
+                break
+            except OSError:
+                assert time.monotonic() < deadline, gw.log_text()[-3000:]
+                time.sleep(0.1)
+        assert sum("out of file descriptors" in ln for ln in gw.log) == 1  # once per window
+        assert gw.proc is not None and gw.proc.poll() is None
+    finally:
+        for raw in streams:
+            raw.close()
         assert gw.stop() == 0

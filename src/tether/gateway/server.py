@@ -51,6 +51,18 @@ class Gateway(GatewayCore):
         super().__init__(config, resolver=resolver, clock=clock)
         self.endpoints: list[Endpoint] = []
         self._servers: list[asyncio.Server] = []
+        self.out_of_fds = _ResourceLog()
+
+    def sweep(self) -> int:
+        """Reclaim idle sockets; and look whether a descriptor is free (see _ResourceLog)."""
+        try:
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.out_of_fds.report(self.loop, exc)
+        else:
+            os.close(fd)
+        return super().sweep()
 
     async def start(self) -> list[Endpoint]:
         """Listen on every configured endpoint; returns them with real ports."""
@@ -135,7 +147,8 @@ class _ResourceLog:
     asyncio's loop stops accepting for a second when accept() fails with
     EMFILE/ENFILE and then tries again (connections wait in the backlog), and
     reports every attempt; uvloop (libuv) accepts and closes the waiting
-    connections instead, silently. Either way the gateway lives on and
+    connections instead, silently, so the sweep (once a second) also looks
+    whether a descriptor is free. Either way the gateway lives on and
     serves again once descriptors are freed; this keeps the log to one line
     per window saying so.
     """
@@ -147,18 +160,21 @@ class _ResourceLog:
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-            now = loop.time()
-            if now - self.last < EMFILE_LOG_WINDOW:
-                self.suppressed += 1
-                return
-            log.error(
-                "out of file descriptors (%s); new app connections wait until some are "
-                "freed (%d more such errors in the last %g s)",
-                exc.strerror, self.suppressed, EMFILE_LOG_WINDOW,
-            )
-            self.last, self.suppressed = now, 0
+            self.report(loop, exc)
             return
         loop.default_exception_handler(context)
+
+    def report(self, loop: asyncio.AbstractEventLoop, exc: OSError) -> None:
+        now = loop.time()
+        if now - self.last < EMFILE_LOG_WINDOW:
+            self.suppressed += 1
+            return
+        log.error(
+            "out of file descriptors (%s): new app connections are refused or wait until "
+            "some are freed (%d more such errors in the last %g s)",
+            exc.strerror, self.suppressed, EMFILE_LOG_WINDOW,
+        )
+        self.last, self.suppressed = now, 0
 
 
 # glibc's mallopt() parameters (malloc.h).
@@ -211,9 +227,9 @@ def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
     raise_fd_limit()
     tune_malloc()
     loop = new_event_loop()
-    loop.set_exception_handler(_ResourceLog())
     asyncio.set_event_loop(loop)
     gateway = Gateway(config)
+    loop.set_exception_handler(gateway.out_of_fds)
     gateway.log_caps()
     stop = asyncio.Event()
 
