@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint typecheck pytest bench proto clean
+.PHONY: demo test lint typecheck pytest bench proto fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
+
+# The gateway fuzz target for FUZZ_SECONDS (default 600); summary in
+# .hypothesis/fuzz-summary.txt, found examples kept in .hypothesis/examples.
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz/run.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -20,6 +20,7 @@ DGRAM, RAW) for each address when no type is asked for, and so does this.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 import time
@@ -343,6 +344,15 @@ class GatewayResolver:
     async def getnameinfo(self, req: pb.GetNameInfo) -> pb.NameInfo:
         host = req.address.host
         port = req.address.port
+        # The wire's uint32 port and free-text host are the app's input: out of
+        # range or not an address is the app's error, answered as such (the
+        # fuzzer, tests/fuzz, found both raising inside the gateway).
+        if port > 65535:
+            raise OSError(errno.EINVAL, f"tether: getnameinfo: port {port} is not in 0-65535")
+        try:
+            canonical = str(ipaddress.ip_address(host.split("%", 1)[0]))
+        except ValueError:
+            raise _gai(socket.EAI_NONAME) from None
         service = str(port)
         if not req.numericserv:
             try:
@@ -351,7 +361,6 @@ class GatewayResolver:
                 service = str(port)
         if req.numerichost:
             return pb.NameInfo(host=host, service=service)
-        canonical = str(ipaddress.ip_address(host.split("%", 1)[0]))
         name = self._reverse.get(canonical)
         if name is None and self.upstream is not None:
             try:

@@ -18,20 +18,43 @@ from tether.wire.convert import OPTION_LEVELS, decode_option, encode_option
 # Options that must be on the socket before connect(): the buffer sizes
 # decide the window scale the SYN announces.
 PRE_CONNECT_OPTIONS = frozenset({pb.SO_RCVBUF, pb.SO_SNDBUF})
+# setsockopt() takes a C int (32 bits on every platform Python runs on).
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+
+
+def _level(name: pb.OptionName.ValueType) -> tuple[int, int]:
+    """The (level, optname) of a wire option name; OSError for one this gateway does not know.
+
+    The name comes from the app (proto3 enums are open: any number decodes),
+    so an unknown one is the app's error, answered like the kernel's, never
+    a KeyError inside the gateway (found by the fuzzer, tests/fuzz).
+    """
+    try:
+        return OPTION_LEVELS[name]
+    except KeyError:
+        raise OSError(
+            errno.ENOPROTOOPT, f"tether: socket option number {name} is not one the gateway knows"
+        ) from None
 
 
 def apply_option(sock: Any, value: pb.OptionValue) -> None:
-    level, optname = OPTION_LEVELS[value.name]
+    level, optname = _level(value.name)
     if value.name == pb.SO_LINGER:
         packed = decode_option(value, 8)
         assert isinstance(packed, bytes)
         sock.setsockopt(level, optname, packed)
+    elif not _INT_MIN <= value.int_value <= _INT_MAX:
+        # The wire's int64 is wider than setsockopt's C int (found by the fuzzer).
+        raise OSError(
+            errno.EINVAL,
+            f"tether: socket option value {value.int_value} is out of range for a C int",
+        )
     else:
         sock.setsockopt(level, optname, value.int_value)
 
 
 def read_option(sock: socket.socket, name: pb.OptionName.ValueType) -> pb.OptionValue:
-    level, optname = OPTION_LEVELS[name]
+    level, optname = _level(name)
     if name == pb.SO_LINGER:
         return encode_option(name, sock.getsockopt(level, optname, 8))
     return pb.OptionValue(name=name, int_value=sock.getsockopt(level, optname))
