@@ -114,3 +114,18 @@ def test_a_changed_key_is_revoked_and_the_new_one_is_not() -> None:
     assert core.revoked("a", "key-a") == "app 'a''s key changed"
     assert core.revoked("a", "key-a2") is None
     assert core.revoked("b", "key-b") is None  # unchanged: nothing revoked
+
+
+def test_udp_relays_count_against_the_descriptors() -> None:
+    """A UDP association's relays are descriptors too: past the reserve, refused."""
+    core = make_core()
+    core.fd_limit, core.fd_reserve = 100, 64  # 36 descriptors for sockets
+    core.registry.extra_fds = 35  # relays of open associations
+    refused = capacity(core, "b")  # a new socket needs two
+    assert isinstance(refused, Refusal)
+    assert (refused.code, refused.rule, refused.reason) == (
+        pb.Error.LIMIT, "gateway.fd_reserve", "64")
+    assert "would hold 37 of its 100, and 64 are kept for its own work" in refused.message
+    assert capacity(core, "b", new_socket=False) is None  # one more relay fits
+    core.registry.extra_fds = 36
+    assert isinstance(capacity(core, "b", new_socket=False), Refusal)

@@ -113,6 +113,7 @@ class UdpAssociation:
                 )
             relay = _Relay(self._open_relay(), peer)
             self.relays[peer] = relay
+            self.record.registry.extra_fds += 1  # counted by the gateway's caps
             self.counters["destinations"] = len(self.relays)
             self.loop.add_reader(relay.sock.fileno(), self._from_app, relay)
         host, port = relay.sock.getsockname()[:2]
@@ -195,6 +196,7 @@ class UdpAssociation:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(sock.fileno())
             sock.close()
+        self.record.registry.extra_fds -= len(self.relays)
         self.relays.clear()
         # Closed by the gateway (reclaimed, shutting down): the app's next
         # call on the socket reads why, then finds the stream gone. (Closed

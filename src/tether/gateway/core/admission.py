@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tether.endpoint import host_port
 from tether.gateway import audit
 from tether.gateway.core.errors import Refusal
+from tether.gateway.core.registry import FDS_PER_SOCKET
 from tether.policy import Decision, ResolutionError, Transport
 from tether.wire import pb
 
@@ -75,10 +76,9 @@ async def admit(
     # Quotas and caps: after the policy (a denied destination never counts
     # against a quota), before any socket is opened; a refusal is written to
     # the audit log like a denial.
-    if new_socket:
-        refused = capacity(core, app, decision)
-        if refused is not None:
-            return refused
+    refused = capacity(core, app, decision, new_socket=new_socket)
+    if refused is not None:
+        return refused
     addresses: Sequence[str] = decision.addresses
     if family != socket.AF_UNSPEC:
         want_v6 = family == socket.AF_INET6
@@ -94,8 +94,13 @@ async def admit(
     return decision, addresses
 
 
-def capacity(core: GatewayCore, app: str, decision: Decision | None = None) -> Refusal | None:
+def capacity(
+    core: GatewayCore, app: str, decision: Decision | None = None, *, new_socket: bool = True
+) -> Refusal | None:
     """None if `app` may open one more socket, else the Refusal naming the limit.
+
+    `new_socket` False: one more descriptor for a socket that exists (a UDP
+    destination's relay), checked against the descriptors only.
 
     Sockets being dialled count (``AppUsage.connecting``), so a burst of
     slow connects cannot overshoot. The app is checked first: at its own
@@ -113,16 +118,26 @@ def capacity(core: GatewayCore, app: str, decision: Decision | None = None) -> R
     usage = core.registry.app_usage(app)
     in_use = usage.open_sockets + usage.connecting
     cap, name = core.app_cap(entry)
-    if in_use < cap:
-        total = len(core.registry) + core.connecting
-        if total < core.max_sockets:
-            return None
-        cap, name, in_use = core.max_sockets, "gateway.max_sockets", total
-        message = (f"tether: the gateway has {total} open sockets, its max_sockets ({cap}) "
-                   "for all apps together; try again when some close")
-    else:
+    registry = core.registry
+    total = len(registry) + core.connecting
+    # Two descriptors a socket (a UDP association's relays on top), and what
+    # this request would add: a socket's two, or one relay.
+    fds = FDS_PER_SOCKET * (total + int(new_socket)) + registry.extra_fds + int(not new_socket)
+    spare = core.fd_limit - core.fd_reserve
+    if new_socket and in_use >= cap:
         message = (f"tether: app '{app}' has {in_use} open sockets, its max_sockets ({cap}); "
                    "close one before opening another")
+    elif new_socket and total >= core.max_sockets:
+        cap, name = core.max_sockets, "gateway.max_sockets"
+        message = (f"tether: the gateway has {total} open sockets, its max_sockets ({cap}) "
+                   "for all apps together; try again when some close")
+    elif fds > spare:
+        cap, name = core.fd_reserve, "gateway.fd_reserve"
+        message = (f"tether: the gateway has no descriptor to spare: its sockets would hold "
+                   f"{fds} of its {core.fd_limit}, and {cap} are kept for its own work; "
+                   "try again when some close")
+    else:
+        return None
     outcome = f"refused: {name} {cap} reached"
     if decision is not None:
         log_decision(decision, outcome=outcome)

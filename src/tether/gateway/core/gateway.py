@@ -26,7 +26,12 @@ from tether.config import AppConfig, Config
 from tether.gateway.core import admission, auth
 from tether.gateway.core import dial as dialling
 from tether.gateway.core.errors import Refusal
-from tether.gateway.core.registry import TOMBSTONE_LIMIT, TOMBSTONE_TTL, Registry
+from tether.gateway.core.registry import (
+    FDS_PER_SOCKET,
+    TOMBSTONE_LIMIT,
+    TOMBSTONE_TTL,
+    Registry,
+)
 from tether.gateway.resolve import GatewayResolver
 from tether.policy import Decider
 from tether.wire import pb
@@ -44,9 +49,6 @@ SWEEP_INTERVAL = 1.0
 # their cap, so an app over it is told why instead of being reset.
 MIN_FD_RESERVE = 64
 FD_RESERVE_FRACTION = 10
-# Each TCP socket costs the gateway two descriptors (the app's stream and the
-# outbound connection); a UDP association two and one per destination.
-FDS_PER_SOCKET = 2
 # Credentials a reload revoked, remembered (bounded, like tombstones) so the
 # hello of a process still holding one is refused with the real reason.
 REVOKED_LIMIT = TOMBSTONE_LIMIT

@@ -34,6 +34,10 @@ TOKEN_BYTES = 16
 # sees the reset, so an hour and 10,000 entries are plenty (and bounded).
 TOMBSTONE_TTL = 3600.0
 TOMBSTONE_LIMIT = 10_000
+# Each TCP socket costs the gateway two descriptors (the app's stream and the
+# outbound connection); a UDP association two and one per destination
+# (Registry.extra_fds counts those).
+FDS_PER_SOCKET = 2
 
 
 class SocketState(StrEnum):
@@ -125,6 +129,8 @@ class Registry:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self._sockets: dict[str, SocketRecord] = {}
+        # Descriptors held beyond a socket's two: a UDP association's relays.
+        self.extra_fds = 0
         self._tombstones: OrderedDict[str, Tombstone] = OrderedDict()
         self.usage: dict[str, AppUsage] = {}
 
