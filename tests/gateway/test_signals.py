@@ -87,7 +87,7 @@ def test_sigterm_tells_apps_the_gateway_is_shutting_down(tmp_path: Path, echo_po
             if isinstance(event, pb.Error):
                 break
         errors = [e for e in events if isinstance(e, pb.Error)]
-        assert errors and errors[0].message == "tether: the gateway shutting down", events
+        assert errors and errors[0].message == "tether: the gateway is shutting down", events
         assert proc.wait(10) == 0
         assert "shutting down" in gw.log_text()
     finally:

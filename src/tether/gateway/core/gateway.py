@@ -277,7 +277,7 @@ class GatewayCore:
             self._sweep_task.cancel()
         reset = self._end(SHUTTING_DOWN)
         self._end_streams(
-            Refusal(pb.Error.CLOSED, errno.ESHUTDOWN, f"tether: the {SHUTTING_DOWN}")
+            Refusal(pb.Error.CLOSED, errno.ESHUTDOWN, "tether: the gateway is shutting down")
         )
         return reset
 
