@@ -26,6 +26,24 @@ DEFAULT_IDLE_TIMEOUT = 600.0
 # The outbound connect default: about what Linux's SYN retries give (~2 min) is
 # too long for a sandboxed worker; 30 s matches common client libraries.
 DEFAULT_CONNECT_TIMEOUT = 30.0
+# A client sends its hello with the connect, so it arrives within one round
+# trip; 5 s also covers two lost hello segments retransmitted with TCP's
+# initial 1 s timeout (RFC 6298: 1 + 2 s), while a silent stream is dropped
+# long before it matters (the issue saw 2,000 of them held for 90 s).
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+# Far above what one well-behaved host has mid-hello (a hello is read in the
+# loop turn after its connect); counted only for streams older than a second.
+DEFAULT_PREAUTH_LIMIT_PER_PEER = 128
+# fail2ban's and sshd's order of magnitude: a typo or two pass, a guesser stops.
+DEFAULT_AUTH_FAILURE_LIMIT = 10
+DEFAULT_AUTH_FAILURE_WINDOW = 60.0
+DEFAULT_AUTH_LOCKOUT = 300.0
+# The growing delay of a failed answer stops here (below the handshake timeout).
+DEFAULT_AUTH_MAX_DELAY = 2.0
+# Once an app stream's unread answers pass the transport's high-water mark
+# (64 KiB) the gateway stops reading it; a client that reads nothing for 30 s
+# (the connect timeout's order) is not coming back for them.
+DEFAULT_WRITE_STALL_TIMEOUT = 30.0
 DEFAULT_LISTEN: tuple[Endpoint, ...] = (Endpoint(host="127.0.0.1", port=DEFAULT_PORT),)
 RESOLVER_MODES = ("system", "static", "upstream")
 # Settings only `upstream` mode reads; naming one in another mode is an error.
@@ -68,6 +86,17 @@ class Config:
     max_sockets: int | None = None
     max_sockets_per_app: int | None = None
     fd_reserve: int | None = None
+    # Pre-auth protection (docs/security.md; defaults and why in
+    # tether.gateway.core.auth and docs/configuration.md)
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    preauth_limit: int | None = None  # None: a twentieth of the open-files limit, 64 .. 1,024
+    preauth_limit_per_peer: int = DEFAULT_PREAUTH_LIMIT_PER_PEER
+    auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
+    auth_failure_window: float = DEFAULT_AUTH_FAILURE_WINDOW
+    auth_lockout: float = DEFAULT_AUTH_LOCKOUT
+    auth_max_delay: float = DEFAULT_AUTH_MAX_DELAY
+    # A stream whose app has not read its answers for this long is closed.
+    write_stall_timeout: float = DEFAULT_WRITE_STALL_TIMEOUT
     # `tether sockets --admin` lists every app's sockets with this key
     admin_key: str | None = field(default=None, repr=False)
     resolver_mode: str = "system"
@@ -129,8 +158,10 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
         {
             "listen", "idle_timeout", "connect_timeout", "max_frame", "audit_log", "admin_key",
             "max_sockets", "max_sockets_per_app", "fd_reserve",
+            *_PREAUTH_KEYS,
         },
     )
+    preauth = _preauth(gateway)
     max_sockets = _count(gateway, "gateway", "max_sockets")
     max_sockets_per_app = _count(gateway, "gateway", "max_sockets_per_app")
     fd_reserve = _count(gateway, "gateway", "fd_reserve")
@@ -216,6 +247,7 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
         max_frame=max_frame,
         audit_log=audit_log,
         admin_key=admin_key,
+        **preauth,
         max_sockets=max_sockets,
         max_sockets_per_app=max_sockets_per_app,
         fd_reserve=fd_reserve,
@@ -227,6 +259,44 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
         apps=apps,
         source=source,
     )
+
+
+_PREAUTH_KEYS = (
+    "handshake_timeout", "preauth_limit", "preauth_limit_per_peer", "auth_failure_limit",
+    "auth_failure_window", "auth_lockout", "auth_max_delay", "write_stall_timeout",
+)
+
+
+def _preauth(gateway: Mapping[str, Any]) -> dict[str, Any]:
+    """[gateway]'s pre-auth and stalled-stream settings, as Config fields."""
+    values: dict[str, Any] = {}
+    for key in _PREAUTH_KEYS:
+        default = getattr(Config, key)
+        if key in ("preauth_limit", "preauth_limit_per_peer", "auth_failure_limit"):
+            counted = gateway.get(key, default)
+            if counted is not None and (
+                isinstance(counted, bool) or not isinstance(counted, int) or counted < 1
+            ):
+                raise ConfigError(f"gateway.{key}", "must be a whole number, 1 or more")
+            values[key] = counted
+        elif key == "auth_max_delay":
+            delay = gateway.get(key, default)
+            if isinstance(delay, bool) or not isinstance(delay, int | float) or not (
+                0 <= delay < math.inf
+            ):
+                raise ConfigError(
+                    "gateway.auth_max_delay", "must be a number of seconds, 0 or more"
+                )
+            values[key] = float(delay)
+        else:
+            values[key] = _seconds(gateway, "gateway", key, default)
+    if values["auth_max_delay"] >= values["handshake_timeout"]:
+        raise ConfigError(
+            "gateway.auth_max_delay",
+            f"must be less than gateway.handshake_timeout ({values['handshake_timeout']:g} s): "
+            "a failed hello waiting for its answer is still within its handshake",
+        )
+    return values
 
 
 def _upstream(resolver: Mapping[str, Any]) -> UpstreamConfig:

@@ -13,12 +13,14 @@ import asyncio
 import errno
 import logging
 import socket
+import struct
+import traceback
 from collections.abc import Coroutine
 from typing import Any
 
 from tether import __version__
 from tether.gateway.core import handoff, inspect
-from tether.gateway.core.auth import ADMIN_APP
+from tether.gateway.core.auth import ADMIN_APP, Guard, guard
 from tether.gateway.core.errors import Refusal, wire_error
 from tether.gateway.core.gateway import GatewayCore
 from tether.gateway.core.options import apply_option, outbound_socket, read_option
@@ -49,9 +51,13 @@ class TetherSession(asyncio.Protocol):
 
     __slots__ = (
         "__weakref__",
+        "_guard",
+        "_peer",
         "_pending",
+        "_stall",
         "_switched",
         "_task",
+        "_write_paused",
         "admin",
         "app",
         "association",
@@ -73,6 +79,13 @@ class TetherSession(asyncio.Protocol):
         # instead of two per connection.
         self._pending = b""
         self.association: UdpAssociation | None = None  # a UDP socket's stream
+        self._guard: Guard = guard(core)
+        self._peer: str | None = None  # peer_key(), asked only when needed
+        # The app is not reading its answers (our write buffer is over its
+        # high-water mark): no frame is served until it reads, and past
+        # write_stall_timeout the stream is closed (_stall is that timer).
+        self._write_paused = False
+        self._stall: asyncio.TimerHandle | None = None
 
     # -- asyncio protocol --------------------------------------------------
 
@@ -80,12 +93,67 @@ class TetherSession(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport  # type: ignore[assignment]
         self.core.streams.add(transport)
+        self._guard.arrived(self)
 
     @property
     def peername(self) -> str:
         """The app stream's address, for log lines (asked only when one is written)."""
         peer = self.transport.get_extra_info("peername") if self.transport else None
         return str(peer) if peer else "unix"
+
+    def peer_key(self) -> str:
+        """Who the stream comes from, for the pre-auth caps and throttling.
+
+        TCP: the source IP. A Unix socket: the peer's uid (SO_PEERCRED), so
+        tenants under different uids are counted apart; "unix" if unknown.
+        """
+        if self._peer is None:
+            self._peer = _peer_key(self.transport)
+        return self._peer
+
+    def end_preauth(self, refusal: Refusal) -> None:
+        """Closed by the guard before authenticating (deadline, a cap): say why."""
+        self._reply_error(wire_error(refusal))
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        # asyncio: the app is not reading what we send. Stop reading its
+        # requests (each would add an answer), and give up on it after
+        # write_stall_timeout.
+        self._write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        if self._stall is None:
+            self._stall = self.core.loop.call_later(
+                self.core.config.write_stall_timeout, self._stalled
+            )
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        transport = self.transport
+        if self._task is None and not self._switched and transport is not None and not (
+            transport.is_closing()
+        ):
+            transport.resume_reading()
+            self._process()
+
+    def _stalled(self) -> None:
+        self._stall = None
+        transport = self.transport
+        if self._switched or transport is None or transport.is_closing():
+            return  # the socket's relay has the stream now (and its own flow control)
+        log.info(
+            "closing stream %s of app %r: it has not read its answers for %g s "
+            "(%d bytes unread; gateway.write_stall_timeout)",
+            self.peername, self.app, self.core.config.write_stall_timeout,
+            transport.get_write_buffer_size(),
+        )
+        # abort, not close: close() would wait for the unread bytes forever.
+        transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.wire.receive_data(data)
@@ -99,6 +167,11 @@ class TetherSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:
             self.core.streams.discard(self.transport)
+        if self.app is None:
+            self._guard.gone(self)
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self.association is not None:
@@ -107,7 +180,7 @@ class TetherSession(asyncio.Protocol):
     # -- events ------------------------------------------------------------
 
     def _process(self) -> None:
-        while self._task is None and not self._switched:
+        while self._task is None and not self._switched and not self._write_paused:
             try:
                 event = self.wire.next_event()
             except RemoteProtocolError as exc:
@@ -129,7 +202,7 @@ class TetherSession(asyncio.Protocol):
             elif isinstance(event, pb.Request):
                 self._start(self._request(event))
             elif isinstance(event, pb.Error):
-                log.info("stream %s sent an error: %s", self.peername, event.message)
+                log.info("stream %s sent an error: %r", self.peername, event.message)
                 self._close()
                 return
 
@@ -148,11 +221,13 @@ class TetherSession(asyncio.Protocol):
             return
         exc = task.exception()
         if exc is not None:
-            log.error("internal error on stream %s", self.peername, exc_info=exc)
+            log.error("internal error on stream %s: %s", self.peername, _one_line(exc))
             self._fail(ProtocolError(f"gateway internal error: {type(exc).__name__}"))
             return
         if self._switched or self.transport is None or self.transport.is_closing():
             return
+        if self._write_paused:
+            return  # resume_writing() reads on once the app has read
         self.transport.resume_reading()
         self._process()
 
@@ -168,7 +243,7 @@ class TetherSession(asyncio.Protocol):
             self.transport.write(self.wire.send_error(error))
 
     def _fail(self, exc: ProtocolError) -> None:
-        log.info("closing stream %s: protocol error: %s", self.peername, exc)
+        log.info("closing stream %s: protocol error: %r", self.peername, str(exc))
         if self.wire.state is not State.RELAY:  # raw bytes now: no frame can be sent
             self._write(self.wire.send_error(exc))
         self._close()
@@ -189,16 +264,35 @@ class TetherSession(asyncio.Protocol):
     # -- hello -------------------------------------------------------------
 
     def _hello(self, hello: pb.ClientHello) -> None:
-        if hello.protocol_version == PROTOCOL_VERSION and self.core.authenticate(
-            hello.app, hello.key
+        guard = self._guard
+        # Only a peer with failures on record pays for the lookup.
+        locked = guard.locked(hello.app, self.peer_key()) if guard.lockouts else 0.0
+        if (
+            not locked
+            and hello.protocol_version == PROTOCOL_VERSION
+            and self.core.authenticate(hello.app, hello.key)
         ):
+            guard.authenticated(self)
             self.app = hello.app
             self.admin = hello.app == ADMIN_APP
             # Written by _process or with the answer to the next frame.
             self._pending = self.wire.send(_SERVER_HELLO, frame=_SERVER_HELLO_FRAME)
             return
         reply = pb.ServerHello(protocol_version=PROTOCOL_VERSION, gateway_version=__version__)
-        if hello.protocol_version != PROTOCOL_VERSION:
+        delay = 0.0
+        if locked:
+            # The key is not looked at: a lockout that let the right key
+            # through would let guessing go on.
+            reply.error.CopyFrom(pb.Error(
+                code=pb.Error.AUTH_FAILED,
+                message=(
+                    f"tether: app {hello.app!r} is locked out from {self.peer_key()} for "
+                    f"{locked:.0f} s more after too many failed authentications "
+                    "(gateway.auth_failure_limit); the key was not checked"
+                ),
+            ))
+            delay = self.core.config.auth_max_delay
+        elif hello.protocol_version != PROTOCOL_VERSION:
             reply.error.CopyFrom(
                 pb.Error(
                     code=pb.Error.VERSION_MISMATCH,
@@ -211,7 +305,7 @@ class TetherSession(asyncio.Protocol):
                 )
             )
             log.warning(
-                "stream %s: client protocol version %d refused (client %s)",
+                "stream %s: client protocol version %d refused (client %r)",
                 self.peername,
                 hello.protocol_version,
                 hello.client_version or "unknown",
@@ -222,12 +316,24 @@ class TetherSession(asyncio.Protocol):
                     code=pb.Error.AUTH_FAILED,
                     # A key a reload revoked is told why (its holder knew it).
                     message="tether: " + (self.core.revoked(hello.app, hello.key)
-                        or f"app '{hello.app}' authentication failed"),
+                        or f"app {hello.app!r} authentication failed"),
                 )
             )
-            # The key is never logged, not even a wrong one.
-            log.warning("stream %s: app %r authentication failed", self.peername, hello.app)
-        self._write(self.wire.send(reply))
+            # No line per failure: the guard's summary counts them per app
+            # and peer, once a window (the key is never logged).
+            delay = guard.failed(hello.app, self.peer_key())
+        data = self.wire.send(reply)
+        if delay > 0 and self.transport is not None:
+            # The answer waits; the stream is still counted as not
+            # authenticated meanwhile, so the caps bound how many wait.
+            self.transport.pause_reading()
+            self.core.loop.call_later(delay, self._answer_and_close, data)
+            self._switched = True  # serve nothing more on this stream
+            return
+        self._answer_and_close(data)
+
+    def _answer_and_close(self, data: bytes) -> None:
+        self._write(data)
         self._close()
 
     # -- connect -----------------------------------------------------------
@@ -375,6 +481,44 @@ class TetherSession(asyncio.Protocol):
         log.info("socket %s resumed by app %r", record.descriptor[:8], self.app)
         if not self.transport.is_closing():
             self.transport.resume_reading()
+
+
+def _peer_key(transport: asyncio.Transport | None) -> str:
+    if transport is None:
+        return "unknown"
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        host = str(peer[0])
+        return host[7:] if host.startswith("::ffff:") else host  # IPv4-mapped
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        except OSError:
+            return "unix"
+        return f"uid {_UCRED.unpack(creds)[1]}"
+    return "unknown"
+
+
+# struct ucred (pid, uid, gid): what SO_PEERCRED returns on Linux.
+_UCRED = struct.Struct("3i")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An internal error for the log on one line: the frames, then the repr of each exception.
+
+    An exception's text may carry what a client sent; repr keeps it on the line.
+    """
+    parts = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = traceback.extract_tb(current.__traceback__)
+        where = " <- ".join(f"{f.filename}:{f.lineno} {f.name}" for f in reversed(frames))
+        parts.append(f"{current!r} at {where}" if where else repr(current))
+        current = current.__cause__ or current.__context__
+    return "; caused by ".join(parts)
 
 
 # Every successful hello gets the same answer.
