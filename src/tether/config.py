@@ -89,7 +89,7 @@ class Config:
     # Pre-auth protection (docs/security.md; defaults and why in
     # tether.gateway.core.auth and docs/configuration.md)
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
-    preauth_limit: int | None = None  # None: a twentieth of the open-files limit, 64 .. 1,024
+    preauth_limit: int | None = None  # None: half of the fd reserve, 32 .. 1,024
     preauth_limit_per_peer: int = DEFAULT_PREAUTH_LIMIT_PER_PEER
     auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
     auth_failure_window: float = DEFAULT_AUTH_FAILURE_WINDOW

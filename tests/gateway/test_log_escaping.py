@@ -20,7 +20,6 @@ import pytest
 from support import FakeClock, StdSocket, wait_for
 
 from tether.config import parse_config
-from tether.gateway.core import auth
 from tether.gateway.embedded import EmbeddedGateway
 from tether.wire import PROTOCOL_VERSION, Connection, Role, pb
 
@@ -165,7 +164,7 @@ def test_app_names_in_the_failed_authentication_summary(
         assert hello.error.message == f"tether: app {value!r} authentication failed"
     clock.advance(3600)
     assert gw.gateway is not None
-    gw.call(auth.guard(gw.gateway).tick)  # what its timer does once the window is over
+    gw.call(gw.gateway.guard.tick)  # what its timer does once the window is over
     (line,) = lines(caplog, "pre-auth summary")
     assert_one_line(line)
     summary = json.loads(line.removeprefix("pre-auth summary: "))

@@ -92,7 +92,7 @@ def accepted(answer: object) -> bool:
 
 def guard(gw: EmbeddedGateway) -> auth.Guard:
     assert gw.gateway is not None
-    return auth.guard(gw.gateway)
+    return gw.gateway.guard
 
 
 def tick(gw: EmbeddedGateway) -> None:

@@ -13,7 +13,6 @@ import errno
 import hmac
 import logging
 import os
-import resource
 from typing import TYPE_CHECKING, Protocol
 
 from tether.gateway import audit
@@ -132,9 +131,8 @@ class Guard:
             return config.preauth_limit
         # Half the descriptors the gateway keeps back from the apps' sockets
         # (gateway.fd_reserve: a tenth of the open-files limit by default),
-        # so silent streams never take what live sockets need; 64 .. 1,024.
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        return max(64, min(1024, soft // 20))
+        # so silent streams never take what live sockets need; 32 .. 1,024.
+        return max(32, min(1024, self.core.fd_reserve // 2))
 
     def arrived(self, stream: Pending) -> None:
         """A new stream; closes the oldest waiting one if there are too many."""
@@ -323,17 +321,9 @@ def _key(table: dict[str, int], key: str) -> str:
     return key if key in table or len(table) < MAX_TRACKED else OVERFLOW
 
 
-def guard(core: GatewayCore) -> Guard:
-    """The core's Guard, made on first use."""
-    found: Guard | None = core.__dict__.get("_preauth_guard")
-    if found is None:
-        found = core.__dict__["_preauth_guard"] = Guard(core)
-    return found
-
-
 def _limit_refusal(message: str, rule: str, value: int) -> Refusal:
     # A LIMIT error names the limit in `rule` and its value in `reason`.
     return Refusal(pb.Error.LIMIT, errno.EAGAIN, message, rule=rule, reason=str(value))
 
 
-__all__ = ["ADMIN_APP", "Guard", "Pending", "authenticate", "guard"]
+__all__ = ["ADMIN_APP", "Guard", "Pending", "authenticate"]

@@ -119,6 +119,8 @@ class GatewayCore:
         )
         # (app, sha256 of a revoked key) -> why it was revoked (reload).
         self._revoked: OrderedDict[tuple[str, bytes], tuple[str, float]] = OrderedDict()
+        # Streams not yet authenticated: their deadline, caps, failed keys.
+        self.guard = auth.Guard(self)
         self.shutting_down = False
         self._sweep_task: asyncio.Task[None] | None = None
         # The loop the gateway runs in, kept: asyncio.get_running_loop() costs a

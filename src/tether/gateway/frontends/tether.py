@@ -20,7 +20,7 @@ from typing import Any
 
 from tether import __version__
 from tether.gateway.core import handoff, inspect
-from tether.gateway.core.auth import ADMIN_APP, Guard, guard
+from tether.gateway.core.auth import ADMIN_APP, Guard
 from tether.gateway.core.errors import Refusal, wire_error
 from tether.gateway.core.gateway import GatewayCore
 from tether.gateway.core.options import apply_option, outbound_socket, read_option
@@ -79,7 +79,7 @@ class TetherSession(asyncio.Protocol):
         # instead of two per connection.
         self._pending = b""
         self.association: UdpAssociation | None = None  # a UDP socket's stream
-        self._guard: Guard = guard(core)
+        self._guard: Guard = core.guard
         self._peer: str | None = None  # peer_key(), asked only when needed
         # The app is not reading its answers (our write buffer is over its
         # high-water mark): no frame is served until it reads, and past
