@@ -928,8 +928,9 @@ def test_second_app_connects_too(gateway: Gateway, echo_server: Server) -> None:
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
     finally:
         tether.uninstall()
-    decisions = [d for d in _audit(gateway, "decision")
-                 if d["app"] == "other" and d["port"] == echo_server.port]
+    # The audit lines reach the log in batches (gateway/audit.py): wait for it.
+    decisions = wait_for(lambda: [d for d in _audit(gateway, "decision")
+                                  if d["app"] == "other" and d["port"] == echo_server.port])
     assert decisions
     assert decisions[-1]["verdict"] == "allow"
     # And the first app still works on the same gateway.
