@@ -11,6 +11,14 @@ __version__ = "0.1.0"
 
 from tether.client.install import install, installed, uninstall
 from tether.client.sock import keepalive
-from tether.errors import PolicyDenied
+from tether.errors import LimitExceeded, PolicyDenied
 
-__all__ = ["PolicyDenied", "__version__", "install", "installed", "keepalive", "uninstall"]
+__all__ = [
+    "LimitExceeded",
+    "PolicyDenied",
+    "__version__",
+    "install",
+    "installed",
+    "keepalive",
+    "uninstall",
+]
