@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 import threading
@@ -130,9 +131,11 @@ def test_run_leaves_no_stream_open_at_exit(
 ) -> None:
     script = tmp_path / "exit_child.py"
     script.write_text(EXIT_CHILD)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    env["TETHER_KEY"] = gateway.key  # --key would warn on stderr
     result = tether_cli(
-        "run", "--gateway", gateway.address, "--app", gateway.app, f"--key={gateway.key}",
-        "--", sys.executable, "-X", "dev", "-W", "error", str(script), str(echo_port),
+        "run", "--gateway", gateway.address, "--app", gateway.app,
+        "--", sys.executable, "-X", "dev", "-W", "error", str(script), str(echo_port), env=env,
     )
     assert "ResourceWarning" not in result.stderr
     assert result.returncode == 0, result.stderr

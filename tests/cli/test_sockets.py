@@ -151,15 +151,17 @@ def table(out: str) -> list[list[str]]:
 
 
 def test_app_sees_only_its_own_sockets_with_states_and_bytes(
-    sockets: Sockets, capsys: pytest.CaptureFixture[str]
+    sockets: Sockets, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     attached = sockets.connect(APP, send=b"hello")
     waiting = sockets.hand_off(APP)
     theirs = sockets.connect("other", send=b"not yours")
     gw = sockets.admin.gw
 
+    monkeypatch.setenv("TETHER_KEY", gw.key)  # --key would warn on stderr
+
     def listed() -> list[list[str]]:
-        code, out, err = run_cli(["--gateway", gw.address, "--app", APP, f"--key={gw.key}"], capsys)
+        code, out, err = run_cli(["--gateway", gw.address, "--app", APP], capsys)
         assert (code, err) == (0, "")
         return table(out)
 

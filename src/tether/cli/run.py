@@ -17,7 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tether.client.settings import ENV_APP, ENV_GATEWAY, ENV_KEY
+from tether.client.settings import (
+    ENV_APP,
+    ENV_GATEWAY,
+    ENV_KEY,
+    ENV_KEY_FILE,
+    KeyFileError,
+    choose_key,
+)
 from tether.errors import ConfigError
 
 ENV_AUTOINSTALL = "TETHER_AUTOINSTALL"
@@ -32,11 +39,36 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--gateway", metavar="ADDR", help="gateway HOST:PORT or unix:/path")
     p.add_argument("--app", help="app name (default: TETHER_APP)")
-    p.add_argument("--key", help="app key (default: TETHER_KEY); one that starts with '-' "
-                   "as --key=KEY")
+    add_key_options(p)
     p.add_argument("--config", type=Path, help="config for development mode (./tether.toml)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     p.set_defaults(func=run)
+
+
+def add_key_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", metavar="PATH",
+                   help=f"file holding the app key ({ENV_KEY_FILE}); the key is then on no "
+                   "command line")
+    p.add_argument("--key", help=f"app key ({ENV_KEY}); visible to other local users in ps, "
+                   "prefer --key-file; one that starts with '-' as --key=KEY")
+
+
+def command_line_key_warning(prog: str, option: str) -> str:
+    return (
+        f"{prog}: warning: {option} puts the key on the command line, where other local users "
+        f"can read it (ps, /proc/PID/cmdline); give it with --key-file PATH, {ENV_KEY_FILE} or "
+        f"{ENV_KEY} instead"
+    )
+
+
+def key_from_args(args: argparse.Namespace, prog: str) -> str:
+    """The key from --key (with a warning on stderr), --key-file or the environment.
+
+    Raises KeyFileError (naming the path) or ValueError (both options given).
+    """
+    if args.key is not None:
+        print(command_line_key_warning(prog, "--key"), file=sys.stderr)
+    return choose_key(args.key, args.key_file, os.environ)
 
 
 def child_env(gateway: str, app: str, key: str) -> dict[str, str]:
@@ -63,7 +95,11 @@ def run(args: argparse.Namespace) -> int:
     dev = None
     if gateway:
         app = args.app or os.environ.get(ENV_APP, "")
-        key = args.key or os.environ.get(ENV_KEY, "")
+        try:
+            key = key_from_args(args, "tether run")
+        except (KeyFileError, ValueError) as exc:
+            print(f"tether run: {exc}", file=sys.stderr)
+            return 2
     else:
         from tether.devmode import start_dev_gateway
 

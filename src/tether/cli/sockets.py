@@ -7,8 +7,9 @@ import json
 import os
 import sys
 
+from tether.cli.run import add_key_options, command_line_key_warning, key_from_args
 from tether.client.control import ControlChannel
-from tether.client.settings import ENV_APP, ENV_GATEWAY, ENV_KEY, Settings
+from tether.client.settings import ENV_APP, ENV_GATEWAY, KeyFileError, Settings, choose_key
 from tether.endpoint import host_port, parse_endpoint
 from tether.gateway.core.auth import ADMIN_APP
 from tether.wire import pb
@@ -23,9 +24,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--gateway", metavar="ADDR", help=f"HOST:PORT or unix:/path ({ENV_GATEWAY})")
     p.add_argument("--app", help=f"app name ({ENV_APP})")
-    p.add_argument("--key", help=f"app key ({ENV_KEY}); one that starts with '-' as --key=KEY")
-    p.add_argument("--admin-key", help="the gateway's [gateway] admin_key: list every app "
-                   "(one that starts with '-' as --admin-key=KEY)")
+    add_key_options(p)
+    p.add_argument("--admin-key-file", metavar="PATH",
+                   help="file holding the gateway's [gateway] admin_key: list every app")
+    p.add_argument("--admin-key", help="the admin key itself (visible to other local users in "
+                   "ps, prefer --admin-key-file; one that starts with '-' as --admin-key=KEY)")
     p.add_argument("--json", action="store_true", help="one JSON object per socket")
     p.set_defaults(func=run)
 
@@ -35,11 +38,18 @@ def run(args: argparse.Namespace) -> int:
     if not gateway:
         print("tether sockets: give --gateway or set TETHER_GATEWAY", file=sys.stderr)
         return 2
-    if args.admin_key:
-        app, key = ADMIN_APP, args.admin_key
-    else:
-        app = args.app or os.environ.get(ENV_APP, "")
-        key = args.key or os.environ.get(ENV_KEY, "")
+    try:
+        if args.admin_key is not None or args.admin_key_file is not None:
+            if args.admin_key is not None:
+                print(command_line_key_warning("tether sockets", "--admin-key"), file=sys.stderr)
+            app = ADMIN_APP
+            key = choose_key(args.admin_key, args.admin_key_file, {})
+        else:
+            app = args.app or os.environ.get(ENV_APP, "")
+            key = key_from_args(args, "tether sockets")
+    except (KeyFileError, ValueError) as exc:
+        print(f"tether sockets: {exc}", file=sys.stderr)
+        return 2
     try:
         settings = Settings(gateway=parse_endpoint(gateway), app=app, key=key)
     except ValueError as exc:

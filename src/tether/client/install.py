@@ -86,13 +86,15 @@ def install(
     app: str | None = None,
     key: str | None = None,
     *,
+    key_file: str | None = None,
     dev: bool = False,
     config: str | None = None,
 ) -> None:
     """Route the stdlib ``socket`` module through tether. Idempotent.
 
     The gateway, app and key come from the arguments, else from
-    ``TETHER_GATEWAY``, ``TETHER_APP``, ``TETHER_KEY``. With ``dev=True`` and
+    ``TETHER_GATEWAY``, ``TETHER_APP``, ``TETHER_KEY`` (or the file
+    ``TETHER_KEY_FILE`` names). `key_file` reads the key from a file. With ``dev=True`` and
     no gateway configured, a gateway is started in this process (development
     mode) with the config at `config` or ``./tether.toml``.
     """
@@ -103,7 +105,7 @@ def install(
             # finds them open (a ResourceWarning under -X dev / -W error).
             atexit.register(_close_at_exit)
             _exit_hook = True
-        resolved = _settings.resolve_settings(gateway, app, key)
+        resolved = _settings.resolve_settings(gateway, app, key, key_file)
         if resolved is None and dev:
             from tether.devmode import start_dev_gateway
 
