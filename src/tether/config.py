@@ -99,6 +99,9 @@ class Config:
     write_stall_timeout: float = DEFAULT_WRITE_STALL_TIMEOUT
     # `tether sockets --admin` lists every app's sockets with this key
     admin_key: str | None = field(default=None, repr=False)
+    # A TCP listener on a non-loopback address is refused unless this is set
+    # (check_listen: keys cross that network in clear).
+    allow_cleartext_keys: bool = False
     resolver_mode: str = "system"
     resolver_hosts: Mapping[str, list[str]] = field(default_factory=dict)
     resolver_upstream: UpstreamConfig | None = None
@@ -117,6 +120,43 @@ class Config:
 
     def with_apps(self, apps: Mapping[str, AppConfig]) -> Config:
         return _replace(self, apps=dict(apps))
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for a loopback address (127.0.0.0/8, ::1, IPv4-mapped 127.x) or "localhost"."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False  # any other name may resolve to any address
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def check_listen(config: Config) -> None:
+    """Refuse a TCP listener off loopback unless the config accepts keys in clear there.
+
+    An app's stream to the gateway is its own byte stream: once connected,
+    the gateway splices it to the target and the descriptor the app holds
+    is the real socket, so it cannot be wrapped in TLS, and the hello's key
+    crosses that network as it is. Read at start-up (listeners do not move
+    on reload).
+    """
+    if config.allow_cleartext_keys:
+        return
+    for i, endpoint in enumerate(config.listen):
+        if not endpoint.is_unix and not is_loopback_host(endpoint.host):
+            raise ConfigError(
+                f"gateway.listen[{i}]",
+                f"{endpoint} is not a loopback address: app keys would cross that network in "
+                "clear (the stream to the gateway becomes the app's own socket to its target, "
+                "so it cannot be TLS). Listen on loopback or a Unix socket and run a gateway "
+                "on each host; or, if that network is trusted with the keys, set "
+                "[gateway] allow_cleartext_keys = true",
+                source=config.source,
+            )
 
 
 def _replace(config: Config, **changes: Any) -> Config:
@@ -157,7 +197,7 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
         "gateway",
         {
             "listen", "idle_timeout", "connect_timeout", "max_frame", "audit_log", "admin_key",
-            "max_sockets", "max_sockets_per_app", "fd_reserve",
+            "allow_cleartext_keys", "max_sockets", "max_sockets_per_app", "fd_reserve",
             *_PREAUTH_KEYS,
         },
     )
@@ -168,6 +208,9 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
     admin_key = gateway.get("admin_key")
     if admin_key is not None and (not isinstance(admin_key, str) or not admin_key):
         raise ConfigError("gateway.admin_key", "must be a non-empty string")
+    allow_cleartext_keys = gateway.get("allow_cleartext_keys", False)
+    if not isinstance(allow_cleartext_keys, bool):
+        raise ConfigError("gateway.allow_cleartext_keys", "must be true or false")
     audit_log = gateway.get("audit_log")
     if audit_log is not None and (not isinstance(audit_log, str) or not audit_log):
         raise ConfigError("gateway.audit_log", "must be a file path")
@@ -247,6 +290,7 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
         max_frame=max_frame,
         audit_log=audit_log,
         admin_key=admin_key,
+        allow_cleartext_keys=allow_cleartext_keys,
         **preauth,
         max_sockets=max_sockets,
         max_sockets_per_app=max_sockets_per_app,

@@ -19,8 +19,9 @@ import signal
 import socket
 from collections.abc import Callable
 
-from tether.config import Config
+from tether.config import Config, check_listen
 from tether.endpoint import Endpoint
+from tether.errors import ConfigError
 from tether.gateway.core.gateway import SHUTTING_DOWN, SWEEP_INTERVAL, GatewayCore
 from tether.gateway.frontends.tether import TetherSession
 from tether.gateway.resolve import GatewayResolver
@@ -65,7 +66,12 @@ class Gateway(GatewayCore):
         return super().sweep()
 
     async def start(self) -> list[Endpoint]:
-        """Listen on every configured endpoint; returns them with real ports."""
+        """Listen on every configured endpoint; returns them with real ports.
+
+        Raises ConfigError, before binding anything, for a TCP listener off
+        loopback that the config does not accept keys in clear on.
+        """
+        check_listen(self.config)
         loop = self.loop = asyncio.get_running_loop()
         for endpoint in self.config.listen:
             if endpoint.is_unix:
@@ -259,6 +265,9 @@ def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
         except OSError as exc:
             log.error("cannot listen: %s", exc)  # noqa: TRY400 - the reason is enough
             raise SystemExit(1) from exc
+        except ConfigError as exc:
+            log.error("refusing to listen: %s", exc)  # noqa: TRY400 - the reason is enough
+            raise SystemExit(2) from exc
         await stop.wait()
         log.info("shutting down: %d sockets open", len(gateway.registry))
         await gateway.close()
