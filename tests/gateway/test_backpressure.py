@@ -115,6 +115,9 @@ def test_unread_answers_keep_the_gateway_bounded(gw: Gateway, kind: str) -> None
     with live_sockets(gw, SOCKETS):
         sock, wire = open_stream(gw, kind)
         sample = wire.send(pb.Request(id=1, list_sockets=pb.ListSockets()))
+        # Counted before sending: on a loaded machine the stall timeout can
+        # run out while the loop below is still measuring.
+        closes = gw.log_text().count("has not read its answers")
         before = rss_kib(pid)
         peak = before
         sock.setblocking(False)
@@ -148,7 +151,6 @@ def test_unread_answers_keep_the_gateway_bounded(gw: Gateway, kind: str) -> None
         print(f"{kind}: {len(sample)}-byte requests, {sent} bytes taken; "
               f"RSS {before} -> peak {peak} KiB (+{growth_mb:.1f} MB)")
         # Past write_stall_timeout the stream is closed, with a line that says why.
-        closes = gw.log_text().count("has not read its answers")
         assert wait_for(
             lambda: gw.log_text().count("has not read its answers") > closes, timeout=STALL + 5
         ), gw.log_text()[-2000:]
