@@ -13,6 +13,7 @@ import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +68,18 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class AppConfig:
     name: str
-    key: str = field(repr=False)  # never in a repr, so never in a log
+    # Never in a repr, so never in a log. "": no key, the app is identified only
+    # by its Unix peer credentials or its own listener (uids, gids, listen).
+    key: str = field(repr=False)
     idle_timeout: float | None = None
     # Concurrent sockets (TCP sockets and UDP associations); None: the gateway's default
     max_sockets: int | None = None
+    # A stream on a Unix listener whose peer (SO_PEERCRED) has one of these
+    # uids, else one of these gids, is this app, without a key.
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+    # Unix sockets of this app alone: every stream accepted there is this app.
+    listen: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,25 @@ class Config:
     def with_apps(self, apps: Mapping[str, AppConfig]) -> Config:
         return _replace(self, apps=dict(apps))
 
+    # Read on every hello on a Unix listener: derived once per config.
+    @cached_property
+    def apps_by_uid(self) -> dict[int, str]:
+        return {uid: app.name for app in self.apps.values() for uid in app.uids}
+
+    @cached_property
+    def apps_by_gid(self) -> dict[int, str]:
+        return {gid: app.name for app in self.apps.values() for gid in app.gids}
+
+    @cached_property
+    def identifies_peers(self) -> bool:
+        """Some app is identified by a Unix peer's uid or gid."""
+        return bool(self.apps_by_uid or self.apps_by_gid)
+
+    @property
+    def app_listeners(self) -> list[tuple[Endpoint, str]]:
+        """Each app's own Unix listeners, with the app."""
+        return [(e, app.name) for app in self.apps.values() for e in app.listen]
+
 
 def is_loopback_host(host: str) -> bool:
     """True for a loopback address (127.0.0.0/8, ::1, IPv4-mapped 127.x) or "localhost"."""
@@ -157,6 +185,50 @@ def check_listen(config: Config) -> None:
                 "[gateway] allow_cleartext_keys = true",
                 source=config.source,
             )
+
+
+def _ids(app: Mapping[str, Any], where: str, key: str, owner: dict[int, str]) -> frozenset[int]:
+    """[apps.NAME] uids or gids: each a uid/gid that no other app claims."""
+    if key not in app:
+        return frozenset()
+    items = app[key]
+    if not isinstance(items, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**32 - 1 for i in items
+    ):
+        raise ConfigError(f"{where}.{key}", "must be a list of whole numbers from 0 to 4294967294")
+    for i in items:
+        if owner.setdefault(i, where) != where:
+            raise ConfigError(f"{where}.{key}", f"{i} is already {owner[i]}'s: one app per id")
+    return frozenset(items)
+
+
+def _app_listen(
+    app: Mapping[str, Any], where: str, owner: dict[str, str]
+) -> tuple[Endpoint, ...]:
+    """[apps.NAME] listen: Unix sockets of this app alone, no path listened on twice."""
+    if "listen" not in app:
+        return ()
+    items = app["listen"]
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{where}.listen", "must be a non-empty list of unix:/path addresses")
+    parsed = []
+    for i, item in enumerate(items):
+        path = f"{where}.listen[{i}]"
+        try:
+            endpoint = parse_endpoint(item) if isinstance(item, str) else None
+        except ValueError as exc:
+            raise ConfigError(path, str(exc)) from exc
+        if endpoint is None or not endpoint.is_unix:
+            raise ConfigError(
+                path, "must be a unix:/path address (an app's own listener is a Unix socket: "
+                "whoever can open its path is the app)",
+            )
+        if owner.setdefault(endpoint.path, where) != where:
+            raise ConfigError(path, f"{endpoint} is already {owner[endpoint.path]}'s")
+        parsed.append(endpoint)
+    return tuple(parsed)
 
 
 def _replace(config: Config, **changes: Any) -> Config:
@@ -267,18 +339,33 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
 
     apps_table = _table(data, "apps")
     apps: dict[str, AppConfig] = {}
+    # Who claimed each uid, gid and Unix socket path: one app each.
+    uid_owner: dict[int, str] = {}
+    gid_owner: dict[int, str] = {}
+    listen_owner: dict[str, str] = {e.path: "gateway.listen" for e in listen if e.is_unix}
     app_policies: dict[str, Mapping[str, Any]] = {}
     for name, app in apps_table.items():
         where = f"apps.{name}"
         if not isinstance(app, Mapping):
             raise ConfigError(where, "must be a table")
-        _known(app, where, {"key", "idle_timeout", "policy", "max_sockets"})
-        key = app.get("key")
-        if not isinstance(key, str) or not key:
+        _known(
+            app, where, {"key", "idle_timeout", "policy", "max_sockets", "uids", "gids", "listen"}
+        )
+        uids = _ids(app, where, "uids", uid_owner)
+        gids = _ids(app, where, "gids", gid_owner)
+        own_listen = _app_listen(app, where, listen_owner)
+        key = app.get("key", "")
+        if not isinstance(key, str) or (not key and "key" in app):
             raise ConfigError(f"{where}.key", "must be a non-empty string")
+        if not key and not (uids or gids or own_listen):
+            raise ConfigError(
+                f"{where}.key",
+                "missing: an app needs a key, or uids, gids or its own Unix listener (listen)",
+            )
         app_idle = _seconds(app, where, "idle_timeout", None) if "idle_timeout" in app else None
         apps[name] = AppConfig(
-            name=name, key=key, idle_timeout=app_idle, max_sockets=_count(app, where, "max_sockets")
+            name=name, key=key, idle_timeout=app_idle,
+            max_sockets=_count(app, where, "max_sockets"), uids=uids, gids=gids, listen=own_listen,
         )
         if "policy" in app:
             app_policies[name] = _table(app, "policy", where=f"{where}.policy")

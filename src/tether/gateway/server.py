@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import resource
@@ -73,13 +74,16 @@ class Gateway(GatewayCore):
         """
         check_listen(self.config)
         loop = self.loop = asyncio.get_running_loop()
-        for endpoint in self.config.listen:
+        listeners: list[tuple[Endpoint, str | None]] = [(e, None) for e in self.config.listen]
+        listeners += self.config.app_listeners  # each app's own Unix sockets
+        for endpoint, app in listeners:
             if endpoint.is_unix:
                 with contextlib.suppress(FileNotFoundError):
                     if _is_socket(endpoint.path):
                         os.unlink(endpoint.path)  # a stale socket from a previous run
                 server = await loop.create_unix_server(
-                    lambda: TetherSession(self), path=endpoint.path
+                    functools.partial(TetherSession, self, unix=True, app=app),
+                    path=endpoint.path,
                 )
                 bound = endpoint
             else:
@@ -95,8 +99,12 @@ class Gateway(GatewayCore):
             self._servers.append(server)
             self.endpoints.append(bound)
         self.begin((e.host, e.port) for e in self.endpoints if not e.is_unix)
+        apps = dict(self.config.app_listeners)
         for bound in self.endpoints:
-            log.info("listening on %s", bound)
+            if bound in apps:
+                log.info("listening on %s (app %r only)", bound, apps[bound])
+            else:
+                log.info("listening on %s", bound)
         return list(self.endpoints)
 
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:

@@ -20,6 +20,7 @@ from tether.gateway.core.errors import Refusal
 from tether.wire import pb
 
 if TYPE_CHECKING:
+    from tether.config import Config
     from tether.gateway.core.gateway import GatewayCore
 
 # Compared against when the app is unknown, so a wrong app name costs the
@@ -40,9 +41,27 @@ def authenticate(core: GatewayCore, app: str, key: str) -> bool:
         known = config.admin_key is not None
     else:
         entry = config.apps.get(app)
-        expected = entry.key if entry is not None else _DUMMY_KEY
-        known = entry is not None
+        # An app without a key ("") is identified only by its listener or
+        # its peer's credentials (authenticate_bound), never by a hello.
+        expected = entry.key if entry is not None and entry.key else _DUMMY_KEY
+        known = entry is not None and bool(entry.key)
     return hmac.compare_digest(key.encode(), expected.encode()) and known
+
+
+def authenticate_bound(core: GatewayCore, app: str, key: str, bound: str) -> bool:
+    """A stream the listener or the peer's credentials say is app `bound`.
+
+    The hello must name that app (and it must still be in the config); no
+    key is needed, but one that is given must be the app's.
+    """
+    if app != bound or bound not in core.config.apps:
+        return False
+    return not key or authenticate(core, app, key)
+
+
+def peer_app(config: Config, uid: int, gid: int) -> str | None:
+    """The app a Unix peer's uid (first) or gid is mapped to, if any."""
+    return config.apps_by_uid.get(uid) or config.apps_by_gid.get(gid)
 
 
 # The guard looks at the streams that have not authenticated when the first

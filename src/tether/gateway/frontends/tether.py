@@ -20,7 +20,7 @@ from typing import Any
 
 from tether import __version__
 from tether.gateway.core import handoff, inspect
-from tether.gateway.core.auth import ADMIN_APP, Guard
+from tether.gateway.core.auth import ADMIN_APP, Guard, authenticate_bound, peer_app
 from tether.gateway.core.errors import Refusal, wire_error
 from tether.gateway.core.gateway import GatewayCore
 from tether.gateway.core.options import apply_option, outbound_socket, read_option
@@ -51,6 +51,7 @@ class TetherSession(asyncio.Protocol):
 
     __slots__ = (
         "__weakref__",
+        "_bound",
         "_guard",
         "_peer",
         "_pending",
@@ -63,11 +64,16 @@ class TetherSession(asyncio.Protocol):
         "association",
         "core",
         "transport",
+        "unix",
         "wire",
     )
 
-    def __init__(self, core: GatewayCore) -> None:
+    def __init__(self, core: GatewayCore, *, unix: bool = False, app: str | None = None) -> None:
         self.core = core
+        # Accepted on a Unix listener (the peer's credentials may say who it
+        # is), or on `app`'s own listener (the stream is that app).
+        self.unix = unix
+        self._bound = app
         self.wire = Connection(Role.GATEWAY, max_frame=core.config.max_frame)
         self.transport: asyncio.Transport | None = None
         self.app: str | None = None
@@ -267,10 +273,21 @@ class TetherSession(asyncio.Protocol):
         guard = self._guard
         # Only a peer with failures on record pays for the lookup.
         locked = guard.locked(hello.app, self.peer_key()) if guard.lockouts else 0.0
+        # Only a Unix stream, with some app mapped to uids or gids, pays for
+        # the credentials lookup.
+        bound = self._bound
+        by_peer = False
+        if bound is None and self.unix and self.core.config.identifies_peers:
+            bound = self._peer_app()
+            by_peer = bound is not None
         if (
             not locked
             and hello.protocol_version == PROTOCOL_VERSION
-            and self.core.authenticate(hello.app, hello.key)
+            and (
+                self.core.authenticate(hello.app, hello.key)
+                if bound is None
+                else authenticate_bound(self.core, hello.app, hello.key, bound)
+            )
         ):
             guard.authenticated(self)
             self.app = hello.app
@@ -311,14 +328,14 @@ class TetherSession(asyncio.Protocol):
                 hello.client_version or "unknown",
             )
         else:
-            reply.error.CopyFrom(
-                pb.Error(
-                    code=pb.Error.AUTH_FAILED,
-                    # A key a reload revoked is told why (its holder knew it).
-                    message="tether: " + (self.core.revoked(hello.app, hello.key)
-                        or f"app {hello.app!r} authentication failed"),
-                )
-            )
+            if bound is not None and hello.app != bound:
+                why = (f"this stream is app {bound!r} ({self._identified_by(by_peer)}), "
+                       f"not {hello.app!r}")
+            else:
+                # A key a reload revoked is told why (its holder knew it).
+                why = (self.core.revoked(hello.app, hello.key)
+                       or f"app {hello.app!r} authentication failed")
+            reply.error.CopyFrom(pb.Error(code=pb.Error.AUTH_FAILED, message="tether: " + why))
             # No line per failure: the guard's summary counts them per app
             # and peer, once a window (the key is never logged).
             delay = guard.failed(hello.app, self.peer_key())
@@ -331,6 +348,19 @@ class TetherSession(asyncio.Protocol):
             self._switched = True  # serve nothing more on this stream
             return
         self._answer_and_close(data)
+
+    def _peer_app(self) -> str | None:
+        """The app this Unix stream's peer uid/gid (SO_PEERCRED) is mapped to, if any."""
+        creds = _peer_creds(self.transport)
+        return None if creds is None else peer_app(self.core.config, creds[1], creds[2])
+
+    def _identified_by(self, by_peer: bool) -> str:
+        """How the stream's app was known, for a refusal."""
+        if by_peer:
+            creds = _peer_creds(self.transport)
+            return f"its peer's uid {creds[1]}, gid {creds[2]}" if creds else "its peer"
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        return f"its listener unix:{sock.getsockname()}" if sock is not None else "its listener"
 
     def _answer_and_close(self, data: bytes) -> None:
         self._write(data)
@@ -492,12 +522,22 @@ def _peer_key(transport: asyncio.Transport | None) -> str:
         return host[7:] if host.startswith("::ffff:") else host  # IPv4-mapped
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family == socket.AF_UNIX:
-        try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        except OSError:
-            return "unix"
-        return f"uid {_UCRED.unpack(creds)[1]}"
+        creds = _peer_creds(transport)
+        return "unix" if creds is None else f"uid {creds[1]}"
     return "unknown"
+
+
+def _peer_creds(transport: asyncio.Transport | None) -> tuple[int, int, int] | None:
+    """A Unix stream's peer (pid, uid, gid) from SO_PEERCRED; None if not to be had."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    pid, uid, gid = _UCRED.unpack(creds)
+    return pid, uid, gid
 
 
 # struct ucred (pid, uid, gid): what SO_PEERCRED returns on Linux.
