@@ -120,19 +120,26 @@ def summaries(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     return found
 
 
+# The numbers: 2,000 streams that send nothing or half a hello.
+SILENT, HALF = 1_500, 500
+
+
 def test_silent_and_half_hello_streams_are_closed_at_the_deadline(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "tether.gateway")
     clock = FakeClock()
-    with gateway(clock, handshake_timeout=5, preauth_limit_per_peer=1000) as gw:
-        silent = [connect(gw) for _ in range(150)]
-        half = [connect(gw) for _ in range(50)]
+    total = SILENT + HALF
+    # The caps are another test's: here only the deadline may close a stream.
+    with gateway(clock, handshake_timeout=5, preauth_limit=2 * total,
+                 preauth_limit_per_peer=2 * total) as gw:
+        silent = [connect(gw) for _ in range(SILENT)]
+        half = [connect(gw) for _ in range(HALF)]
         for sock in half:  # the preamble and part of a hello's frame
             sock.sendall(b"TTHR\x00\x00\x00\x20\x0a")
-        assert wait_for(lambda: pending(gw) == 200)
+        assert wait_for(lambda: pending(gw) == total)
         clock.advance(4.9)
         tick(gw)
-        assert pending(gw) == 200  # not yet
+        assert pending(gw) == total  # not yet
         # An authenticated stream is not the deadline's, however long it waits.
         with connect(gw) as good:
             wire = Connection(Role.CLIENT)
@@ -157,8 +164,8 @@ def test_silent_and_half_hello_streams_are_closed_at_the_deadline(
         tick(gw)
         tick(gw)
         (summary,) = summaries(caplog)
-        assert summary["timed_out"] == 200
-        assert summary["timed_out_by"] == [["127.0.0.1", 200]]
+        assert summary["timed_out"] == total
+        assert summary["timed_out_by"] == [["127.0.0.1", total]]
         assert not [r for r in caplog.records if "timed out" in r.getMessage().lower()
                     and not r.getMessage().startswith("pre-auth summary")]
 
