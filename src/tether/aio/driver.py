@@ -355,10 +355,7 @@ async def resume(loop: asyncio.AbstractEventLoop, state: HandoffState) -> socket
     except BaseException:
         sock.close()
         raise
-    for raw in state.options:
-        value = pb.OptionValue()
-        value.ParseFromString(raw)
-        t.options[value.name] = value
+    t.restore_options(state.options)
     return sock
 
 

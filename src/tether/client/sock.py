@@ -251,6 +251,13 @@ class _Tether:
             origin=str(self.settings.gateway if self.settings else ""),
         )
 
+    def restore_options(self, serialized: tuple[bytes, ...]) -> None:
+        """The options a handed-off socket carried (HandoffState.options), kept as set."""
+        for raw in serialized:
+            value = pb.OptionValue()
+            value.ParseFromString(raw)
+            self.options[value.name] = value
+
     def mark_handed_off(self) -> None:
         """This socket and every dup() of it now refuse all calls ("handed off")."""
         members = [ref() for ref in self.group] if self.group is not None else [self]
@@ -893,10 +900,7 @@ class socket(_StdSocket):
         except BaseException:
             sock.close()
             raise
-        for raw in state.options:
-            value = pb.OptionValue()
-            value.ParseFromString(raw)
-            t.options[value.name] = value
+        t.restore_options(state.options)
         sock.settimeout(state.timeout)
         return sock
 
