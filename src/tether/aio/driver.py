@@ -331,11 +331,7 @@ async def resume(loop: asyncio.AbstractEventLoop, state: HandoffState) -> socket
     hello + ``Resume``, the answer, then the tail (echoed back by the
     gateway ahead of anything new from the peer).
     """
-    settings = current()
-    sock = socket(state.family, state.type, state.proto)
-    t = sock._tether
-    assert t is not None
-    t.settings = settings
+    sock, t, settings = socket._for_resume(state)
     try:
         sock.setblocking(False)
         fd = sock.fileno()

@@ -887,13 +887,19 @@ class socket(_StdSocket):
         return t.handoff_state(self, token, timeout, bytes(tail))
 
     @classmethod
-    def _resume(cls, state: HandoffState) -> socket:
-        """A live socket for a handed-off one, in this process, as this process's app."""
+    def _for_resume(cls, state: HandoffState) -> tuple[socket, _Tether, Settings]:
+        """A fresh socket of the handed-off one's kind, as this process's app (both resumes)."""
         settings = current()
         sock = cls(state.family, state.type, state.proto)
         t = sock._tether
         assert t is not None
         t.settings = settings
+        return sock, t, settings
+
+    @classmethod
+    def _resume(cls, state: HandoffState) -> socket:
+        """A live socket for a handed-off one, in this process, as this process's app."""
+        sock, t, settings = cls._for_resume(state)
         try:
             with t.lock:
                 sock._reattach(t, state, settings)
