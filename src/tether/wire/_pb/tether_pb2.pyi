@@ -166,6 +166,14 @@ class Error(_message.Message):
         """a handoff token that was used before"""
         LIMIT: Error._Code.ValueType  # 14
         """a resource limit refused it: `rule` names it, `reason` its value"""
+        QUOTA: Error._Code.ValueType  # 15
+        """an app's quota refused it: `rule` names the limit, `reason` its"""
+        UNAVAILABLE: Error._Code.ValueType  # 16
+        """value, `window` and `retry_after` when it refills
+        this gateway is draining or cannot serve it now: retry elsewhere
+        """
+        NODE_GONE: Error._Code.ValueType  # 17
+        """the socket's owner node has left the cluster; the socket is lost"""
 
     class Code(_Code, metaclass=_CodeEnumTypeWrapper): ...
     CODE_UNSPECIFIED: Error.Code.ValueType  # 0
@@ -197,12 +205,22 @@ class Error(_message.Message):
     """a handoff token that was used before"""
     LIMIT: Error.Code.ValueType  # 14
     """a resource limit refused it: `rule` names it, `reason` its value"""
+    QUOTA: Error.Code.ValueType  # 15
+    """an app's quota refused it: `rule` names the limit, `reason` its"""
+    UNAVAILABLE: Error.Code.ValueType  # 16
+    """value, `window` and `retry_after` when it refills
+    this gateway is draining or cannot serve it now: retry elsewhere
+    """
+    NODE_GONE: Error.Code.ValueType  # 17
+    """the socket's owner node has left the cluster; the socket is lost"""
 
     CODE_FIELD_NUMBER: _builtins.int
     ERRNO_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     RULE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
     code: Global___Error.Code.ValueType
     errno: _builtins.int
     message: _builtins.str
@@ -212,6 +230,11 @@ class Error(_message.Message):
     """The policy's reason for a PERMISSION_DENIED, without the destination and
     the app that `message` adds ("10.0.0.0/8 is private").
     """
+    retry_after: _builtins.float
+    """QUOTA: seconds until the limit has room again (0: unknown), and the
+    window it is counted over ("minute", "day").
+    """
+    window: _builtins.str
     def __init__(
         self,
         *,
@@ -220,10 +243,12 @@ class Error(_message.Message):
         message: _builtins.str = ...,
         rule: _builtins.str = ...,
         reason: _builtins.str = ...,
+        retry_after: _builtins.float = ...,
+        window: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "errno", b"errno", "message", b"message", "reason", b"reason", "rule", b"rule"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "errno", b"errno", "message", b"message", "reason", b"reason", "retry_after", b"retry_after", "rule", b"rule", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -947,6 +972,7 @@ class SocketInfo(_message.Message):
     IDLE_SECONDS_FIELD_NUMBER: _builtins.int
     AGE_SECONDS_FIELD_NUMBER: _builtins.int
     TRANSPORT_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     app: _builtins.str
     descriptor_prefix: _builtins.str
     """8 characters: enough to tell apart, too few to use"""
@@ -957,6 +983,8 @@ class SocketInfo(_message.Message):
     idle_seconds: _builtins.float
     age_seconds: _builtins.float
     transport: Global___Transport.ValueType
+    node: _builtins.str
+    """the cluster node holding it (empty: a gateway not in a cluster)"""
     @_builtins.property
     def peer(self) -> Global___Address: ...
     def __init__(
@@ -971,10 +999,11 @@ class SocketInfo(_message.Message):
         idle_seconds: _builtins.float = ...,
         age_seconds: _builtins.float = ...,
         transport: Global___Transport.ValueType = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_seconds", b"age_seconds", "app", b"app", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "descriptor_prefix", b"descriptor_prefix", "idle_seconds", b"idle_seconds", "peer", b"peer", "state", b"state", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_seconds", b"age_seconds", "app", b"app", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "descriptor_prefix", b"descriptor_prefix", "idle_seconds", b"idle_seconds", "node", b"node", "peer", b"peer", "state", b"state", "transport", b"transport"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
