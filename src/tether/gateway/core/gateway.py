@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import logging
 import resource
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -99,6 +100,9 @@ class GatewayCore:
     ) -> None:
         self.config = config
         self._clock = clock
+        # This gateway's name in the usage ledger and in a cluster ([cluster]
+        # node_id sets it); the host's name when it is the only one.
+        self.node_id = socket.gethostname()
         self.resolver = resolver or GatewayResolver.from_config(
             config, decider=lambda: self.decider, clock=clock
         )

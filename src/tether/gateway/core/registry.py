@@ -72,6 +72,11 @@ class AppUsage:
     # and outbound connects still being dialled (not registered yet).
     open_sockets: int = 0
     connecting: int = 0
+    # Connects a quota refused (core/admission.py), and the seconds closed
+    # sockets were open (a live one's are counted from its record): both
+    # cumulative, for the usage ledger and the metrics.
+    quota_refusals: int = 0
+    socket_seconds: float = 0.0
 
 
 # slots: the relay updates the counters on every chunk, and 5,000 idle
@@ -216,6 +221,7 @@ class Registry:
         usage = self.app_usage(record.app)
         usage.bytes_out += record.bytes_out
         usage.bytes_in += record.bytes_in
+        usage.socket_seconds += now - record.created
         # One structured line per socket, at close (the billing record).
         line = {
             "event": "close",

@@ -290,8 +290,16 @@ class ServerHello(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     GATEWAY_VERSION_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    SOCKS5_PROXY_FIELD_NUMBER: _builtins.int
+    HTTP_PROXY_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     gateway_version: _builtins.str
+    socks5_proxy: _builtins.str
+    """The standard proxy front-ends this gateway offers to the app, as the
+    proxy URL a program is given ("socks5h://127.0.0.1:1080",
+    "http://127.0.0.1:3128"); empty when not offered. No credentials in them.
+    """
+    http_proxy: _builtins.str
     @_builtins.property
     def error(self) -> Global___Error:
         """Set when the hello is refused; the gateway closes the stream after it."""
@@ -302,10 +310,12 @@ class ServerHello(_message.Message):
         protocol_version: _builtins.int = ...,
         gateway_version: _builtins.str = ...,
         error: Global___Error | None = ...,
+        socks5_proxy: _builtins.str = ...,
+        http_proxy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "gateway_version", b"gateway_version", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "gateway_version", b"gateway_version", "http_proxy", b"http_proxy", "protocol_version", b"protocol_version", "socks5_proxy", b"socks5_proxy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -485,20 +495,27 @@ class Resume(_message.Message):
     DESCRIPTOR_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     TAIL_LENGTH_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     descriptor: _builtins.str
     token: _builtins.str
     """one-time, from Detach: a second resume of the same handoff fails"""
     tail_length: _builtins.int
+    node: _builtins.str
+    """From the Handoff, when it named a node (cluster): where the socket lives."""
+    signature: _builtins.bytes
     def __init__(
         self,
         *,
         descriptor: _builtins.str = ...,
         token: _builtins.str = ...,
         tail_length: _builtins.int = ...,
+        node: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "tail_length", b"tail_length", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "node", b"node", "signature", b"signature", "tail_length", b"tail_length", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -817,15 +834,25 @@ class Handoff(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKEN_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     token: _builtins.str
+    node: _builtins.str
+    """In a cluster: the node holding the socket, and an HMAC (key shared by
+    the nodes) over descriptor, token and node, so a resume reaching another
+    node can be routed to the owner and a forged one refused unread.
+    """
+    signature: _builtins.bytes
     def __init__(
         self,
         *,
         token: _builtins.str = ...,
+        node: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "signature", b"signature", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
