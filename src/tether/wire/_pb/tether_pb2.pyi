@@ -221,6 +221,7 @@ class Error(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
+    APP_FIELD_NUMBER: _builtins.int
     code: Global___Error.Code.ValueType
     errno: _builtins.int
     message: _builtins.str
@@ -235,6 +236,8 @@ class Error(_message.Message):
     window it is counted over ("minute", "day").
     """
     window: _builtins.str
+    app: _builtins.str
+    """QUOTA: the app whose quota refused it."""
     def __init__(
         self,
         *,
@@ -245,10 +248,11 @@ class Error(_message.Message):
         reason: _builtins.str = ...,
         retry_after: _builtins.float = ...,
         window: _builtins.str = ...,
+        app: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "errno", b"errno", "message", b"message", "reason", b"reason", "retry_after", b"retry_after", "rule", b"rule", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "code", b"code", "errno", b"errno", "message", b"message", "reason", b"reason", "retry_after", b"retry_after", "rule", b"rule", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
