@@ -17,9 +17,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from tether.cluster.config import ClusterConfig, parse_cluster
 from tether.endpoint import DEFAULT_PORT, Endpoint, parse_endpoint
 from tether.errors import ConfigError
 from tether.policy import PolicySet, parse_policy
+from tether.quota.limits import QuotaConfig, parse_quota
+from tether.usage.config import UsageConfig, parse_usage
 from tether.wire import DEFAULT_MAX_FRAME
 
 # App Engine reclaimed sockets idle for 10 minutes (2 minutes in the 2013 preview).
@@ -45,6 +48,11 @@ DEFAULT_AUTH_MAX_DELAY = 2.0
 # (64 KiB) the gateway stops reading it; a client that reads nothing for 30 s
 # (the connect timeout's order) is not coming back for them.
 DEFAULT_WRITE_STALL_TIMEOUT = 30.0
+# SIGTERM lets live sockets finish for this long before closing them.
+# Kubernetes sends SIGKILL 30 s after SIGTERM (terminationGracePeriodSeconds'
+# default); 25 s leaves the rest for the close itself and for apps asking why
+# their socket was closed (server.SHUTDOWN_GRACE, 2 s). 0: no drain.
+DEFAULT_DRAIN_TIMEOUT = 25.0
 DEFAULT_LISTEN: tuple[Endpoint, ...] = (Endpoint(host="127.0.0.1", port=DEFAULT_PORT),)
 RESOLVER_MODES = ("system", "static", "upstream")
 # Settings only `upstream` mode reads; naming one in another mode is an error.
@@ -85,6 +93,10 @@ class AppConfig:
 @dataclass(frozen=True)
 class Config:
     listen: tuple[Endpoint, ...] = DEFAULT_LISTEN
+    # The HTTP proxy front-end's listeners (CONNECT and http:// requests); none: off
+    http_proxy_listen: tuple[Endpoint, ...] = ()
+    # The SOCKS5 front-end's listeners (CONNECT and UDP ASSOCIATE); none: off
+    socks5_listen: tuple[Endpoint, ...] = ()
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     max_frame: int = DEFAULT_MAX_FRAME
@@ -106,11 +118,20 @@ class Config:
     auth_max_delay: float = DEFAULT_AUTH_MAX_DELAY
     # A stream whose app has not read its answers for this long is closed.
     write_stall_timeout: float = DEFAULT_WRITE_STALL_TIMEOUT
+    # SIGTERM: refuse new connects (UNAVAILABLE) and let live sockets finish
+    # for this long (docs/workers.md); 0: close them at once
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    # Gateway processes sharing the listeners (`tether serve --workers`)
+    workers: int = 1
     # `tether sockets --admin` lists every app's sockets with this key
     admin_key: str | None = field(default=None, repr=False)
     # A TCP listener on a non-loopback address is refused unless this is set
     # (check_listen: keys cross that network in clear).
     allow_cleartext_keys: bool = False
+    # The admin HTTP listener (/metrics, /healthz, /readyz: gateway/admin.py); None: off
+    admin_listen: Endpoint | None = None
+    # admin_listen off loopback is refused unless this is set (check_admin_listen)
+    admin_allow_remote: bool = False
     resolver_mode: str = "system"
     resolver_hosts: Mapping[str, list[str]] = field(default_factory=dict)
     resolver_upstream: UpstreamConfig | None = None
@@ -118,6 +139,12 @@ class Config:
     resolver_hide_denied: bool = False
     policy: PolicySet = field(default_factory=lambda: parse_policy(None))
     apps: Mapping[str, AppConfig] = field(default_factory=dict)
+    # [cluster]: this gateway as a node sharing Redis with others; None: alone
+    cluster: ClusterConfig | None = None
+    # [usage]: the durable usage ledger (docs/usage.md); None: none is kept
+    usage: UsageConfig | None = None
+    # [quota] and [apps.NAME.quota]: per-app limits (docs/quotas.md)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
     source: str | None = None
 
     @property
@@ -172,12 +199,17 @@ def check_listen(config: Config) -> None:
     crosses that network as it is. Read at start-up (listeners do not move
     on reload).
     """
+    check_admin_listen(config)
     if config.allow_cleartext_keys:
         return
-    for i, endpoint in enumerate(config.listen):
+    # A proxy front-end's Basic credentials (app and key) cross it in clear too.
+    listeners = [("listen", i, e) for i, e in enumerate(config.listen)]
+    listeners += [("http_proxy_listen", i, e) for i, e in enumerate(config.http_proxy_listen)]
+    listeners += [("socks5_listen", i, e) for i, e in enumerate(config.socks5_listen)]
+    for key, i, endpoint in listeners:
         if not endpoint.is_unix and not is_loopback_host(endpoint.host):
             raise ConfigError(
-                f"gateway.listen[{i}]",
+                f"gateway.{key}[{i}]",
                 f"{endpoint} is not a loopback address: app keys would cross that network in "
                 "clear (the stream to the gateway becomes the app's own socket to its target, "
                 "so it cannot be TLS). Listen on loopback or a Unix socket and run a gateway "
@@ -185,6 +217,30 @@ def check_listen(config: Config) -> None:
                 "[gateway] allow_cleartext_keys = true",
                 source=config.source,
             )
+
+
+def check_admin_listen(config: Config) -> None:
+    """Refuse an admin listener off loopback unless admin_allow_remote says so.
+
+    /metrics names every app and its traffic and /readyz steers traffic,
+    with no authentication: on a network, anyone there reads them.
+    """
+    endpoint = config.admin_listen
+    if (
+        endpoint is None
+        or endpoint.is_unix
+        or is_loopback_host(endpoint.host)
+        or config.admin_allow_remote
+    ):
+        return
+    raise ConfigError(
+        "gateway.admin_listen",
+        f"{endpoint} is not a loopback address: /metrics (every app's name and traffic) and "
+        "/readyz would be open to that network without authentication. Listen on loopback "
+        "or a Unix socket (a local Prometheus agent scrapes it there); or, if that network "
+        "may read them, set [gateway] admin_allow_remote = true",
+        source=config.source,
+    )
 
 
 def _ids(app: Mapping[str, Any], where: str, key: str, owner: dict[int, str]) -> frozenset[int]:
@@ -262,7 +318,7 @@ def parse_config(data: Mapping[str, Any], *, source: str | None = None) -> Confi
 
 
 def _parse(data: Mapping[str, Any], source: str | None) -> Config:
-    _known(data, "", {"gateway", "resolver", "policy", "apps"})
+    _known(data, "", {"cluster", "gateway", "resolver", "policy", "apps", "usage", "quota"})
     gateway = _table(data, "gateway")
     _known(
         gateway,
@@ -270,6 +326,9 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
         {
             "listen", "idle_timeout", "connect_timeout", "max_frame", "audit_log", "admin_key",
             "allow_cleartext_keys", "max_sockets", "max_sockets_per_app", "fd_reserve",
+            "admin_listen", "admin_allow_remote",
+            "http_proxy_listen", "socks5_listen",
+            "drain_timeout", "workers",
             *_PREAUTH_KEYS,
         },
     )
@@ -277,31 +336,27 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
     max_sockets = _count(gateway, "gateway", "max_sockets")
     max_sockets_per_app = _count(gateway, "gateway", "max_sockets_per_app")
     fd_reserve = _count(gateway, "gateway", "fd_reserve")
+    drain_timeout = gateway.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
+    if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, int | float) or not (
+        0 <= drain_timeout < math.inf
+    ):
+        raise ConfigError("gateway.drain_timeout", "must be a number of seconds, 0 or more")
+    workers = _count(gateway, "gateway", "workers") or 1
     admin_key = gateway.get("admin_key")
     if admin_key is not None and (not isinstance(admin_key, str) or not admin_key):
         raise ConfigError("gateway.admin_key", "must be a non-empty string")
     allow_cleartext_keys = gateway.get("allow_cleartext_keys", False)
     if not isinstance(allow_cleartext_keys, bool):
         raise ConfigError("gateway.allow_cleartext_keys", "must be true or false")
+    admin_listen, admin_allow_remote = _admin_listen(gateway)
     audit_log = gateway.get("audit_log")
     if audit_log is not None and (not isinstance(audit_log, str) or not audit_log):
         raise ConfigError("gateway.audit_log", "must be a file path")
-    listen: tuple[Endpoint, ...] = DEFAULT_LISTEN
-    if "listen" in gateway:
-        items = gateway["listen"]
-        if isinstance(items, str):
-            items = [items]
-        if not isinstance(items, list) or not items:
-            raise ConfigError("gateway.listen", "must be a non-empty list of addresses")
-        parsed = []
-        for i, item in enumerate(items):
-            if not isinstance(item, str):
-                raise ConfigError(f"gateway.listen[{i}]", "must be a string")
-            try:
-                parsed.append(parse_endpoint(item))
-            except ValueError as exc:
-                raise ConfigError(f"gateway.listen[{i}]", str(exc)) from exc
-        listen = tuple(parsed)
+    listen = _endpoints(gateway, "gateway", "listen") or DEFAULT_LISTEN
+    # The HTTP proxy front-end (docs/proxies.md): off unless configured.
+    http_proxy_listen = _endpoints(gateway, "gateway", "http_proxy_listen")
+    # The SOCKS5 front-end (docs/proxies.md): off unless configured.
+    socks5_listen = _endpoints(gateway, "gateway", "socks5_listen")
     idle = _seconds(gateway, "gateway", "idle_timeout", DEFAULT_IDLE_TIMEOUT)
     connect_timeout = _seconds(gateway, "gateway", "connect_timeout", DEFAULT_CONNECT_TIMEOUT)
     max_frame = gateway.get("max_frame", DEFAULT_MAX_FRAME)
@@ -343,13 +398,19 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
     uid_owner: dict[int, str] = {}
     gid_owner: dict[int, str] = {}
     listen_owner: dict[str, str] = {e.path: "gateway.listen" for e in listen if e.is_unix}
+    listen_owner.update(
+        (e.path, "gateway.http_proxy_listen") for e in http_proxy_listen if e.is_unix
+    )
+    listen_owner.update((e.path, "gateway.socks5_listen") for e in socks5_listen if e.is_unix)
     app_policies: dict[str, Mapping[str, Any]] = {}
+    app_quotas: dict[str, tuple[Mapping[str, Any] | None, int | None]] = {}
     for name, app in apps_table.items():
         where = f"apps.{name}"
         if not isinstance(app, Mapping):
             raise ConfigError(where, "must be a table")
         _known(
-            app, where, {"key", "idle_timeout", "policy", "max_sockets", "uids", "gids", "listen"}
+            app, where,
+            {"key", "idle_timeout", "policy", "max_sockets", "uids", "gids", "listen", "quota"},
         )
         uids = _ids(app, where, "uids", uid_owner)
         gids = _ids(app, where, "gids", gid_owner)
@@ -369,25 +430,41 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
         )
         if "policy" in app:
             app_policies[name] = _table(app, "policy", where=f"{where}.policy")
+        app_quotas[name] = (
+            _table(app, "quota", where=f"{where}.quota") if "quota" in app else None,
+            apps[name].max_sockets,
+        )
     policy = parse_policy(_table(data, "policy") or None, app_policies)
+    # [gateway] max_sockets_per_app and [apps.NAME] max_sockets are the
+    # sockets quota under their older names.
+    quota = parse_quota(_table(data, "quota"), app_quotas, sockets_alias=max_sockets_per_app)
     return Config(
         listen=listen,
+        http_proxy_listen=http_proxy_listen,
+        socks5_listen=socks5_listen,
         idle_timeout=idle,
         connect_timeout=connect_timeout,
         max_frame=max_frame,
         audit_log=audit_log,
         admin_key=admin_key,
         allow_cleartext_keys=allow_cleartext_keys,
+        admin_listen=admin_listen,
+        admin_allow_remote=admin_allow_remote,
         **preauth,
         max_sockets=max_sockets,
         max_sockets_per_app=max_sockets_per_app,
         fd_reserve=fd_reserve,
+        drain_timeout=float(drain_timeout),
+        workers=workers,
         resolver_mode=mode,
         resolver_hosts=hosts,
         resolver_upstream=upstream,
         resolver_hide_denied=hide_denied,
         policy=policy,
         apps=apps,
+        quota=quota,
+        cluster=parse_cluster(data.get("cluster")),
+        usage=parse_usage(data.get("usage"), source),
         source=source,
     )
 
@@ -428,6 +505,26 @@ def _preauth(gateway: Mapping[str, Any]) -> dict[str, Any]:
             "a failed hello waiting for its answer is still within its handshake",
         )
     return values
+
+
+def _admin_listen(gateway: Mapping[str, Any]) -> tuple[Endpoint | None, bool]:
+    """[gateway] admin_listen (one host:port or unix:/path) and admin_allow_remote."""
+    allow_remote = gateway.get("admin_allow_remote", False)
+    if not isinstance(allow_remote, bool):
+        raise ConfigError("gateway.admin_allow_remote", "must be true or false")
+    text = gateway.get("admin_listen")
+    if text is None:
+        return None, allow_remote
+    if not isinstance(text, str):
+        raise ConfigError(
+            "gateway.admin_listen", 'must be one address, as "127.0.0.1:9464" or "unix:/path"'
+        )
+    if text.startswith("/"):
+        raise ConfigError("gateway.admin_listen", f"write a Unix socket as unix:{text}")
+    try:
+        return parse_endpoint(text), allow_remote
+    except ValueError as exc:
+        raise ConfigError("gateway.admin_listen", str(exc)) from exc
 
 
 def _upstream(resolver: Mapping[str, Any]) -> UpstreamConfig:
@@ -511,6 +608,27 @@ def _table(parent: Mapping[str, Any], key: str, *, where: str | None = None) -> 
     if not isinstance(value, Mapping):
         raise ConfigError(where or key, "must be a table")
     return value
+
+
+def _endpoints(table: Mapping[str, Any], where: str, key: str) -> tuple[Endpoint, ...]:
+    """A listener setting: one address or a non-empty list (host:port, [v6]:port,
+    unix:/path); () when the key is absent."""
+    if key not in table:
+        return ()
+    items = table[key]
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{where}.{key}", "must be a non-empty list of addresses")
+    parsed = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}.{key}[{i}]", "must be a string")
+        try:
+            parsed.append(parse_endpoint(item))
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{key}[{i}]", str(exc)) from exc
+    return tuple(parsed)
 
 
 def _count(table: Mapping[str, Any], where: str, key: str) -> int | None:

@@ -19,13 +19,21 @@ import resource
 import signal
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tether.config import Config, check_listen
 from tether.endpoint import Endpoint
 from tether.errors import ConfigError
+from tether.gateway.core.drain import drain
 from tether.gateway.core.gateway import SHUTTING_DOWN, SWEEP_INTERVAL, GatewayCore
+from tether.gateway.frontends import socks5
+from tether.gateway.frontends.http_proxy import HttpProxySession, proxy_url
 from tether.gateway.frontends.tether import TetherSession
 from tether.gateway.resolve import GatewayResolver
+
+if TYPE_CHECKING:
+    from tether.gateway.admin import AdminServer
+    from tether.gateway.supervisor import WorkerSpec
 
 log = logging.getLogger("tether.gateway")
 
@@ -53,7 +61,15 @@ class Gateway(GatewayCore):
         super().__init__(config, resolver=resolver, clock=clock)
         self.endpoints: list[Endpoint] = []
         self._servers: list[asyncio.Server] = []
+        self._unix_paths: list[str] = []  # removed at close
         self.out_of_fds = _ResourceLog()
+        # One of `tether serve --workers N` (gateway/supervisor.py): TCP
+        # listeners share their port (SO_REUSEPORT), Unix ones are the
+        # supervisor's, inherited by path (it removes them at its exit).
+        self.worker: WorkerSpec | None = None
+        self.reuse_port = False
+        self.inherited: dict[str, socket.socket] = {}
+        self.admin: AdminServer | None = None  # [gateway] admin_listen
 
     def sweep(self) -> int:
         """Reclaim idle sockets; and look whether a descriptor is free (see _ResourceLog)."""
@@ -73,49 +89,85 @@ class Gateway(GatewayCore):
         loopback that the config does not accept keys in clear on.
         """
         check_listen(self.config)
-        loop = self.loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         listeners: list[tuple[Endpoint, str | None]] = [(e, None) for e in self.config.listen]
         listeners += self.config.app_listeners  # each app's own Unix sockets
         for endpoint, app in listeners:
-            if endpoint.is_unix:
-                with contextlib.suppress(FileNotFoundError):
-                    if _is_socket(endpoint.path):
-                        os.unlink(endpoint.path)  # a stale socket from a previous run
-                server = await loop.create_unix_server(
-                    functools.partial(TetherSession, self, unix=True, app=app),
-                    path=endpoint.path,
-                )
-                bound = endpoint
-            else:
-                server = await loop.create_server(
-                    lambda: TetherSession(self),
-                    host=endpoint.host,
-                    port=endpoint.port,
-                    family=endpoint.family,
-                    reuse_address=True,
-                )
-                host, port = server.sockets[0].getsockname()[:2]
-                bound = Endpoint(host=host, port=port)
-            self._servers.append(server)
-            self.endpoints.append(bound)
-        self.begin((e.host, e.port) for e in self.endpoints if not e.is_unix)
+            self.endpoints.append(await self._listen(
+                endpoint, functools.partial(TetherSession, self, unix=endpoint.is_unix, app=app)
+            ))
+        # The standard proxy front-ends (docs/proxies.md); their addresses are
+        # the gateway's own too, never a destination.
+        proxies = [
+            await self._listen(e, functools.partial(HttpProxySession, self, unix=e.is_unix))
+            for e in self.config.http_proxy_listen
+        ]
+        self.http_proxy = proxy_url(proxies)
+        socks = [
+            await self._listen(e, functools.partial(socks5.Socks5Session, self, unix=e.is_unix))
+            for e in self.config.socks5_listen
+        ]
+        self.socks5_proxy = socks5.proxy_url(socks)
+        proxies += socks
+        self.begin((e.host, e.port) for e in [*self.endpoints, *proxies] if not e.is_unix)
         apps = dict(self.config.app_listeners)
         for bound in self.endpoints:
             if bound in apps:
                 log.info("listening on %s (app %r only)", bound, apps[bound])
             else:
                 log.info("listening on %s", bound)
+        for bound in proxies:
+            kind = "SOCKS5" if bound in socks else "HTTP proxy"
+            log.info("%s front-end at %s", kind, bound)
+        if self.config.admin_listen is not None:
+            # Imported only when on: h11 and prometheus_client cost ~80 ms.
+            from tether.gateway.admin import AdminServer
+
+            self.admin = AdminServer(self, self.config.admin_listen)
+            await self.admin.start()
         return list(self.endpoints)
 
-    async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Reset every socket and end every stream saying why, then stop listening.
+    async def _listen(
+        self, endpoint: Endpoint, factory: Callable[[], asyncio.Protocol]
+    ) -> Endpoint:
+        """Listen on `endpoint` (a stale Unix socket replaced); the bound endpoint, real port."""
+        loop = self.loop
+        inherited = self.inherited.pop(endpoint.path, None) if endpoint.is_unix else None
+        if inherited is not None:
+            server = await loop.create_unix_server(factory, sock=inherited)
+            bound = endpoint
+        elif endpoint.is_unix:
+            with contextlib.suppress(FileNotFoundError):
+                if _is_socket(endpoint.path):
+                    os.unlink(endpoint.path)  # a stale socket from a previous run
+            server = await loop.create_unix_server(factory, path=endpoint.path)
+            bound = endpoint
+        else:
+            server = await loop.create_server(
+                factory,
+                host=endpoint.host,
+                port=endpoint.port,
+                family=endpoint.family,
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
+            )
+            host, port = server.sockets[0].getsockname()[:2]
+            bound = Endpoint(host=host, port=port)
+        self._servers.append(server)
+        if endpoint.is_unix and inherited is None:
+            self._unix_paths.append(endpoint.path)
+        return bound
+
+    async def close(self, grace: float = SHUTDOWN_GRACE, reason: str = SHUTTING_DOWN) -> None:
+        """Reset every socket (tombstone `reason`) and end every stream saying why, then
+        stop listening.
 
         If sockets were reset, their apps' next calls ask the gateway why
         (a CloseReason on a new stream), so it keeps answering for up to
         `grace` seconds, until no stream has come or gone for SHUTDOWN_QUIET.
         New connects in that time are refused: the gateway is shutting down.
         """
-        if self.begin_shutdown() and grace > 0:
+        if self.begin_shutdown(reason) and grace > 0:
             deadline = self.loop.time() + grace
             seen, quiet_since = set(self.streams), self.loop.time()
             while self.loop.time() < deadline:
@@ -130,11 +182,14 @@ class Gateway(GatewayCore):
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
-        for endpoint in self.endpoints:
-            if endpoint.is_unix:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(endpoint.path)
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         self._servers.clear()
+        if self.ledger is not None:
+            await self.ledger.close()  # the final flush: SIGTERM loses no counts
+        if self.admin is not None:
+            await self.admin.close()  # last: /readyz answers 503 until the end
 
 
 def _is_socket(path: str) -> bool:
@@ -229,23 +284,38 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
+def serve(
+    config: Config,
+    reload: Callable[[], Config] | None = None,
+    worker: WorkerSpec | None = None,
+) -> int:
     """Run a gateway until SIGINT/SIGTERM; returns the exit status.
 
     On SIGHUP, `reload()` is called for a new config; if it raises (a bad
     file), the error is logged and the old config stays in force. Without
-    `reload` (no --config) SIGHUP is logged and changes nothing. SIGINT and
-    SIGTERM reset every socket and end every stream with the reason
-    (Gateway.close), then exit 0.
+    `reload` (no --config) SIGHUP is logged and changes nothing. SIGTERM
+    drains first (core/drain.py: new work refused, live sockets finish for
+    up to gateway.drain_timeout); SIGINT, or a second signal, does not.
+    Then every socket is reset and every stream ended with the reason
+    (Gateway.close), and the status is 0. `worker`: one of `tether serve
+    --workers N` (gateway/supervisor.py).
     """
     raise_fd_limit()
     tune_malloc()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     gateway = Gateway(config)
+    if worker is not None:
+        worker.attach(gateway)
     loop.set_exception_handler(gateway.out_of_fds)
     gateway.log_caps()
     stop = asyncio.Event()
+    interrupt = asyncio.Event()  # a second signal, or SIGINT: no (more) draining
+
+    def _stop(sig: signal.Signals) -> None:
+        if stop.is_set() or sig == signal.SIGINT:
+            interrupt.set()
+        stop.set()
 
     def _reload() -> None:
         if reload is None:
@@ -266,7 +336,7 @@ def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
         # it reads that line. SIGHUP is always handled: its default action
         # would end the gateway.
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, _stop, sig)
         loop.add_signal_handler(signal.SIGHUP, _reload)
         try:
             await gateway.start()
@@ -276,9 +346,14 @@ def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
         except ConfigError as exc:
             log.error("refusing to listen: %s", exc)  # noqa: TRY400 - the reason is enough
             raise SystemExit(2) from exc
+        if worker is not None:
+            worker.started(gateway)
         await stop.wait()
         log.info("shutting down: %d sockets open", len(gateway.registry))
-        await gateway.close()
+        reason = None
+        if len(gateway.registry) and gateway.config.drain_timeout > 0 and not interrupt.is_set():
+            reason = await drain(gateway, gateway.config.drain_timeout, interrupt)
+        await gateway.close(reason=reason or SHUTTING_DOWN)
 
     try:
         loop.run_until_complete(main())

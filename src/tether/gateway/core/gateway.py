@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from tether.config import AppConfig, Config
 from tether.gateway.core import admission, auth
@@ -33,9 +33,14 @@ from tether.gateway.core.registry import (
     TOMBSTONE_TTL,
     Registry,
 )
+from tether.gateway.metrics import GatewayMetrics
 from tether.gateway.resolve import GatewayResolver
 from tether.policy import Decider
+from tether.usage.ledger import Ledger
 from tether.wire import pb
+
+if TYPE_CHECKING:
+    from tether.cluster.node import ClusterNode
 
 log = logging.getLogger("tether.gateway")
 
@@ -107,9 +112,16 @@ class GatewayCore:
             config, decider=lambda: self.decider, clock=clock
         )
         self.registry = Registry(clock or time.monotonic)
+        # The durable usage ledger ([usage], docs/usage.md); None when not configured.
+        self.ledger = Ledger.from_config(config.usage, self.registry) if config.usage else None
         self.decider = Decider(config.policy)
         # The gateway's own listening addresses: never a destination.
         self.own_addresses: list[tuple[str, int]] = []
+        # The standard proxy front-ends' URLs ("http://127.0.0.1:3128",
+        # "socks5h://..."; "" when not offered), set by server.Gateway.start
+        # once their listeners are bound: every ServerHello offers them.
+        self.http_proxy = ""
+        self.socks5_proxy = ""
         # App streams not (yet) relaying: hello, requests, UDP associations.
         # Aborted at shutdown; a relayed stream is closed with its socket.
         self.streams: set[asyncio.BaseTransport] = set()
@@ -125,7 +137,16 @@ class GatewayCore:
         self._revoked: OrderedDict[tuple[str, bytes], tuple[str, float]] = OrderedDict()
         # Streams not yet authenticated: their deadline, caps, failed keys.
         self.guard = auth.Guard(self)
+        # The latency histograms observed per connection; every other metric
+        # is read from the core when /metrics is scraped (gateway/metrics.py).
+        self.metrics = GatewayMetrics()
         self.shutting_down = False
+        # SIGTERM's drain (gateway/drain.py): new connects and resumes are
+        # refused with UNAVAILABLE while live sockets finish.
+        self.draining = False
+        # This gateway as a node of a cluster ([cluster]; tether.cluster.node,
+        # set by server.Gateway.start); None: a gateway on its own.
+        self.cluster: ClusterNode | None = None
         self._sweep_task: asyncio.Task[None] | None = None
         # The loop the gateway runs in, kept: asyncio.get_running_loop() costs a
         # getpid() system call on every call in Python 3.11.
@@ -141,6 +162,8 @@ class GatewayCore:
         self.own_addresses = list(own_addresses)
         self.decider = Decider(self.config.policy, self_addresses=self.own_addresses)
         self._sweep_task = self.loop.create_task(self._sweeper())
+        if self.ledger is not None:
+            self.ledger.start(self.loop, self.node_id)
 
     def app_cap(self, entry: AppConfig) -> tuple[int, str]:
         """An app's socket cap and the config key it comes from."""
@@ -208,8 +231,15 @@ class GatewayCore:
         """
         if config.listen != self.config.listen:
             log.warning("reload: gateway.listen changed; it takes effect at the next restart")
+        if config.usage != self.config.usage:
+            log.warning("reload: [usage] changed; the ledger keeps its store until the next restart")
         old = self.config
-        self.config = replace(config, listen=self.config.listen, max_frame=self.config.max_frame)
+        self.config = replace(
+            config, listen=self.config.listen, max_frame=self.config.max_frame,
+            http_proxy_listen=self.config.http_proxy_listen,
+            socks5_listen=self.config.socks5_listen,
+            cluster=self.config.cluster,  # a node's identity and links are fixed at start-up
+        )
         self.fd_reserve, self.max_sockets, self.max_sockets_per_app = derive_caps(
             self.config, self.fd_limit
         )
@@ -275,13 +305,13 @@ class GatewayCore:
             ended += 1
         return ended
 
-    def begin_shutdown(self) -> int:
-        """Stop sweeping; reset every socket and end every stream, saying why. Returns
-        how many sockets were reset (whose apps may come and ask why)."""
+    def begin_shutdown(self, reason: str = SHUTTING_DOWN) -> int:
+        """Stop sweeping; reset every socket (tombstone `reason`) and end every stream,
+        saying why. Returns how many sockets were reset (whose apps may come and ask why)."""
         self.shutting_down = True
         if self._sweep_task is not None:
             self._sweep_task.cancel()
-        reset = self._end(SHUTTING_DOWN)
+        reset = self._end(reason)
         self._end_streams(
             Refusal(pb.Error.CLOSED, errno.ESHUTDOWN, "tether: the gateway is shutting down")
         )
@@ -298,6 +328,10 @@ class GatewayCore:
                 record.finish(reason)
         for stream in list(self.streams):
             stream.abort()  # type: ignore[attr-defined]  # a stream transport
+        if self.ledger is not None:
+            # Its last sample, now that every socket's close line is written;
+            # server.Gateway.close awaits the final flush (ledger.close()).
+            self.ledger.stop()
 
 
 def _digest(key: str) -> bytes:

@@ -19,7 +19,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 from tether import __version__
-from tether.gateway.core import handoff, inspect
+from tether.gateway.core import drain, handoff, inspect
+from tether.cluster.errors import node_gone
 from tether.gateway.core.auth import ADMIN_APP, Guard, authenticate_bound, peer_app
 from tether.gateway.core.errors import Refusal, wire_error
 from tether.gateway.core.gateway import GatewayCore
@@ -63,13 +64,20 @@ class TetherSession(asyncio.Protocol):
         "app",
         "association",
         "core",
+        "linked",
         "transport",
         "unix",
         "wire",
     )
 
-    def __init__(self, core: GatewayCore, *, unix: bool = False, app: str | None = None) -> None:
+    def __init__(
+        self, core: GatewayCore, *, unix: bool = False, app: str | None = None,
+        linked: bool = False,
+    ) -> None:
         self.core = core
+        # A cluster node's link (tether.cluster): that node authenticated the
+        # app and forwards its stream here; the hello's app is taken as said.
+        self.linked = linked
         # Accepted on a Unix listener (the peer's credentials may say who it
         # is), or on `app`'s own listener (the stream is that app).
         self.unix = unix
@@ -284,7 +292,8 @@ class TetherSession(asyncio.Protocol):
             not locked
             and hello.protocol_version == PROTOCOL_VERSION
             and (
-                self.core.authenticate(hello.app, hello.key)
+                (self.linked and linked_app(self.core, hello.app))
+                or self.core.authenticate(hello.app, hello.key)
                 if bound is None
                 else authenticate_bound(self.core, hello.app, hello.key, bound)
             )
@@ -293,7 +302,8 @@ class TetherSession(asyncio.Protocol):
             self.app = hello.app
             self.admin = hello.app == ADMIN_APP
             # Written by _process or with the answer to the next frame.
-            self._pending = self.wire.send(_SERVER_HELLO, frame=_SERVER_HELLO_FRAME)
+            message, frame = _server_hello(self.core)
+            self._pending = self.wire.send(message, frame=frame)
             return
         reply = pb.ServerHello(protocol_version=PROTOCOL_VERSION, gateway_version=__version__)
         delay = 0.0
@@ -421,6 +431,13 @@ class TetherSession(asyncio.Protocol):
 
     async def _request(self, req: pb.Request) -> None:
         assert self.app is not None
+        cluster = self.core.cluster
+        if cluster is not None and not self.linked:
+            # Another node's socket (resumed here, held there), or a listing of every node's.
+            forwarded = await cluster.forward_request(self.app, self.admin, req)
+            if forwarded is not None:
+                self._write(self.wire.send(forwarded))
+                return
         response = pb.Response(id=req.id)
         try:
             await self._answer(req, response)
@@ -470,6 +487,8 @@ class TetherSession(asyncio.Protocol):
                 response.error.CopyFrom(wire_error(token))
             else:
                 response.handoff.token = token
+                if core.cluster is not None:
+                    core.cluster.sign_handoff(response.handoff, req.detach.descriptor)
         elif op == "close_reason":
             reason = inspect.close_reason(core.registry, app, req.close_reason.descriptor)
             if isinstance(reason, Refusal):
@@ -489,8 +508,17 @@ class TetherSession(asyncio.Protocol):
 
     async def _resume(self, req: pb.Resume) -> None:
         assert self.app is not None and self.transport is not None
-        record = await handoff.resumable(
-            self.core.registry, self.app, req.descriptor, req.token, req.tail_length
+        core = self.core
+        # Draining: a socket held here may still be resumed here, any other goes elsewhere.
+        refusal = (core.draining and drain.resume_refusal(core, self.app, req.descriptor)) or (
+            self._cluster_refusal(req)
+        )
+        if not refusal and core.cluster is not None and req.node not in ("", core.cluster.node_id):
+            refusal = await self._resume_elsewhere(req)
+            if refusal is None:
+                return  # the node that holds the socket answers on this stream now
+        record = refusal or await handoff.resumable(
+            core.registry, self.app, req.descriptor, req.token, req.tail_length
         )
         if isinstance(record, Refusal):
             self._write(self.wire.send(pb.ConnectResult(error=wire_error(record))))
@@ -511,6 +539,42 @@ class TetherSession(asyncio.Protocol):
         log.info("socket %s resumed by app %r", record.descriptor[:8], self.app)
         if not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def _cluster_refusal(self, req: pb.Resume) -> Refusal | None:
+        """A Resume naming a node: refused unread unless the cluster signed it."""
+        cluster = self.core.cluster
+        if cluster is None or not req.node:
+            return None
+        assert self.app is not None
+        refusal = cluster.check_resume(self.app, req)
+        if refusal is None and self.linked and req.node != cluster.node_id:
+            # A link carries a Resume to the node it names; never on to a third.
+            refusal = node_gone(req.node, f"node {cluster.node_id!r} now has its address")
+        return refusal
+
+    async def _resume_elsewhere(self, req: pb.Resume) -> Refusal | None:
+        """Splice this stream onto a link to the socket's node (tether.cluster); None if done."""
+        cluster = self.core.cluster
+        transport = self.transport
+        assert cluster is not None and self.app is not None and transport is not None
+        splice = await cluster.open_resume_link(self.app, req)
+        if isinstance(splice, Refusal):
+            return splice
+        # The owner answers the app (its ServerHello, ConnectResult, the tail's
+        # echo): ours are dropped, and the stream is the link's from here on.
+        self.wire.send(pb.ConnectResult(descriptor=req.descriptor))
+        self._pending = b""
+        self._switched = True
+        self.core.streams.discard(transport)
+        splice.join_plain(transport, self.wire.trailing_data)
+        if not transport.is_closing():
+            transport.resume_reading()
+        return None
+
+
+def linked_app(core: GatewayCore, app: str) -> bool:
+    """On a node link: `app` is one this node serves (or the operator), as the linking node said."""
+    return app in core.config.apps or (app == ADMIN_APP and core.config.admin_key is not None)
 
 
 def _peer_key(transport: asyncio.Transport | None) -> str:
@@ -561,9 +625,22 @@ def _one_line(exc: BaseException) -> str:
     return "; caused by ".join(parts)
 
 
-# Every successful hello gets the same answer.
-_SERVER_HELLO = pb.ServerHello(protocol_version=PROTOCOL_VERSION, gateway_version=__version__)
-_SERVER_HELLO_FRAME = encode_frame(_SERVER_HELLO)
+# Every successful hello gets the same answer from a gateway: encoded once
+# per set of proxy front-ends offered (a handful per process at most).
+_SERVER_HELLOS: dict[tuple[str, str], tuple[pb.ServerHello, bytes]] = {}
+
+
+def _server_hello(core: GatewayCore) -> tuple[pb.ServerHello, bytes]:
+    """The ServerHello of a successful hello, offering `core`'s proxy front-ends, and its frame."""
+    offer = (core.socks5_proxy, core.http_proxy)
+    found = _SERVER_HELLOS.get(offer)
+    if found is None:
+        message = pb.ServerHello(
+            protocol_version=PROTOCOL_VERSION, gateway_version=__version__,
+            socks5_proxy=offer[0], http_proxy=offer[1],
+        )
+        found = _SERVER_HELLOS[offer] = (message, encode_frame(message))
+    return found
 
 
 __all__ = ["TetherSession"]
