@@ -1,4 +1,4 @@
-"""``tether`` command line: serve, run, check, demo."""
+"""``tether`` command line: serve, run, check, sockets, usage, demo."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tether import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tether.cli import check, demo, run, serve, sockets
+    from tether.cli import check, demo, run, serve, sockets, usage
 
     parser = argparse.ArgumentParser(
         prog="tether",
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.register(sub)
     check.register(sub)
     sockets.register(sub)
+    usage.register(sub)
     demo.register(sub)
     return parser
 
