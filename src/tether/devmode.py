@@ -35,7 +35,12 @@ START_TIMEOUT = 20.0  # a cold interpreter start plus imports; seconds
 
 
 class GatewayProcess:
-    """A ``tether serve`` child process; stop() sends SIGTERM and waits."""
+    """A ``tether serve`` child process; stop() sends SIGINT and waits.
+
+    SIGINT, not SIGTERM: SIGTERM drains (live sockets get up to
+    gateway.drain_timeout to finish), which serves a fleet; a development
+    gateway is stopped when its app is done, so it stops at once.
+    """
 
     def __init__(
         self,
@@ -92,7 +97,7 @@ class GatewayProcess:
         if proc is None:
             return None
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:

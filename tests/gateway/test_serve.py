@@ -55,7 +55,8 @@ def test_signal_closes_sockets_and_exits_zero(
     tmp_path: Path, echo_port: int, sig: signal.Signals
 ) -> None:
     key = "k-signal"
-    gw = start_gateway(tmp_path, gateway_config(key), key).process
+    # drain_timeout = 0: SIGTERM closes at once, as SIGINT does (the drain: test_drain.py).
+    gw = start_gateway(tmp_path, gateway_config(key, gateway="drain_timeout = 0"), key).process
     try:
         use(gw.address, key)
         sock = ts.create_connection(("127.0.0.1", echo_port), timeout=5)

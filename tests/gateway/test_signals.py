@@ -56,7 +56,8 @@ def test_sighup_without_config_reloads_nothing_and_keeps_serving(echo_port: int)
 
 def test_sigterm_tells_apps_the_gateway_is_shutting_down(tmp_path: Path, echo_port: int) -> None:
     key = "k-term"
-    gw = start_gateway(tmp_path, gateway_config(key), key)
+    # drain_timeout = 0: no drain, the sockets are reset at once (the drain: test_drain.py).
+    gw = start_gateway(tmp_path, gateway_config(key, gateway="drain_timeout = 0"), key)
     proc = gw.process.proc
     assert proc is not None
     use_gateway(gw.address, APP, key)

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tether.config import Config, load_config
+from tether.config import Config, check_listen, load_config
 from tether.endpoint import parse_endpoint
 from tether.errors import ConfigError
 
@@ -21,22 +21,43 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="ADDR",
         help="listen on HOST:PORT or unix:/path (repeatable; overrides gateway.listen)",
     )
+    p.add_argument(
+        "--workers",
+        type=_worker_count,
+        metavar="N",
+        help="run N gateway processes sharing the listeners, under a supervisor that "
+        "restarts them (overrides gateway.workers; default 1: one process)",
+    )
+    # Internal: what the supervisor tells a worker (gateway/supervisor.py).
+    p.add_argument("--worker-spec", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=run)
 
 
-def setup_logging(verbose: bool = False) -> None:
+def _worker_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 1 or more")
+    return int(text)
+
+
+def setup_logging(verbose: bool = False, node: str = "") -> None:
+    # A worker's lines name its node: its siblings write to the same stderr.
+    tag = f"[{node}]" if node else ""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
         stream=sys.stderr,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from tether.gateway import supervisor
     from tether.gateway.server import serve
 
-    setup_logging(args.verbose)
+    worker = (
+        supervisor.WorkerSpec.from_json(args.worker_spec) if args.worker_spec else None
+    )
+    setup_logging(args.verbose, worker.node_id if worker is not None else "")
     try:
         config = load_config(args.config)
         if args.listen:
@@ -50,6 +71,14 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tether serve: bad configuration: {exc}", file=sys.stderr)
         return 2
+    workers = args.workers or config.workers
+    if worker is None and workers > 1:
+        try:
+            check_listen(config)
+        except ConfigError as exc:
+            print(f"tether serve: refusing to listen: {exc}", file=sys.stderr)
+            return 2
+        return supervisor.supervise(config, workers, args)
     if config.audit_log:
         from tether.gateway import audit
 
@@ -59,8 +88,11 @@ def run(args: argparse.Namespace) -> int:
             "no [apps.NAME] in the config: no app can authenticate"
         )
     listen = config.listen
+    # One of N workers enforces its share of the caps (supervisor.share_caps).
+    count = worker.count if worker is not None else 1
 
     def reload() -> Config:
-        return load_config(args.config).with_listen(listen)
+        return supervisor.share_caps(load_config(args.config).with_listen(listen), count)
 
-    return serve(config, reload if args.config else None)
+    config = supervisor.share_caps(config, count)
+    return serve(config, reload if args.config else None, worker)

@@ -55,6 +55,9 @@ def gateway_error(err: pb.Error, gateway: object, target: str = "") -> OSError:
         return OSError(errno.EBADF, err.message)
     if code == _E.CLOSED:
         return ConnectionResetError(errno.ECONNRESET, err.message)
+    if code == _E.UNAVAILABLE:
+        # A draining gateway: refused, the message says to retry on another one.
+        return ConnectionRefusedError(errno.ECONNREFUSED, err.message)
     if code == _E.ALREADY_RESUMED:
         return OSError(errno.EINVAL, err.message)  # not EALREADY: that reads as "retry"
     if code == _E.INVALID_REQUEST:

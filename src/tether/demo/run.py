@@ -167,7 +167,7 @@ def run_demo(out: TextIO | None = None, *, verbose: bool = False) -> int:
                 ok, detail = False, f"{type(exc).__name__}: {exc}"
             steps.append(Step(name, ok, detail))
             print(f"{symbols.ok if ok else symbols.fail} {name:<8} {detail}", file=out)
-        # The exit stack now uninstalls, stops the gateway (SIGTERM, wait),
+        # The exit stack now uninstalls, stops the gateway (SIGINT, wait),
         # stops the servers and removes the temporary files.
     if stopped and stopped[0] != 0:
         steps.append(Step("gateway", False, f"the gateway exited with status {stopped[0]}"))
