@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tether.client.settings import (
     ENV_APP,
@@ -26,6 +27,9 @@ from tether.client.settings import (
     choose_key,
 )
 from tether.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tether.devmode import GatewayProcess
 
 ENV_AUTOINSTALL = "TETHER_AUTOINSTALL"
 BOOT_DIR = Path(__file__).resolve().parent.parent / "_boot"
@@ -41,6 +45,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--app", help="app name (default: TETHER_APP)")
     add_key_options(p)
     p.add_argument("--config", type=Path, help="config for development mode (./tether.toml)")
+    p.add_argument("--isolate", action="store_true",
+                   help="run CMD in a network namespace with no way out but the gateway: every "
+                   "program's TCP and DNS go through it transparently (docs/any-program.md)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     p.set_defaults(func=run)
 
@@ -110,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
             return 2
         gateway, app, key = str(settings.gateway), settings.app, settings.key
         print(f"tether: development gateway on {gateway} (app '{app}')", file=sys.stderr)
+    if args.isolate:
+        return _run_isolated(cmd, gateway, app, key, dev)
     try:
         proc = subprocess.Popen(cmd, env=child_env(gateway, app, key))
     except OSError as exc:
@@ -130,3 +139,22 @@ def run(args: argparse.Namespace) -> int:
         if dev is not None:
             dev.stop()
     return status if status >= 0 else 128 - status
+
+
+def _run_isolated(
+    cmd: list[str], gateway: str, app: str, key: str, dev: GatewayProcess | None
+) -> int:
+    """``--isolate``: the command in its own network namespace (tether.isolate)."""
+    from tether.client.settings import Settings
+    from tether.endpoint import parse_endpoint
+    from tether.isolate.launch import run_isolated
+
+    try:
+        settings = Settings(gateway=parse_endpoint(gateway), app=app, key=key)
+        return run_isolated(cmd, child_env(gateway, app, key), settings)
+    except ValueError as exc:
+        print(f"tether run: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dev is not None:
+            dev.stop()
