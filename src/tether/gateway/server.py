@@ -109,6 +109,11 @@ class Gateway(GatewayCore):
         ]
         self.socks5_proxy = socks5.proxy_url(socks)
         proxies += socks
+        if self.config.cluster is not None:
+            # Imported only in a cluster: it needs redis-py (the `cluster` extra).
+            from tether.cluster.node import start_node
+
+            await start_node(self, functools.partial(TetherSession, self, linked=True))
         self.begin((e.host, e.port) for e in [*self.endpoints, *proxies] if not e.is_unix)
         apps = dict(self.config.app_listeners)
         for bound in self.endpoints:
@@ -186,6 +191,8 @@ class Gateway(GatewayCore):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self._servers.clear()
+        if self.cluster is not None:
+            await self.cluster.stop()  # leaves the cluster: its heartbeat key is removed
         if self.ledger is not None:
             await self.ledger.close()  # the final flush: SIGTERM loses no counts
         if self.admin is not None:

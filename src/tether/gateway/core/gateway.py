@@ -36,6 +36,7 @@ from tether.gateway.core.registry import (
 from tether.gateway.metrics import GatewayMetrics
 from tether.gateway.resolve import GatewayResolver
 from tether.policy import Decider
+from tether.quota import QuotaBook
 from tether.usage.ledger import Ledger
 from tether.wire import pb
 
@@ -112,6 +113,8 @@ class GatewayCore:
             config, decider=lambda: self.decider, clock=clock
         )
         self.registry = Registry(clock or time.monotonic)
+        # Per-app quotas ([quota], docs/quotas.md): asked by admission, the relay, UDP.
+        self.quota = QuotaBook(config.quota, clock=clock or time.monotonic, wall=clock or time.time)
         # The durable usage ledger ([usage], docs/usage.md); None when not configured.
         self.ledger = Ledger.from_config(config.usage, self.registry) if config.usage else None
         self.decider = Decider(config.policy)
@@ -166,9 +169,10 @@ class GatewayCore:
             self.ledger.start(self.loop, self.node_id)
 
     def app_cap(self, entry: AppConfig) -> tuple[int, str]:
-        """An app's socket cap and the config key it comes from."""
-        if entry.max_sockets is not None:
-            return entry.max_sockets, f"apps.{entry.name}.max_sockets"
+        """An app's sockets quota and the config key it comes from (derived when unset)."""
+        limits = self.quota.limits(entry.name)
+        if limits.sockets is not None:
+            return limits.sockets, limits.source("sockets")
         return self.max_sockets_per_app, "gateway.max_sockets_per_app"
 
     def log_caps(self) -> None:
@@ -232,7 +236,7 @@ class GatewayCore:
         if config.listen != self.config.listen:
             log.warning("reload: gateway.listen changed; it takes effect at the next restart")
         if config.usage != self.config.usage:
-            log.warning("reload: [usage] changed; the ledger keeps its store until the next restart")
+            log.warning("reload: [usage] changed; the ledger keeps its store until a restart")
         old = self.config
         self.config = replace(
             config, listen=self.config.listen, max_frame=self.config.max_frame,
@@ -255,6 +259,7 @@ class GatewayCore:
             config, decider=lambda: self.decider, clock=self._clock
         )
         self.decider = Decider(config.policy, self_addresses=self.own_addresses)
+        admission.reconfigure(self, old)
         log.info(
             "reloaded %s: %d apps, %d sockets kept open",
             config.source or "config",
