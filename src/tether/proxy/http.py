@@ -169,8 +169,12 @@ class HttpProxy:
     def receive_data(self, data: bytes) -> None:
         if data:
             self._received = True
-        if self.state is State.HEAD:
+        if self.state is State.HEAD or self.state is State.DECIDING:
+            # While deciding: kept as the destination's first bytes.
             self._h11.receive_data(data)
+        elif self.state is State.RELAY:
+            raise RuntimeError("receive_data() while relaying: the bytes are the destination's")
+        # CLOSED: what an app sends after a refusal is dropped.
 
     def next_event(self) -> Event:
         if self.state is State.CLOSED:
@@ -326,7 +330,7 @@ def _credentials(headers: h11._headers.Headers) -> tuple[Credentials | None, str
     scheme, _, token = values[0].strip().partition(b" ")
     if scheme.lower() != b"basic":
         return None, (
-            f"Proxy-Authorization scheme {_show(scheme)} is not served (Basic with APP:KEY is)"
+            f"Proxy-Authorization scheme '{_show(scheme)}' is not served (Basic with APP:KEY is)"
         )
     try:
         decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
