@@ -11,11 +11,13 @@ __version__ = "0.1.0"
 
 from tether.client.install import install, installed, uninstall
 from tether.client.sock import keepalive
-from tether.errors import LimitExceeded, PolicyDenied
+from tether.errors import LimitExceeded, NodeGone, PolicyDenied, QuotaExceeded
 
 __all__ = [
     "LimitExceeded",
+    "NodeGone",
     "PolicyDenied",
+    "QuotaExceeded",
     "__version__",
     "install",
     "installed",

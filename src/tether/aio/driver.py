@@ -338,9 +338,7 @@ async def resume(loop: asyncio.AbstractEventLoop, state: HandoffState) -> socket
         deadline = _Deadline(loop, HANDOFF_TIMEOUT)
         await connect_gateway(loop, fd, settings, deadline)
         exchange = t.exchange = Exchange(settings.gateway)
-        request = pb.Resume(
-            descriptor=state.descriptor, token=state.token, tail_length=len(state.tail)
-        )
+        request = state.resume_request()
         target = host_port(state.peer[0], state.peer[1]) if state.peer else state.descriptor[:8]
         t.state = State.CONNECTING
         await send_all(loop, fd, exchange.open(settings) + exchange.send(request, target), deadline)
@@ -357,8 +355,8 @@ async def resume(loop: asyncio.AbstractEventLoop, state: HandoffState) -> socket
 
 async def detach(
     loop: asyncio.AbstractEventLoop, t: _Tether, fd: int, prefix: bytes
-) -> tuple[str, bytes]:
-    """Detach the connected stream on `fd` (a descriptor the caller owns): (token, tail).
+) -> tuple[pb.Handoff, bytes]:
+    """Detach the connected stream on `fd` (a descriptor the caller owns): (handoff, tail).
 
     The blocking ``socket._hand_off`` awaited: the gateway is asked to
     detach (on the control stream, in the loop's executor: it is the
@@ -396,7 +394,7 @@ async def detach(
             tail += chunk
     finally:
         raw.detach()
-    return response.handoff.token, bytes(tail)
+    return response.handoff, bytes(tail)
 
 
 __all__ = [

@@ -83,11 +83,11 @@ async def hand_off(
     fd = os.dup(transport.get_extra_info("socket").fileno())
     transport.abort()
     try:
-        token, tail = await driver.detach(loop, t, fd, prefix)
+        handoff, tail = await driver.detach(loop, t, fd, prefix)
     finally:
         os.close(fd)
         t.mark_handed_off()
-    return t.handoff_state(sock, token, None, tail)
+    return t.handoff_state(sock, handoff, None, tail)
 
 
 async def resume(

@@ -16,7 +16,7 @@ import errno
 import os
 import socket
 
-from tether.errors import LimitExceeded, PolicyDenied
+from tether.errors import LimitExceeded, NodeGone, PolicyDenied, QuotaExceeded
 from tether.wire import ProtocolError, pb
 
 _E = pb.Error
@@ -39,6 +39,20 @@ def gateway_error(err: pb.Error, gateway: object, target: str = "") -> OSError:
         # The limit's name travels in `rule`, its value in `reason` (as text).
         value = int(err.reason) if err.reason.isdigit() else 0
         return LimitExceeded(err.message, err.rule, value)
+    if code == _E.QUOTA:
+        # The limit's name in `rule`, its value in `reason`, and the app,
+        # window and refill time in their own fields.
+        return QuotaExceeded(
+            err.message,
+            err.rule,
+            int(err.reason) if err.reason.isdigit() else 0,
+            app=err.app,
+            window=err.window,
+            retry_after=err.retry_after,
+        )
+    if code == _E.NODE_GONE:
+        # The node is named in the message as 'NODE'.
+        return NodeGone(err.message, _quoted(err.message))
     if code == _E.AUTH_FAILED:
         return PermissionError(errno.EACCES, err.message)
     if code == _E.TIMEOUT:
@@ -69,6 +83,12 @@ def gateway_error(err: pb.Error, gateway: object, target: str = "") -> OSError:
     if err.errno:
         return OSError(err.errno, err.message or os.strerror(err.errno))
     return OSError(errno.EIO, err.message or f"tether: gateway {gateway} failed the request")
+
+
+def _quoted(message: str) -> str:
+    """The first 'quoted' name in a gateway message ("" if none)."""
+    _, quote, rest = message.partition("'")
+    return rest.partition("'")[0] if quote else ""
 
 
 def closed(gateway: object) -> ConnectionResetError:

@@ -297,6 +297,10 @@ def _pack_state(app: str, state: HandoffState) -> bytes:
         w.blob(option)
     w.text(state.origin)
     w.blob(state.tail, "I")
+    # Added after the first tokens (a cluster's owner node and signature):
+    # optional at the end, so a token without them still reads.
+    w.text(state.node)
+    w.blob(state.signature)
     return bytes(w.out)
 
 
@@ -313,6 +317,7 @@ def _unpack_state(body: bytes) -> tuple[str, HandoffState]:
     options = tuple(r.blob() for _ in range(n_options))
     origin = r.text()
     tail = r.blob("I")
+    node, signature = (r.text(), r.blob()) if r.pos < len(body) else ("", b"")
     if r.pos != len(body):
         raise HandoffTokenError(
             f"tether: handoff token body has {len(body) - r.pos} bytes after its last field"
@@ -329,6 +334,8 @@ def _unpack_state(body: bytes) -> tuple[str, HandoffState]:
         options=options,
         tail=tail,
         origin=origin,
+        node=node,
+        signature=signature,
     )
     return app, state
 

@@ -82,6 +82,11 @@ PENDING_CONNECT_LIMIT = 35.0
 # non-blocking connect(): it is done before returning EINPROGRESS.
 GATEWAY_CONNECT_TIMEOUT = 10.0
 
+# Tombstone reasons that explain a reset to the app (sock._explain): an idle
+# reclaim, a revocation, a daily quota (gateway/relay.py, Link.over_quota),
+# the gateway shutting down.
+_EXPLAINED = ("reclaimed", "revoked", "closed by its quota", "gateway shutting down")
+
 # getsockopt()'s largest buflen: CPython's sock_getsockopt refuses more.
 _MAX_BUFLEN = 1024
 
@@ -167,6 +172,17 @@ class HandoffState:
     options: tuple[bytes, ...] = ()  # serialized OptionValue messages
     tail: bytes = field(default=b"", repr=False)
     origin: str = ""  # the gateway it was detached from, for messages
+    # In a cluster: the node holding the socket and the cluster's signature
+    # (Handoff.node/.signature), sent back in the Resume so any node can route it.
+    node: str = ""
+    signature: bytes = field(default=b"", repr=False)
+
+    def resume_request(self) -> pb.Resume:
+        """The Resume that re-attaches this socket (blocking and asyncio resumes alike)."""
+        return pb.Resume(
+            descriptor=self.descriptor, token=self.token, tail_length=len(self.tail),
+            node=self.node, signature=self.signature,
+        )
 
 
 class _Tether:
@@ -234,12 +250,14 @@ class _Tether:
         return other
 
     def handoff_state(
-        self, sock: _StdSocket, token: str, timeout: float | None, tail: bytes
+        self, sock: _StdSocket, handoff: pb.Handoff, timeout: float | None, tail: bytes
     ) -> HandoffState:
-        """What the pickle of `sock` (this state's socket, detached with `token`) carries."""
+        """What the pickle of `sock` (this state's socket, detached with `handoff`) carries."""
         return HandoffState(
             descriptor=self.descriptor,
-            token=token,
+            token=handoff.token,
+            node=handoff.node,
+            signature=handoff.signature,
             family=int(sock.family),
             type=int(sock.type),
             proto=int(sock.proto),
@@ -815,7 +833,8 @@ class socket(_StdSocket):
 
         Reclaimed when idle, revoked (the app was removed from the gateway's
         config, or its key changed: the gateway then refuses the question
-        itself with that reason), or the gateway shutting down.
+        itself with that reason), closed at a daily quota (docs/quotas.md),
+        or the gateway shutting down.
         """
         t = self._tether
         if t is None or not t.descriptor or t.settings is None:
@@ -832,7 +851,7 @@ class socket(_StdSocket):
         except OSError:
             return exc
         reason = response.text.text
-        if reason.startswith(("reclaimed", "revoked", "gateway shutting down")):
+        if reason.startswith(_EXPLAINED):
             return type(exc)(exc.errno, f"tether: socket to {peer[0]}:{peer[1]} was {reason}")
         return exc
 
@@ -863,7 +882,7 @@ class socket(_StdSocket):
             response = control.channel(t.settings).request(
                 pb.Request(detach=pb.Detach(descriptor=t.descriptor)), timeout=HANDOFF_TIMEOUT
             )
-            token = response.handoff.token
+            handoff = response.handoff
             try:
                 # Everything the app wrote goes to the peer before the gateway's
                 # EOF; what the gateway had sent until then is the tail.
@@ -884,7 +903,7 @@ class socket(_StdSocket):
                 # The stream is spent either way; the object must not be used again.
                 _socket.socket.close(self)
                 t.mark_handed_off()
-        return t.handoff_state(self, token, timeout, bytes(tail))
+        return t.handoff_state(self, handoff, timeout, bytes(tail))
 
     @classmethod
     def _for_resume(cls, state: HandoffState) -> tuple[socket, _Tether, Settings]:
@@ -915,9 +934,7 @@ class socket(_StdSocket):
         deadline = Deadline(HANDOFF_TIMEOUT)
         self._open_gateway(settings, deadline)  # raises ConnectionError naming the gateway
         exchange = t.exchange = Exchange(settings.gateway)
-        request = pb.Resume(
-            descriptor=state.descriptor, token=state.token, tail_length=len(state.tail)
-        )
+        request = state.resume_request()
         target = f"{state.peer[0]}:{state.peer[1]}" if state.peer else state.descriptor[:8]
         t.state = _CONNECTING
         send_now(self, exchange.open(settings) + exchange.send(request, target), deadline)

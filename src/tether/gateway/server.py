@@ -114,7 +114,16 @@ class Gateway(GatewayCore):
             from tether.cluster.node import start_node
 
             await start_node(self, functools.partial(TetherSession, self, linked=True))
-        self.begin((e.host, e.port) for e in [*self.endpoints, *proxies] if not e.is_unix)
+        admin: list[Endpoint] = []  # up before "listening on": a supervisor may scrape then
+        if self.config.admin_listen is not None:
+            # Imported only when on: h11 and prometheus_client cost ~80 ms.
+            from tether.gateway.admin import AdminServer
+
+            self.admin = AdminServer(self, self.config.admin_listen)
+            admin.append(await self.admin.start())
+        self.begin(
+            (e.host, e.port) for e in [*self.endpoints, *proxies, *admin] if not e.is_unix
+        )
         apps = dict(self.config.app_listeners)
         for bound in self.endpoints:
             if bound in apps:
@@ -124,12 +133,6 @@ class Gateway(GatewayCore):
         for bound in proxies:
             kind = "SOCKS5" if bound in socks else "HTTP proxy"
             log.info("%s front-end at %s", kind, bound)
-        if self.config.admin_listen is not None:
-            # Imported only when on: h11 and prometheus_client cost ~80 ms.
-            from tether.gateway.admin import AdminServer
-
-            self.admin = AdminServer(self, self.config.admin_listen)
-            await self.admin.start()
         return list(self.endpoints)
 
     async def _listen(

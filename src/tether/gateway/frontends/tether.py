@@ -19,8 +19,9 @@ from collections.abc import Coroutine
 from typing import Any
 
 from tether import __version__
-from tether.gateway.core import drain, handoff, inspect
 from tether.cluster.errors import node_gone
+from tether.gateway.core import drain, handoff, inspect
+from tether.gateway.core.admission import lookup_refusal
 from tether.gateway.core.auth import ADMIN_APP, Guard, authenticate_bound, peer_app
 from tether.gateway.core.errors import Refusal, wire_error
 from tether.gateway.core.gateway import GatewayCore
@@ -453,6 +454,8 @@ class TetherSession(asyncio.Protocol):
         op = req.WhichOneof("op")
         if self.association is not None and op in tether_udp.OPS:
             await tether_udp.answer(core, app, self.association, req, response)
+        elif op in _LOOKUPS and (off := lookup_refusal(core, app, op)) is not None:
+            response.error.CopyFrom(wire_error(off))  # the app's sockets are switched off
         elif op == "getaddrinfo":
             response.addrinfo.CopyFrom(await core.resolver.getaddrinfo(req.getaddrinfo, app))
         elif op == "gethostbyname":
@@ -606,6 +609,9 @@ def _peer_creds(transport: asyncio.Transport | None) -> tuple[int, int, int] | N
 
 # struct ucred (pid, uid, gid): what SO_PEERCRED returns on Linux.
 _UCRED = struct.Struct("3i")
+
+# Name lookups: refused, like connects, for an app whose sockets are switched off.
+_LOOKUPS = frozenset({"getaddrinfo", "gethostbyname", "gethostbyaddr", "getnameinfo"})
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,0 +1,316 @@
+"""This gateway as a cluster node: the pieces of tether.cluster, for the front-end.
+
+``core.cluster`` is a :class:`ClusterNode` when ``[cluster]`` is configured
+(``start_node``, from ``server.Gateway.start``), None otherwise. The
+front-end asks it three things:
+
+* ``sign_handoff``: a Handoff names this node and is signed;
+* ``open_resume_link``: a Resume whose socket lives on another node is
+  checked (signature; the owner's heartbeat) and given a link to the owner,
+  which the front-end splices the app's stream onto for the socket's life
+  (why forwarding: docs/deploy.md);
+* ``forward_request``: a control request about a socket this node forwards
+  (options, detach, close reason) goes to its owner, and a socket listing
+  asks every node.
+
+A node's word is trusted on a link: the node that forwards a stream has
+authenticated its app, and only nodes hold the cluster's certificates (or
+can open a Unix link socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import ssl
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tether import __version__
+from tether.cluster import signing
+from tether.cluster.config import ClusterConfig, for_worker
+from tether.cluster.errors import node_gone
+from tether.cluster.link import (
+    Deframer,
+    LinkServer,
+    Splice,
+    client_context,
+    dial,
+    frame,
+    server_context,
+)
+from tether.cluster.membership import Membership, StoreUnavailable, connect
+from tether.endpoint import Endpoint
+from tether.gateway.core import inspect
+from tether.gateway.core.errors import Refusal, wire_error
+from tether.wire import NEED_DATA, PROTOCOL_VERSION, Connection, RemoteProtocolError, Role, pb
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from tether.gateway.core.gateway import GatewayCore
+
+log = logging.getLogger("tether.cluster")
+
+# Connecting a link to a live node on a LAN takes a TLS handshake: a few
+# milliseconds. A dead node's process refuses at once (its port is closed);
+# 3 s only bounds a host that vanished without a reset within its heartbeat TTL.
+LINK_CONNECT_TIMEOUT = 3.0
+# A forwarded control request or a node's socket listing: answered within
+# milliseconds by a live node; a node that does not answer is left out.
+LINK_REQUEST_TIMEOUT = 3.0
+# Descriptors whose streams this node forwards (and did recently: a CloseReason
+# comes right after a reset), bounded like the registry's tombstones.
+FORWARDED_LIMIT = 10_000
+# Requests that name one socket: answered by the node that holds it.
+_SOCKET_OPS = ("set_option", "get_option", "touch", "detach", "close_reason")
+
+
+class ClusterNode:
+    """Membership, links and signing for one gateway (see the module docstring)."""
+
+    def __init__(self, core: GatewayCore, config: ClusterConfig) -> None:
+        self.core = core
+        self.config = config
+        self.node_id = config.node_id
+        self.redis: aioredis.Redis = connect(config)
+        self.client_tls: ssl.SSLContext | None = None
+        server_tls: ssl.SSLContext | None = None
+        if config.tls:
+            assert config.tls_cert and config.tls_key and config.tls_ca  # parse_cluster checked
+            self.client_tls = client_context(config.tls_cert, config.tls_key, config.tls_ca)
+            server_tls = server_context(config.tls_cert, config.tls_key, config.tls_ca)
+        self._server_tls = server_tls
+        self.links: LinkServer | None = None
+        self.membership: Membership | None = None
+        self.forwarded: OrderedDict[str, str] = OrderedDict()  # descriptor -> owner node
+        self.splices: set[Splice] = set()
+
+    async def start(self, session: Callable[[], asyncio.Protocol]) -> Endpoint:
+        """Listen for links; join (a first heartbeat, logged if Redis is not there yet)."""
+        loop = self.core.loop
+        self.links = LinkServer(loop, session, self._server_tls)
+        bound = await self.links.start(self.config.link_listen)
+        advertise = self.config.advertise or bound
+        if not advertise.is_unix and advertise.host in ("0.0.0.0", "::"):
+            raise OSError(errno.EADDRNOTAVAIL,
+                f"cluster.link_listen {bound} is a wildcard address: set cluster.advertise to "
+                "the address other nodes reach this one on")
+        self.membership = Membership(self.redis, self.config, advertise)
+        self.membership.start(loop)
+        log.info("cluster: node %r, links on %s (advertised as %s, %s)", self.node_id, bound,
+                 advertise, "mutual TLS" if self.config.tls else "Unix socket")
+        return bound
+
+    async def stop(self) -> None:
+        if self.links is not None:
+            self.links.close()
+        for splice in list(self.splices):
+            splice.abort()
+        if self.membership is not None:
+            await self.membership.leave()
+        await self.redis.aclose()
+
+    # -- handoff -----------------------------------------------------------------
+
+    def sign_handoff(self, handoff: pb.Handoff, descriptor: str) -> None:
+        """Name this node in a Handoff, signed, so any node can route its Resume here."""
+        handoff.node = self.node_id
+        handoff.signature = signing.sign(self.config.key, descriptor, handoff.token, self.node_id)
+
+    def check_resume(self, app: str, req: pb.Resume) -> Refusal | None:
+        """A Resume naming a node must carry this cluster's signature; checked before any lookup."""
+        if signing.verify(self.config.key, req.descriptor, req.token, req.node, req.signature):
+            return None
+        log.warning("cluster: app %r sent a Resume for node %r with a signature that does not "
+                    "match; refused without looking it up", app, req.node)
+        return Refusal(pb.Error.PERMISSION_DENIED, errno.EACCES,
+            f"tether: the handoff naming node {req.node!r} does not carry this cluster's "
+            "signature (forged or changed); refused without looking the socket up")
+
+    async def open_resume_link(self, app: str, req: pb.Resume) -> Splice | Refusal:
+        """A link to the node holding the socket, with `app`'s hello and the Resume on it.
+
+        The front-end joins the app's stream to the returned splice; the
+        owner answers (ServerHello, ConnectResult, the tail's echo, then the
+        peer's bytes) as it would the app directly, and checks the one-time
+        token, so a handoff is resumed once wherever its Resumes arrive.
+        """
+        owner = req.node
+        address = await self._address(owner)
+        if isinstance(address, Refusal):
+            return address
+        splice = Splice(framed=not address.is_unix)
+        try:
+            await dial(self.core.loop, address, lambda: splice.link,
+                       None if address.is_unix else self.client_tls, LINK_CONNECT_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            return node_gone(owner, f"its link at {address} did not answer: {_why(exc)}")
+        wire = Connection(Role.CLIENT)
+        splice.link.send(
+            wire.send(pb.ClientHello(protocol_version=PROTOCOL_VERSION, app=app,
+                                     client_version=f"node {self.node_id} {__version__}"))
+            + wire.send(pb.Resume(descriptor=req.descriptor, token=req.token,
+                                  tail_length=req.tail_length, node=req.node,
+                                  signature=req.signature))
+        )
+        self._remember(req.descriptor, owner)
+        self.splices.add(splice)
+        splice._on_end = lambda: self.splices.discard(splice)
+        log.info("cluster: app %r resumes socket %s of node %r through this node (%s)",
+                 app, req.descriptor[:8], owner, address)
+        return splice
+
+    async def _address(self, node: str) -> Endpoint | Refusal:
+        assert self.membership is not None
+        try:
+            address = await self.membership.address(node)
+        except StoreUnavailable as exc:
+            # Redis is away: the members seen at the last beat still route.
+            address = self.membership.known.get(node)
+            if address is None:
+                return Refusal(pb.Error.UNAVAILABLE, errno.EAGAIN,
+                    f"tether: cannot find node {node!r}: {exc}; try again")
+        if address is None:
+            return node_gone(node, f"no heartbeat for {self.config.heartbeat_ttl:g} s")
+        return address
+
+    def _remember(self, descriptor: str, owner: str) -> None:
+        self.forwarded[descriptor] = owner
+        self.forwarded.move_to_end(descriptor)
+        while len(self.forwarded) > FORWARDED_LIMIT:
+            self.forwarded.popitem(last=False)
+
+    # -- requests ------------------------------------------------------------------
+
+    async def forward_request(self, app: str, admin: bool, req: pb.Request) -> pb.Response | None:
+        """The answer to `req` when another node must give it; None: this node answers.
+
+        A request about a socket this node forwards goes to the socket's
+        owner; a listing adds every other node's sockets (each named by node).
+        """
+        op = req.WhichOneof("op")
+        if op == "list_sockets":
+            return await self._list_everywhere(app, admin, req)
+        if op not in _SOCKET_OPS:
+            return None
+        descriptor = getattr(req, op).descriptor
+        owner = self.forwarded.get(descriptor)
+        if owner is None or self.core.registry.get(app, descriptor) is not None:
+            return None
+        address = await self._address(owner)
+        if isinstance(address, Refusal):
+            return pb.Response(id=req.id, error=wire_error(address))
+        try:
+            return await self._ask(address, app, req)
+        except (OSError, TimeoutError) as exc:
+            return pb.Response(id=req.id, error=wire_error(
+                node_gone(owner, f"its link at {address} did not answer: {_why(exc)}")))
+
+    async def _list_everywhere(self, app: str, admin: bool, req: pb.Request) -> pb.Response:
+        assert self.membership is not None
+        response = pb.Response(id=req.id)
+        response.sockets.SetInParent()
+        local = inspect.list_sockets(self.core.registry, app, every_app=admin)
+        for info in local:
+            info.node = self.node_id
+        response.sockets.sockets.extend(local)
+        try:
+            members = await self.membership.members()
+        except StoreUnavailable as exc:
+            log.warning("cluster: listing sockets from the last known nodes: %s", exc)
+            members = dict(self.membership.known)
+        others = [(n, a) for n, a in sorted(members.items()) if n != self.node_id]
+        answers = await asyncio.gather(
+            *(self._ask(address, app, req) for _, address in others), return_exceptions=True
+        )
+        for (node, address), answer in zip(others, answers, strict=True):
+            if isinstance(answer, BaseException):
+                log.warning("cluster: node %r (%s) did not list its sockets: %s", node, address,
+                            _why(answer))
+                continue
+            for info in answer.sockets.sockets:
+                info.node = info.node or node
+                response.sockets.sockets.append(info)
+        return response
+
+    async def _ask(self, address: Endpoint, app: str, req: pb.Request) -> pb.Response:
+        """One request on a new link to the node at `address`, as `app`; its Response."""
+        loop = self.core.loop
+        wire = Connection(Role.CLIENT)
+        ask = _Ask(loop, wire, framed=not address.is_unix)
+        transport = await dial(loop, address, lambda: ask,
+                               None if address.is_unix else self.client_tls, LINK_CONNECT_TIMEOUT)
+        try:
+            payload = wire.send(pb.ClientHello(protocol_version=PROTOCOL_VERSION, app=app,
+                                               client_version=f"node {self.node_id}"))
+            payload += wire.send(req)
+            transport.write(frame(payload) if ask.framed else payload)
+            async with asyncio.timeout(LINK_REQUEST_TIMEOUT):
+                return await ask.answer
+        finally:
+            transport.close()
+
+
+class _Ask(asyncio.Protocol):
+    """Reads one Response (after the ServerHello) from a link."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, wire: Connection, framed: bool) -> None:
+        self.wire = wire
+        self.framed = framed
+        self.deframer = Deframer()
+        self.answer: asyncio.Future[pb.Response] = loop.create_future()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            chunks = self.deframer.feed(data) if self.framed else [data]
+            for chunk in chunks:
+                self.wire.receive_data(b"" if chunk is None else chunk)
+            while not self.answer.done():
+                event = self.wire.next_event()
+                if event is NEED_DATA:
+                    return
+                if isinstance(event, pb.ServerHello) and event.HasField("error"):
+                    raise ConnectionRefusedError(errno.ECONNREFUSED, event.error.message)
+                if isinstance(event, pb.Response):
+                    self.answer.set_result(event)
+                elif isinstance(event, pb.Error):
+                    raise ConnectionError(errno.EPROTO, event.message)
+                elif not isinstance(event, pb.ServerHello):
+                    raise ConnectionError(errno.EPROTO, f"node link: unexpected {event!r}")
+        except (OSError, RemoteProtocolError) as exc:
+            if not self.answer.done():
+                self.answer.set_exception(
+                    exc if isinstance(exc, OSError) else ConnectionError(errno.EPROTO, str(exc)))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(
+                ConnectionResetError(errno.ECONNRESET, "node link closed before the answer"))
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+async def start_node(core: GatewayCore, session: Callable[[], asyncio.Protocol]) -> ClusterNode:
+    """Make `core` a node of the cluster its config names (``core.cluster``)."""
+    config = core.config.cluster
+    assert config is not None
+    worker = getattr(core, "worker", None)  # tether serve --workers N (gateway/supervisor.py)
+    if worker is not None:
+        config = for_worker(config, worker.index, worker.link_path(worker.index))
+    node = ClusterNode(core, config)
+    core.node_id = config.node_id
+    await node.start(session)
+    core.cluster = node
+    return node
+
+
+__all__ = ["LINK_CONNECT_TIMEOUT", "ClusterNode", "start_node"]

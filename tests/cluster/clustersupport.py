@@ -1,0 +1,118 @@
+"""A test cluster: N `tether serve` processes on loopback sharing the machine's Redis.
+
+Each cluster has a Redis key prefix of its own (``tether-test-RANDOM:``) and
+deletes exactly those keys when it stops (SCAN + DEL of the prefix; never a
+FLUSH). Node links use mutual TLS with certificates from a throwaway CA
+(trustme).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+import trustme
+from support import Gateway, gateway_config, require_service, start_gateway, wait_for
+
+REDIS_PORT = 6379
+REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
+
+
+def certificates(tmp: Path) -> dict[str, str]:
+    """A CA and one node certificate (every node shows it), as files: the [cluster] TLS keys."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("tether-node")
+    paths = {"tls_ca": tmp / "ca.pem", "tls_cert": tmp / "node.pem", "tls_key": tmp / "node.key"}
+    ca.cert_pem.write_to_path(str(paths["tls_ca"]))
+    cert.private_key_pem.write_to_path(str(paths["tls_key"]))
+    for i, blob in enumerate(cert.cert_chain_pems):
+        blob.write_to_path(str(paths["tls_cert"]), append=i > 0)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def delete_prefix(prefix: str, url: str = REDIS_URL) -> int:
+    """Delete every key under `prefix` (and nothing else); how many."""
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+        if keys:
+            client.delete(*keys)
+        return len(keys)
+    finally:
+        client.close()
+
+
+@dataclass
+class Cluster:
+    tmp: Path
+    size: int = 3
+    redis_url: str = REDIS_URL
+    cluster_extra: str = ""  # more [cluster] lines
+    config_extra: str = ""  # more tables at the end of every node's config
+    gateway_extra: str = ""  # more [gateway] lines
+    key: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    prefix: str = field(default_factory=lambda: f"tether-test-{secrets.token_hex(6)}:")
+    nodes: list[Gateway] = field(default_factory=list)
+
+    def config(self, i: int, tls: dict[str, str], *, link: str = "127.0.0.1:0") -> str:
+        files = "\n".join(f'{k} = "{v}"' for k, v in tls.items())
+        return gateway_config(self.key, gateway=self.gateway_extra, extra=(
+            f"\n[cluster]\nredis = \"{self.redis_url}\"\nnode_id = \"n{i}\"\n"
+            f"link_listen = \"{link}\"\nkey = \"{self.secret}\"\nprefix = \"{self.prefix}\"\n"
+            f"{files}\n{self.cluster_extra}\n{self.config_extra}"
+        ))
+
+    def start(self) -> Cluster:
+        require_service(REDIS_PORT, "Redis")
+        tls = certificates(self.tmp)
+        try:
+            for i in range(1, self.size + 1):
+                self.nodes.append(start_gateway(self.tmp, self.config(i, tls), self.key,
+                                                name=f"n{i}.toml"))
+            for node in self.nodes:
+                assert wait_for(lambda n=node: "in the cluster" in n.log_text()), node.log_text()
+            assert wait_for(lambda: len(self.live()) == self.size), self.live()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def live(self) -> set[str]:
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        try:
+            return {k.decode()[len(self.prefix) + 5:]
+                    for k in client.scan_iter(match=f"{self.prefix}node:*")}
+        finally:
+            client.close()
+
+    def node(self, i: int) -> Gateway:
+        """Node i, counted from 1 (its id is "n{i}")."""
+        return self.nodes[i - 1]
+
+    def kill(self, i: int) -> None:
+        proc = self.node(i).process.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.process.stop()
+        delete_prefix(self.prefix, self.redis_url)
+
+
+@contextlib.contextmanager
+def running(tmp: Path, **options: object) -> Iterator[Cluster]:
+    cluster = Cluster(tmp, **options)  # type: ignore[arg-type]
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
