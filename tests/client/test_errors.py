@@ -16,7 +16,7 @@ import pytest
 
 import tether
 from tether.client.errors import broke_protocol, closed, gateway_error, unreachable
-from tether.errors import LimitExceeded, PolicyDenied
+from tether.errors import LimitExceeded, NodeGone, PolicyDenied
 from tether.wire import RemoteProtocolError, pb
 
 GW = "127.0.0.1:7000"
@@ -27,6 +27,10 @@ DENIAL = (
 )
 
 LIMIT = "tether: app 'tests' has 100 open sockets, its max_sockets; close one first"
+NODE_GONE = (
+    "tether: the socket's node 'n2' has left the cluster (no heartbeat for 3 s): the socket "
+    "was lost with it (a TCP connection lives in one kernel)"
+)
 
 # code, errno sent, message sent, rule sent, target -> class (exactly), errno, text (strerror
 # or, for the classes that have none, str())
@@ -72,7 +76,15 @@ TABLE: list[tuple[int, int, str, str, str, type[BaseException], int | None, str]
     (E.ALREADY_RESUMED, 0, "token used", "", "", OSError, errno.EINVAL, "token used"),
     (E.LIMIT, errno.EMFILE, LIMIT, "max_sockets", "127.0.0.1:80", LimitExceeded, errno.EMFILE,
      LIMIT),
+    (E.NODE_GONE, errno.EHOSTDOWN, NODE_GONE, "", "", NodeGone, errno.ECONNRESET, NODE_GONE),
 ]
+
+
+def test_node_gone_names_the_node() -> None:
+    exc = gateway_error(pb.Error(code=E.NODE_GONE, message=NODE_GONE), GW)
+    assert isinstance(exc, NodeGone) and isinstance(exc, ConnectionResetError)
+    assert exc.node == "n2"
+    assert pickle.loads(pickle.dumps(exc)).node == "n2"
 
 
 def test_the_table_covers_every_code() -> None:

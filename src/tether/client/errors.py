@@ -51,8 +51,8 @@ def gateway_error(err: pb.Error, gateway: object, target: str = "") -> OSError:
             retry_after=err.retry_after,
         )
     if code == _E.NODE_GONE:
-        # The node is named in the message as 'NODE'.
-        return NodeGone(err.message, _quoted(err.message))
+        # The gateway names the node in its message: "... node 'NODE' ...".
+        return NodeGone(err.message, _named_node(err.message))
     if code == _E.AUTH_FAILED:
         return PermissionError(errno.EACCES, err.message)
     if code == _E.TIMEOUT:
@@ -85,10 +85,10 @@ def gateway_error(err: pb.Error, gateway: object, target: str = "") -> OSError:
     return OSError(errno.EIO, err.message or f"tether: gateway {gateway} failed the request")
 
 
-def _quoted(message: str) -> str:
-    """The first 'quoted' name in a gateway message ("" if none)."""
-    _, quote, rest = message.partition("'")
-    return rest.partition("'")[0] if quote else ""
+def _named_node(message: str) -> str:
+    """NODE in a gateway message's "node 'NODE'" ("" if it names none)."""
+    _, found, rest = message.partition("node '")
+    return rest.partition("'")[0] if found else ""
 
 
 def closed(gateway: object) -> ConnectionResetError:
