@@ -1,10 +1,12 @@
 """Admission: may this app reach this destination, and at which addresses.
 
 :func:`admit` is the one place every front-end and transport asks (bound as
-``GatewayCore.admit``): it decides with the policy, keeps the addresses of
-the family asked for, counts a denial against the app and writes the audit
-line of a decision that ends here. A decision that is admitted is logged
-later, with its outcome (connected, connect failed, ...), by the caller.
+``GatewayCore.admit``): it decides with the policy, checks the gateway's caps
+and the app's quota (``core.quota``, tether.quota), keeps the addresses of
+the family asked for, counts a denial or a quota refusal against the app and
+writes the audit line of a decision that ends here. A decision that is
+admitted is logged later, with its outcome (connected, connect failed, ...),
+by the caller. :func:`lookup_refusal` is the quota's word on a name lookup.
 """
 
 from __future__ import annotations
@@ -12,17 +14,21 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Sequence
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from tether.endpoint import host_port
 from tether.gateway import audit
+from tether.gateway.core import drain
 from tether.gateway.core.errors import Refusal
 from tether.gateway.core.registry import FDS_PER_SOCKET
 from tether.policy import Decision, ResolutionError, Transport
 from tether.wire import pb
 
 if TYPE_CHECKING:
+    from tether.config import Config
     from tether.gateway.core.gateway import GatewayCore
+    from tether.quota import Exceeded
 
 # The decision and the addresses to try, in the resolver's order: a plain
 # tuple, as it is made on every connect.
@@ -49,6 +55,11 @@ async def admit(
     False: a destination for a socket that exists (a UDP association's),
     not counted against the socket caps.
     """
+    started = perf_counter()  # the decision's latency (tether_decision_seconds)
+    off = core.quota.disabled(app)
+    if off is not None:
+        # Switched off: refused before the policy and before any lookup.
+        return quota_refusal(core, off, None, transport)
     decider = core.decider
     target = decider.normalize(host)
     try:
@@ -62,7 +73,9 @@ async def admit(
             # A numeric target is its own candidate: no addresses to pass.
             decision = decider.decide_resolved(app, target, port, transport, ())
     except ResolutionError as exc:
+        core.metrics.decisions.observe(perf_counter() - started)
         return Refusal(pb.Error.GAI, exc.eai, exc.message)
+    core.metrics.decisions.observe(perf_counter() - started)
     if not decision.allowed:
         core.registry.app_usage(app).connects_denied += 1
         log_decision(decision, outcome="denied")
@@ -91,6 +104,12 @@ async def admit(
             errno.EAFNOSUPPORT,
             f"tether: {host} has no {name} address the policy allows",
         )
+    if new_socket:
+        # Last: a connect refused for any other reason is not counted
+        # against connects_per_minute.
+        over = core.quota.admit(app)
+        if over is not None:
+            return quota_refusal(core, over, decision, transport)
     return decision, addresses
 
 
@@ -111,6 +130,8 @@ def capacity(
     """
     if core.shutting_down:
         return Refusal(pb.Error.CLOSED, errno.ESHUTDOWN, "tether: the gateway is shutting down")
+    if core.draining and new_socket:  # SIGTERM: live sockets finish, new ones go elsewhere
+        return drain.refusal(core, "connections")
     entry = core.config.apps.get(app)
     if entry is None:
         return Refusal(pb.Error.AUTH_FAILED, errno.EACCES,
@@ -125,9 +146,11 @@ def capacity(
     fds = FDS_PER_SOCKET * (total + int(new_socket)) + registry.extra_fds + int(not new_socket)
     spare = core.fd_limit - core.fd_reserve
     if new_socket and in_use >= cap:
-        message = (f"tether: app '{app}' has {in_use} open sockets, its max_sockets ({cap}); "
-                   "close one before opening another")
-    elif new_socket and total >= core.max_sockets:
+        # The app's sockets quota ([quota] sockets; gateway.max_sockets_per_app
+        # and apps.NAME.max_sockets are its older names).
+        over = core.quota.sockets(app, in_use, cap, name)
+        return quota_refusal(core, over, decision, Transport.UDP if decision is None else None)
+    if new_socket and total >= core.max_sockets:
         cap, name = core.max_sockets, "gateway.max_sockets"
         message = (f"tether: the gateway has {total} open sockets, its max_sockets ({cap}) "
                    "for all apps together; try again when some close")
@@ -138,6 +161,7 @@ def capacity(
                    "try again when some close")
     else:
         return None
+    usage.limit_refusals += 1
     outcome = f"refused: {name} {cap} reached"
     if decision is not None:
         log_decision(decision, outcome=outcome)
@@ -146,12 +170,77 @@ def capacity(
     return Refusal(pb.Error.LIMIT, errno.EMFILE, message, rule=name, reason=str(cap))
 
 
+def quota_refusal(
+    core: GatewayCore, over: Exceeded, decision: Decision | None, transport: Transport | None
+) -> Refusal:
+    """The Refusal of a request `over` a quota: counted, and one audit line naming the limit.
+
+    `decision` is the policy's, to log the refusal with; without one (a
+    switched-off app, a UDP association with no destination yet) a line of
+    its own for `transport`.
+    """
+    core.registry.app_usage(over.app).quota_refusals += 1
+    core.quota.refused(over.app, over.limit)
+    outcome = f"refused: {over.setting} {over.value} reached"
+    if over.limit == "enabled":
+        outcome = f"refused: {over.setting} is false"
+    fields = {"quota": over.limit, "window": over.window,
+              "retry_after": round(over.retry_after, 3)}
+    if decision is not None:
+        log_decision(decision, outcome=outcome, extra=fields)
+    else:
+        line: dict[str, Any] = {"event": "decision", "app": over.app}
+        if transport is not None:
+            line["transport"] = transport.value
+        audit.emit({**line, "outcome": outcome, **fields})
+    return Refusal(
+        pb.Error.QUOTA,
+        errno.EDQUOT,
+        over.message(),
+        rule=over.limit,
+        reason=str(over.value),
+        window=over.window,
+        retry_after=over.retry_after,
+        app=over.app,
+    )
+
+
+def lookup_refusal(core: GatewayCore, app: str, what: str) -> Refusal | None:
+    """None if `app` may look names up, else the Refusal (its sockets are switched off).
+
+    `what` names the lookup for the audit line (``getaddrinfo``).
+    """
+    off = core.quota.disabled(app)
+    if off is None:
+        return None
+    core.registry.app_usage(app).quota_refusals += 1
+    core.quota.refused(app, off.limit)
+    audit.emit({"event": "lookup", "app": app, "op": what,
+                "outcome": f"refused: {off.setting} is false", "quota": off.limit})
+    return Refusal(pb.Error.QUOTA, errno.EDQUOT, off.message(), rule=off.limit, reason="0",
+                   app=app)
+
+
+def reconfigure(core: GatewayCore, old: Config) -> None:
+    """A reload: the book takes the new limits; an app just switched off loses its sockets.
+
+    Each socket's tombstone says why, so the app's next call on it does.
+    """
+    book = core.quota
+    book.configure(core.config.quota)
+    for app in core.config.apps:
+        off = book.disabled(app)
+        if off is not None and old.quota.limits(app).enabled:
+            core._end(off.reason(), app)
+
+
 def log_decision(
     decision: Decision,
     *,
     outcome: str,
     descriptor: str = "",
     chosen: tuple[Any, ...] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """One audit line per decision, written once its outcome is known.
 
@@ -165,7 +254,17 @@ def log_decision(
         line += f',"descriptor":{audit.quote(descriptor[:8])}'
     if chosen is not None:
         line += f',"chosen":{audit.quote(host_port(chosen[0], chosen[1]))}'
+    if extra:
+        line += "," + audit.encode(extra)[1:-1]
     audit.emit_line(line + "}")
 
 
-__all__ = ["Admission", "admit", "capacity", "log_decision"]
+__all__ = [
+    "Admission",
+    "admit",
+    "capacity",
+    "log_decision",
+    "lookup_refusal",
+    "quota_refusal",
+    "reconfigure",
+]

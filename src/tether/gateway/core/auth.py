@@ -258,9 +258,13 @@ class Guard:
 
     def authenticated(self, stream: Pending) -> None:
         """The stream said who it is: no deadline, no cap from here on."""
-        self.pending.pop(stream, None)
+        arrived = self.pending.pop(stream, None)
+        if arrived is not None:  # accept -> hello authenticated (tether_handshake_seconds)
+            self.core.metrics.handshakes["tether"].observe(self.clock() - arrived)
 
-    gone = authenticated  # closed before authenticating: the same bookkeeping
+    def gone(self, stream: Pending) -> None:
+        """The stream closed before authenticating."""
+        self.pending.pop(stream, None)
 
     # -- failures -----------------------------------------------------------
 

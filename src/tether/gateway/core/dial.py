@@ -93,9 +93,11 @@ async def dial(
         if task not in core._expired:
             raise
         core._expired.discard(task)
+        usage.connects_failed += 1
         log_decision(decision, outcome=f"connect timed out after {timeout:g} s")
         raise DialTimeout(decision.host, port, timeout) from None
     except OSError as exc:
+        usage.connects_failed += 1
         log_decision(decision, outcome=f"connect failed: {exc.strerror or exc}")
         raise
     finally:
@@ -127,6 +129,7 @@ async def dial(
                     on_fd.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
     except OSError as exc:
         outbound.abort()
+        usage.connects_failed += 1
         log_decision(decision, outcome=f"outbound setup failed: {exc}")
         raise OSError(
             exc.errno or errno.EIO, f"tether: outbound setup failed: {exc.strerror or exc}"
@@ -134,6 +137,7 @@ async def dial(
     app = decision.app
     record = core.registry.add(app, peer, local, "tcp", core.idle_timeout(app))
     link.bind(record)
+    link.meter = core.quota.meter(app)  # None unless the app has a byte limit
     log_decision(decision, outcome="connected", descriptor=record.descriptor, chosen=peer)
     return link
 

@@ -77,6 +77,11 @@ class AppUsage:
     # cumulative, for the usage ledger and the metrics.
     quota_refusals: int = 0
     socket_seconds: float = 0.0
+    # Cumulative, for the metrics (tether_connects_total): connects a socket
+    # cap refused (admission.capacity), and admitted connects whose
+    # outbound connect failed or timed out (core/dial.py).
+    limit_refusals: int = 0
+    connects_failed: int = 0
 
 
 # slots: the relay updates the counters on every chunk, and 5,000 idle
