@@ -85,7 +85,10 @@ GATEWAY_CONNECT_TIMEOUT = 10.0
 # Tombstone reasons that explain a reset to the app (sock._explain): an idle
 # reclaim, a revocation, a daily quota (gateway/relay.py, Link.over_quota),
 # the gateway shutting down.
-_EXPLAINED = ("reclaimed", "revoked", "closed by its quota", "gateway shutting down")
+_EXPLAINED = (
+    "reclaimed", "revoked", "closed by its quota", "gateway shutting down",
+    "closed when the gateway drained",
+)
 
 # getsockopt()'s largest buflen: CPython's sock_getsockopt refuses more.
 _MAX_BUFLEN = 1024

@@ -331,7 +331,11 @@ class Supervisor:
             for line in data.split():
                 index = int(line)
                 if 0 <= index < self.count:
-                    self.workers[index].ready = True
+                    worker = self.workers[index]
+                    worker.ready = True
+                    pid = worker.proc.pid if worker.proc is not None else 0
+                    log.info("worker %d (node %s, pid %d) listening",
+                             index, self.spec(index).node_id, pid)
         if not self._announced and all(w.ready for w in self.workers):
             self._announced = True
             log.info(

@@ -60,7 +60,10 @@ def resume_refusal(core: GatewayCore, app: str, descriptor: str) -> Refusal | No
 
 def drained_reason(waited: float) -> str:
     """The tombstone of a socket still open when the drain ended (the app reads it)."""
-    return f"closed: gateway drained after {waited:.3g} s (gateway.drain_timeout)"
+    return (
+        f"closed when the gateway drained: still open after {waited:.3g} s "
+        "(gateway.drain_timeout)"
+    )
 
 
 async def drain(core: GatewayCore, timeout: float, interrupt: asyncio.Event) -> str | None:
