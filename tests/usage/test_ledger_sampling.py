@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -357,7 +358,7 @@ def test_the_rows_add_up_to_the_audit_close_lines(ops: list[tuple[Any, ...]]) ->
         assert got.socket_seconds == pytest.approx(sum(line["duration_s"] for line in mine))
         assert got == (cumulative(registry).get(app, ZERO))
     # Every row is a whole minute that some pair of samples has its midpoint in.
-    midpoints = {minute_of((a + b) / 2) for a, b in zip(samples, samples[1:], strict=False)}
+    midpoints = {minute_of((a + b) / 2) for a, b in itertools.pairwise(samples)}
     assert {minute for _, minute in rows} <= midpoints
     assert all(min(c) >= 0 for c in rows.values())
 
