@@ -548,3 +548,63 @@ def test_serve_on_a_unix_socket(tmp_path: Path) -> None:
     finally:
         assert gw.stop() == 0
     assert not path.exists()  # removed at exit
+
+
+@pytest.mark.parametrize(
+    ("configured", "index", "expected"),
+    [
+        ("127.0.0.1:9464", 0, "127.0.0.1:9464"),
+        ("127.0.0.1:9464", 3, "127.0.0.1:9467"),
+        ("[::1]:9464", 1, "[::1]:9465"),
+        ("127.0.0.1:0", 2, "127.0.0.1:0"),  # ephemeral: each worker its own anyway
+        ("unix:/run/t/admin.sock", 0, "unix:/run/t/admin.sock"),
+        ("unix:/run/t/admin.sock", 2, "unix:/run/t/admin.sock.2"),
+    ],
+)
+def test_each_worker_has_its_own_admin_address(configured: str, index: int, expected: str) -> None:
+    assert str(admin.worker_endpoint(parse_endpoint(configured), index)) == expected
+
+
+def test_a_worker_port_past_65535_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"gateway.admin_listen: worker 2 .* port 65536"):
+        admin.worker_endpoint(parse_endpoint("127.0.0.1:65534"), 2)
+
+
+def unix_get(path: Path, target: str) -> tuple[bytes, bytes]:
+    sock = StdSocket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(TIMEOUT)
+    try:
+        sock.connect(str(path))
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        answer = read_all(sock)
+    finally:
+        sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_workers_each_answer_for_themselves(tmp_path: Path) -> None:
+    """`tether serve --workers 2`: worker 0 on the configured socket, worker 1 on PATH.1;
+    each scrape names its own node."""
+    from tether.devmode import GatewayProcess
+
+    path = tmp_path / "admin.sock"
+    config = tmp_path / "tether.toml"
+    config.write_text(f'[gateway]\nadmin_listen = "unix:{path}"\n[apps.a]\nkey = "key-a"\n')
+    gw = GatewayProcess(config, args=["--workers", "2"])
+    gw.start()
+    try:
+        paths = [path, tmp_path / "admin.sock.1"]
+        assert wait_for(lambda: all(p.exists() for p in paths)), gw.log_text()
+        nodes = set()
+        for p in paths:
+            assert wait_for(lambda p=p: unix_get(p, "/readyz")[0].startswith(b"HTTP/1.1 200"))
+            head, body = unix_get(p, "/metrics")
+            assert head.startswith(b"HTTP/1.1 200")
+            for family in text_string_to_metric_families(body.decode()):
+                if family.name == "tether_build_info":
+                    nodes.add(family.samples[0].labels["node"])
+        assert len(nodes) == 2, nodes
+        assert all(node.endswith(("-0", "-1")) for node in nodes)
+    finally:
+        assert gw.stop() == 0

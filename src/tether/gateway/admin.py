@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import h11
 
 from tether.endpoint import Endpoint
+from tether.errors import ConfigError
 from tether.gateway.metrics import collector_registry, not_ready
 
 if TYPE_CHECKING:
@@ -58,7 +59,9 @@ class AdminServer:
 
     def __init__(self, core: GatewayCore, endpoint: Endpoint) -> None:
         self.core = core
-        self.endpoint = endpoint  # as configured; the bound one after start()
+        # As configured (this worker's own with --workers); the bound one after start().
+        worker = getattr(core, "worker", None)
+        self.endpoint = endpoint if worker is None else worker_endpoint(endpoint, worker.index)
         self.sessions: set[AdminSession] = set()
         self.registry: CollectorRegistry = collector_registry(core)
         self._server: asyncio.Server | None = None
@@ -122,6 +125,30 @@ class AdminServer:
 
 
 _TEXT = "text/plain; charset=utf-8"
+
+
+def worker_endpoint(endpoint: Endpoint, index: int) -> Endpoint:
+    """Worker `index`'s admin address under ``tether serve --workers N``.
+
+    Each worker answers for itself (its sockets, its readiness), so each
+    listens on its own address rather than sharing one with SO_REUSEPORT,
+    where a scrape would reach whichever worker the kernel picked: worker 0
+    on the configured one, worker I on port + I (port 0 stays ephemeral),
+    or on PATH.I for a Unix socket.
+    """
+    if index == 0:
+        return endpoint
+    if endpoint.is_unix:
+        return Endpoint(path=f"{endpoint.path}.{index}")
+    if endpoint.port == 0:
+        return endpoint
+    if endpoint.port + index > 65535:
+        raise ConfigError(
+            "gateway.admin_listen",
+            f"worker {index} would listen on port {endpoint.port + index} (port + worker "
+            "index), past 65535: choose a lower port",
+        )
+    return Endpoint(host=endpoint.host, port=endpoint.port + index)
 
 
 class AdminSession(asyncio.Protocol):
@@ -296,4 +323,11 @@ def _has_body(request: h11.Request) -> bool:
     return False
 
 
-__all__ = ["MAX_CONNECTIONS", "MAX_REQUEST_HEAD", "READ_TIMEOUT", "AdminServer", "AdminSession"]
+__all__ = [
+    "MAX_CONNECTIONS",
+    "MAX_REQUEST_HEAD",
+    "READ_TIMEOUT",
+    "AdminServer",
+    "AdminSession",
+    "worker_endpoint",
+]
