@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from tether.client.settings import Settings
-from tether.config import load_config
+from tether.config import Config, load_config
 from tether.endpoint import parse_endpoint
 
 DEV_APP = "dev"
@@ -48,9 +48,11 @@ class GatewayProcess:
         *,
         listen: str = "127.0.0.1:0",
         prefix: list[str] | None = None,
+        args: list[str] | None = None,
     ) -> None:
         self.config_path = config_path  # None: the built-in defaults (no --config)
         self.listen = listen
+        self.args = args or []  # more `tether serve` options
         self.prefix = prefix or []  # a command the gateway runs under (tests: prlimit)
         self.log: list[str] = []
         self.address = ""
@@ -61,7 +63,7 @@ class GatewayProcess:
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "tether.gateway",
              *(["--config", str(self.config_path)] if self.config_path is not None else []),
-             "--listen", self.listen],
+             "--listen", self.listen, *self.args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -146,11 +148,23 @@ def dev_config_file(config_path: str | os.PathLike[str] | None) -> tuple[Path, s
     return Path(name), app, key
 
 
+def dev_proxy_args(config: Config) -> list[str]:
+    """The proxy front-ends a development gateway offers, on ephemeral loopback ports,
+    unless its config places them: so `tether run` can give non-Python programs
+    HTTP_PROXY and ALL_PROXY (docs/proxies.md)."""
+    args = []
+    if not config.http_proxy_listen:
+        args += ["--http-proxy-listen", "127.0.0.1:0"]
+    if not config.socks5_listen:
+        args += ["--socks5-listen", "127.0.0.1:0"]
+    return args
+
+
 def start_dev_gateway(
     config_path: str | os.PathLike[str] | None = None,
 ) -> tuple[GatewayProcess, Settings]:
     path, app, key = dev_config_file(config_path)
-    gateway = GatewayProcess(path)
+    gateway = GatewayProcess(path, args=dev_proxy_args(load_config(path)))
     try:
         address = gateway.start()
     finally:

@@ -17,21 +17,34 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
+from tether.client.exchange import Exchange
 from tether.client.settings import (
     ENV_APP,
     ENV_GATEWAY,
     ENV_KEY,
     ENV_KEY_FILE,
     KeyFileError,
+    Settings,
     choose_key,
 )
+from tether.client.stream import Deadline, open_stream, roundtrip
+from tether.endpoint import parse_endpoint
 from tether.errors import ConfigError
+from tether.wire import pb
 
 if TYPE_CHECKING:
     from tether.devmode import GatewayProcess
 
 ENV_AUTOINSTALL = "TETHER_AUTOINSTALL"
+# The proxy URLs `tether run` gave the command (no credentials), for the boot hook.
+ENV_PROXIES = "TETHER_PROXIES"
+# Asking the gateway which proxies it offers is one round trip on loopback or
+# a Unix socket; the development gateway answers within milliseconds of its
+# "listening on" line. 5 s: the hello deadline the gateway itself allows
+# (config.DEFAULT_HANDSHAKE_TIMEOUT).
+PROBE_TIMEOUT = 5.0
 BOOT_DIR = Path(__file__).resolve().parent.parent / "_boot"
 
 
@@ -91,6 +104,64 @@ def child_env(gateway: str, app: str, key: str) -> dict[str, str]:
     return env
 
 
+def with_proxies(env: dict[str, str], app: str, key: str) -> dict[str, str]:
+    """`env` with the proxy variables for the gateway's proxy front-ends, if it offers any.
+
+    Programs that are not Python (curl, git, wget, node with a proxy agent)
+    then go through the gateway unmodified: HTTP_PROXY and HTTPS_PROXY name
+    the HTTP proxy, ALL_PROXY the SOCKS5 one (socks5h: names resolved at the
+    gateway) or else the HTTP one; lower-case too (curl reads only
+    http_proxy). NO_PROXY is removed: a loopback service is reached through
+    the gateway too, so the policy and the meter see it. The gateway says
+    what it offers in its ServerHello (one hello, asked here); if it cannot
+    be asked, the command runs without them and this says why. Python
+    processes keep the native path (the boot hook makes urllib's
+    getproxies() leave these out: TETHER_PROXIES lists them).
+    """
+    try:
+        settings = Settings(gateway=parse_endpoint(env[ENV_GATEWAY]), app=app, key=key)
+        http, socks5 = offered_proxies(settings)
+    except (OSError, ValueError) as exc:
+        print(f"tether run: warning: no proxy variables for the command: asking the gateway "
+              f"{env[ENV_GATEWAY]} which proxies it offers failed: {exc}", file=sys.stderr)
+        return env
+    if not http and not socks5:
+        return env
+    values = {}
+    if http:
+        values["http_proxy"] = values["https_proxy"] = _with_credentials(http, app, key)
+    values["all_proxy"] = _with_credentials(socks5 or http, app, key)
+    for name, value in values.items():
+        env[name] = env[name.upper()] = value
+    for name in ("NO_PROXY", "no_proxy"):
+        env.pop(name, None)
+    env[ENV_PROXIES] = " ".join(filter(None, (http, socks5)))
+    return env
+
+
+def offered_proxies(settings: Settings, timeout: float = PROBE_TIMEOUT) -> tuple[str, str]:
+    """The (HTTP, SOCKS5) proxy URLs the gateway offers `settings`' app ("" if not offered).
+
+    Raises the client's OSError for a gateway that cannot be reached or
+    refuses the app's hello.
+    """
+    deadline = Deadline(timeout)
+    sock = open_stream(settings, deadline)
+    try:
+        exchange = Exchange(settings.gateway)
+        answer = roundtrip(sock, exchange, exchange.open(settings), deadline)
+    finally:
+        sock.close()
+    assert isinstance(answer, pb.ServerHello)
+    return answer.http_proxy, answer.socks5_proxy
+
+
+def _with_credentials(url: str, app: str, key: str) -> str:
+    """``scheme://APP:KEY@host:port``, both percent-encoded (a key may hold ':' or '@')."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{quote(app, safe='')}:{quote(key, safe='')}@{rest}"
+
+
 def run(args: argparse.Namespace) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -120,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     if args.isolate:
         return _run_isolated(cmd, gateway, app, key, dev)
     try:
-        proc = subprocess.Popen(cmd, env=child_env(gateway, app, key))
+        proc = subprocess.Popen(cmd, env=with_proxies(child_env(gateway, app, key), app, key))
     except OSError as exc:
         print(f"tether run: cannot start {cmd[0]!r}: {exc}", file=sys.stderr)
         if dev is not None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 from tether.config import Config, check_listen, load_config
-from tether.endpoint import parse_endpoint
+from tether.endpoint import Endpoint, parse_endpoint
 from tether.errors import ConfigError
 
 
@@ -21,6 +22,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="ADDR",
         help="listen on HOST:PORT or unix:/path (repeatable; overrides gateway.listen)",
     )
+    # Development mode turns the proxy front-ends on (ephemeral ports) this way.
+    p.add_argument("--http-proxy-listen", action="append", metavar="ADDR",
+                   help="HTTP proxy front-end on HOST:PORT or unix:/path (repeatable; "
+                   "overrides gateway.http_proxy_listen)")
+    p.add_argument("--socks5-listen", action="append", metavar="ADDR",
+                   help="SOCKS5 front-end on HOST:PORT or unix:/path (repeatable; "
+                   "overrides gateway.socks5_listen)")
     p.add_argument(
         "--workers",
         type=_worker_count,
@@ -32,6 +40,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--worker-spec", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=run)
+
+
+def _endpoints(option: str, texts: list[str]) -> tuple[Endpoint, ...]:
+    endpoints = []
+    for i, text in enumerate(texts):
+        try:
+            endpoints.append(parse_endpoint(text))
+        except ValueError as exc:
+            raise ConfigError(f"{option}[{i}]", str(exc)) from exc
+    return tuple(endpoints)
 
 
 def _worker_count(text: str) -> int:
@@ -61,13 +79,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         if args.listen:
-            endpoints = []
-            for i, text in enumerate(args.listen):
-                try:
-                    endpoints.append(parse_endpoint(text))
-                except ValueError as exc:
-                    raise ConfigError(f"--listen[{i}]", str(exc)) from exc
-            config = config.with_listen(tuple(endpoints))
+            config = config.with_listen(_endpoints("--listen", args.listen))
+        if args.http_proxy_listen:
+            config = dataclasses.replace(config, http_proxy_listen=_endpoints(
+                "--http-proxy-listen", args.http_proxy_listen
+            ))
+        if args.socks5_listen:
+            config = dataclasses.replace(
+                config, socks5_listen=_endpoints("--socks5-listen", args.socks5_listen)
+            )
     except ConfigError as exc:
         print(f"tether serve: bad configuration: {exc}", file=sys.stderr)
         return 2
