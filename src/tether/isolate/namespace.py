@@ -132,7 +132,7 @@ def enter_namespaces(
     uid: int,
     gid: int,
     unshare: Callable[[int], None] | None = None,
-    sysctls: Callable[[], dict[str, str]] = read_sysctls,
+    sysctls: Callable[[], dict[str, str]] | None = None,
 ) -> int:
     """Make the namespaces for this process; the flags used. NamespaceUnavailableError if refused.
 
@@ -144,11 +144,11 @@ def enter_namespaces(
     """
     flags = unshare_flags(uid)
     try:
-        # Looked up at call time: a test's helper replaces libc_unshare to simulate a refusal.
+        # Looked up at call time: a test's helper replaces these to simulate a refusal.
         (unshare or libc_unshare)(flags)
     except OSError as exc:
         err = exc.errno or errno.EPERM
-        raise NamespaceUnavailableError(err, explain_refusal(flags, err, uid, sysctls())) from exc
+        raise NamespaceUnavailableError(err, explain_refusal(flags, err, uid, (sysctls or read_sysctls)())) from exc
     if flags & CLONE_NEWUSER:
         _map_ids(inner_uid=0, inner_gid=0, outer_uid=uid, outer_gid=gid, what="the setup's")
     return flags
