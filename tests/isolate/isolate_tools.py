@@ -1,4 +1,4 @@
-"""What the isolate tests need from the machine, installed or demanded (importable as isolate_tools).
+"""What the isolate tests need from the machine (importable as isolate_tools).
 
 nftables is installed with apt-get when missing (root only), as bench/proxies.py
 does for the SOCKS servers. A client program that is missing skips its test

@@ -41,7 +41,7 @@ class Setup:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+    def do_GET(self) -> None:
         body = BODY.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -49,7 +49,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -91,7 +91,8 @@ def decision(s: Setup, host: str, port: int, outcome: str) -> dict[str, object]:
     """The gateway's audit decision line for host:port with that outcome (waited for)."""
     deadline = time.monotonic() + 10  # the audit file is written in batches of up to 20 ms
     while True:
-        lines = [json.loads(x) for x in s.audit.read_text().splitlines()] if s.audit.exists() else []
+        text = s.audit.read_text() if s.audit.exists() else ""
+        lines = [json.loads(x) for x in text.splitlines()]
         found = [x for x in lines if x.get("event") == "decision" and x.get("host") == host
                  and x.get("port") == port and x.get("outcome") == outcome]
         if found:

@@ -52,7 +52,8 @@ def test_a_full_range_is_refused_in_words() -> None:
     names = FakeNames(ipaddress.IPv4Network("198.18.0.0/30"))  # two usable addresses
     names.address_for("a.test")
     names.address_for("b.test")
-    with pytest.raises(NamesExhaustedError, match=r"all 2 fake addresses of 198\.18\.0\.0/30.*'c\.test'"):
+    full = r"all 2 fake addresses of 198\.18\.0\.0/30.*'c\.test'"
+    with pytest.raises(NamesExhaustedError, match=full):
         names.address_for("c.test")
     assert names.address_for("a.test") == ipaddress.IPv4Address("198.18.0.1")  # old ones stay
 

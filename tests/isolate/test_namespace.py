@@ -17,7 +17,7 @@ import pytest
 from tether.client.settings import Settings
 from tether.endpoint import parse_endpoint
 from tether.isolate import enter, namespace, rules
-from tether.isolate.launch import IsolateError, Isolated, namespace_env
+from tether.isolate.launch import Isolated, IsolateError, namespace_env
 
 U, N, M = namespace.CLONE_NEWUSER, namespace.CLONE_NEWNET, namespace.CLONE_NEWNS
 

@@ -148,7 +148,8 @@ def enter_namespaces(
         (unshare or libc_unshare)(flags)
     except OSError as exc:
         err = exc.errno or errno.EPERM
-        raise NamespaceUnavailableError(err, explain_refusal(flags, err, uid, (sysctls or read_sysctls)())) from exc
+        facts = (sysctls or read_sysctls)()
+        raise NamespaceUnavailableError(err, explain_refusal(flags, err, uid, facts)) from exc
     if flags & CLONE_NEWUSER:
         _map_ids(inner_uid=0, inner_gid=0, outer_uid=uid, outer_gid=gid, what="the setup's")
     return flags
