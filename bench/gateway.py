@@ -28,6 +28,7 @@ def config_text(ports: Iterable[int], key: str, unix_path: Path, audit_log: Path
         f"""\
         [gateway]
         listen = ["127.0.0.1:0", "unix:{unix_path}"]
+        socks5_listen = ["127.0.0.1:0"]
         audit_log = "{audit_log}"
 
         [resolver]
@@ -62,6 +63,7 @@ class TetherGateway:
         )
         self.tcp = ""
         self.unix = ""
+        self.socks5 = ""  # the SOCKS5 front-end, host:port
         self._log = self.log_path.open("w")
         self.child = Child(
             name,
@@ -83,7 +85,9 @@ class TetherGateway:
                     self.unix = addr
                 else:
                     self.tcp = addr
-            return bool(self.tcp and self.unix)
+            socks = re.findall(r"SOCKS5 front-end at (\S+)", self.log_path.read_text())
+            self.socks5 = socks[-1] if socks else ""
+            return bool(self.tcp and self.unix and self.socks5)
 
         try:
             wait_until(ready, timeout, "tether gateway", alive=self.child.alive)

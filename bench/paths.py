@@ -17,7 +17,7 @@ from typing import Any
 
 TARGET_HOST = "127.0.0.1"
 
-ORDER = ["direct", "tether-tcp", "tether-unix", "floor", "dante", "microsocks"]
+ORDER = ["direct", "tether-tcp", "tether-unix", "floor", "dante", "microsocks", "tether-socks5"]
 LABELS = {
     "direct": "direct",
     "tether-tcp": "Tether TCP",
@@ -25,9 +25,12 @@ LABELS = {
     "floor": "uvloop relay (floor)",
     "dante": "Dante+PySocks",
     "microsocks": "microsocks+PySocks",
+    "tether-socks5": "Tether SOCKS5+PySocks",
 }
 TETHER = ("tether-tcp", "tether-unix")
 PROXIES = ("dante", "microsocks")
+# Tether's own SOCKS5 front-end, driven by the same PySocks client as PROXIES.
+TETHER_SOCKS5 = "tether-socks5"
 
 
 @dataclass
@@ -83,13 +86,19 @@ def tether(name: str, gateway: str, app: str, key: str,
     return Path(name, connect, pid)
 
 
-def pysocks(name: str, proxy_port: int, pid: Callable[[], int | None]) -> Path:
-    """PySocks (``socks.socksocket``) through a SOCKS5 server on 127.0.0.1:`proxy_port`."""
+def pysocks(name: str, proxy_port: int, pid: Callable[[], int | None],
+            username: str | None = None, password: str | None = None) -> Path:
+    """PySocks (``socks.socksocket``) through a SOCKS5 server on 127.0.0.1:`proxy_port`.
+
+    With `username`, RFC 1929 authentication (Tether's app and key: one
+    more round trip per connection than Dante's and microsocks' none).
+    """
     import socks
 
     def new_socket() -> Any:
         s = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
-        s.set_proxy(socks.SOCKS5, "127.0.0.1", proxy_port, rdns=False)
+        s.set_proxy(socks.SOCKS5, "127.0.0.1", proxy_port, rdns=False,
+                    username=username, password=password)
         return s
 
     def connect(port: int, timeout: float) -> Any:

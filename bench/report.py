@@ -15,7 +15,7 @@ from pathlib import Path as FsPath
 from typing import Any
 
 from bench.aio import KINDS, LOOPS, REFUSED, recorded_name
-from bench.paths import LABELS, ORDER, TETHER
+from bench.paths import LABELS, ORDER, PROXIES, TETHER, TETHER_SOCKS5
 
 # workload -> the metrics summarised for it
 METRICS: dict[str, tuple[str, ...]] = {
@@ -85,6 +85,24 @@ def ratios(summary: dict[str, Any]) -> dict[str, Any]:
         }
         if any(v is not None for r in row.values() for v in r.values()):
             out[t] = row
+    return out
+
+
+def proxy_ratios(summary: dict[str, Any]) -> dict[str, Any]:
+    """Tether's SOCKS5 front-end against each SOCKS5 server, same client (PySocks), same run.
+
+    Throughput and connection rate: Tether's over theirs (above 1 is faster);
+    round trip p50: Tether's over theirs (below 1 is faster).
+    """
+    out: dict[str, Any] = {}
+    for base in PROXIES:
+        row: dict[str, Any] = {}
+        for workload, metric in (("download", "mb_s"), ("upload", "mb_s"),
+                                 ("rtt", "p50_us"), ("connrate", "per_s")):
+            row[workload] = _div(value(summary, workload, TETHER_SOCKS5, metric),
+                                 value(summary, workload, base, metric))
+        if any(v is not None for v in row.values()):
+            out[base] = row
     return out
 
 
@@ -304,6 +322,16 @@ def render(results: dict[str, Any]) -> str:
                           _fmt(r["rtt_p50"]["vs_dante"], 2, "x"),
                           _fmt(r["connrate"]["dante"], 2, "x")])
         parts.append(_table(rrows))
+
+    prat = results.get("proxy_ratios", {})
+    if prat:
+        prows = [[f"{LABELS[TETHER_SOCKS5]} vs", "download", "upload", "round trip p50",
+                  "connections/s"]]
+        for base, r in prat.items():
+            prows.append([f"/ {LABELS[base]}", _fmt(r["download"], 2, "x"),
+                          _fmt(r["upload"], 2, "x"), _fmt(r["rtt"], 2, "x"),
+                          _fmt(r["connrate"], 2, "x")])
+        parts.append(_table(prows))
 
     if len(rows) > 1:
         trows = [["target (issue 6)", *(LABELS[t] for t in TETHER)]]

@@ -34,6 +34,7 @@ from bench.paths import (
     ORDER,
     PROXIES,
     TETHER,
+    TETHER_SOCKS5,
     Path,
     direct,
     floor,
@@ -166,13 +167,15 @@ class Suite:
         ports = self.targets.ports
         if "direct" in wanted:
             self.paths["direct"] = direct()
-        if any(t in wanted for t in TETHER):
+        if any(t in wanted for t in (*TETHER, TETHER_SOCKS5)):
             gw = self.gateway = self.start_gateway("gateway")
             self.audit = aio.AuditCounter(gw.audit_path)
             for t, addr in (("tether-tcp", gw.tcp), ("tether-unix", gw.unix)):
                 if t in wanted:
                     self.paths[t] = tether(t, addr, gw.app, gw.key, constant(gw.pid))
                     self.start_worker(t, addr, gw)
+            if TETHER_SOCKS5 in wanted:
+                self.setup_tether_socks5(gw)
         if "floor" in wanted:
             relay = self.start_floor("")
             self.paths["floor"] = floor(relay.port, constant(relay.pid))
@@ -224,6 +227,14 @@ class Suite:
                 self.status[p] = {"available": False, "reason": f"did not start: {exc}"}
                 continue
             self.paths[p] = pysocks(p, server.port, constant(server.pid))
+
+    def setup_tether_socks5(self, gw: TetherGateway) -> None:
+        """The gateway's SOCKS5 front-end, driven by the PySocks client Dante and microsocks are."""
+        if not pysocks_available():
+            self.status[TETHER_SOCKS5] = {
+                "available": False, "reason": "PySocks is not installed (pip install PySocks)"}
+            return
+        self.paths[TETHER_SOCKS5] = socks5_path(gw)
 
     def start_floor(self, tag: str) -> FloorRelay:
         relay = FloorRelay(self.workdir, self.pinning, tag)
@@ -381,6 +392,10 @@ class Suite:
                     addr = gw.tcp if name == "tether-tcp" else gw.unix
                     path = tether(name, addr, gw.app, gw.key, constant(gw.pid))
                     pid, stop = gw.pid, gw.stop
+                elif name == TETHER_SOCKS5:
+                    gw = self.start_gateway(f"memgw{rep}-{name}")
+                    path = socks5_path(gw)
+                    pid, stop = gw.pid, gw.stop
                 elif name == "floor":
                     relay = self.start_floor(f"-mem{rep}")
                     path = floor(relay.port, constant(relay.pid))
@@ -397,6 +412,12 @@ class Suite:
                     memory.idle_connections, path, pids, port, greet, args.idle_connections,
                     LIMIT_MEMORY))
                 stop()
+
+
+def socks5_path(gw: TetherGateway) -> Path:
+    """PySocks through `gw`'s SOCKS5 front-end, as its app (RFC 1929 with the app's key)."""
+    port = int(gw.socks5.rsplit(":", 1)[1])
+    return pysocks(TETHER_SOCKS5, port, constant(gw.pid), username=gw.app, password=gw.key)
 
 
 def constant(value: int) -> Callable[[], int | None]:
@@ -527,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     results["summary"] = report.summarise(suite.runs)
     results["ratios"] = report.ratios(results["summary"])
+    results["proxy_ratios"] = report.proxy_ratios(results["summary"])
     results["aio_ratios"] = report.aio_ratios(results["summary"])
     results["targets"] = report.targets(results["summary"], settings)
     if "handoff" in args.workload_list and not suite.workers:
