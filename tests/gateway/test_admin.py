@@ -36,7 +36,13 @@ from tether.endpoint import Endpoint, parse_endpoint
 from tether.errors import ConfigError, LimitExceeded, PolicyDenied
 from tether.gateway import admin
 from tether.gateway.embedded import EmbeddedGateway
-from tether.gateway.metrics import LATENCY_BUCKETS, VERDICTS, Histogram
+from tether.gateway.metrics import (
+    LATENCY_BUCKETS,
+    VERDICTS,
+    GatewayMetrics,
+    Histogram,
+    frontend_name,
+)
 from tether.gateway.server import Gateway
 
 # -- the histogram (pure) ---------------------------------------------------------
@@ -73,6 +79,21 @@ def test_histogram_matches_counting_by_hand(values: list[float]) -> None:
     for le, n in histogram.buckets():
         bound = math.inf if le == "+Inf" else float(le)
         assert n == sum(1 for v in values if v <= bound)
+
+
+def test_each_front_end_has_its_handshake_label() -> None:
+    from tether.gateway.frontends.http_proxy import HttpProxySession
+    from tether.gateway.frontends.socks5 import Socks5Session
+    from tether.gateway.frontends.tether import TetherSession
+
+    metrics = GatewayMetrics()
+    for session, label in [
+        (TetherSession, "tether"), (Socks5Session, "socks5"), (HttpProxySession, "http_proxy")
+    ]:
+        assert frontend_name(session) == label
+        metrics.handshake(session).observe(0.001)
+        assert metrics.handshakes[label].count == 1
+    assert metrics.handshake(TetherSession) is metrics.handshakes["tether"]
 
 
 # -- config --------------------------------------------------------------------------

@@ -89,25 +89,35 @@ class Histogram:
 class GatewayMetrics:
     """What the core observes as it works (``core.metrics``); the rest is read at scrape.
 
-    `handshakes` is keyed by front-end ("tether", and whichever front-end
-    observes its own), so a SOCKS5 or HTTP proxy handshake is not mixed
-    with a Tether hello.
+    `handshakes` is keyed by front-end ("tether", "socks5", "http_proxy"),
+    so a proxy's handshake is not mixed with a Tether hello.
     """
 
-    __slots__ = ("decisions", "handshakes")
+    __slots__ = ("_by_class", "decisions", "handshakes")
 
     def __init__(self) -> None:
-        # A Tether stream accepted -> its hello authenticated (core/auth.py Guard).
+        # A stream accepted -> authenticated (core/auth.py Guard.authenticated).
         self.handshakes: dict[str, Histogram] = {"tether": Histogram()}
+        self._by_class: dict[type, Histogram] = {}
         # admission.admit: the policy's decision, with the name lookup it needs.
         self.decisions = Histogram()
 
-    def handshake(self, frontend: str) -> Histogram:
-        """The handshake histogram of `frontend`, made on first use."""
-        found = self.handshakes.get(frontend)
+    def handshake(self, session: type) -> Histogram:
+        """The handshake histogram of the front-end whose session class is `session`."""
+        found = self._by_class.get(session)
         if found is None:
-            found = self.handshakes[frontend] = Histogram()
+            name = frontend_name(session)
+            found = self._by_class[session] = self.handshakes.setdefault(name, Histogram())
         return found
+
+
+def frontend_name(session: type) -> str:
+    """A front-end's label from its session class: TetherSession -> "tether",
+    Socks5Session -> "socks5", HttpProxySession -> "http_proxy"."""
+    name = session.__name__.removesuffix("Session") or session.__name__
+    return "".join(
+        f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name)
+    )
 
 
 class GatewayCollector:
@@ -325,5 +335,6 @@ __all__ = [
     "GatewayMetrics",
     "Histogram",
     "collector_registry",
+    "frontend_name",
     "not_ready",
 ]
