@@ -3,7 +3,8 @@
 The gateway derives its caps from its open-files limit (docs/configuration.md,
 "Limits"): 1024 - a reserve of 102 leaves 461 sockets (two descriptors
 each), 230 per app. An app at its cap gets a LimitExceeded naming the
-limit; another app keeps connecting; every refusal is an audit line.
+limit (at its own cap, the sockets quota: a QuotaExceeded, which is a
+LimitExceeded); another app keeps connecting; every refusal is an audit line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tether.socket as ts
 from tether.client import control
 from tether.client import settings as client_settings
 from tether.devmode import GatewayProcess
-from tether.errors import LimitExceeded
+from tether.errors import LimitExceeded, QuotaExceeded
 from tether.wire import PREAMBLE, encode_frame, pb
 
 pytestmark = pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit")
@@ -102,11 +103,12 @@ def test_greedy_app_is_capped_and_another_app_keeps_connecting(
         held, refused = fill(target, PER_APP_CAP + 50)
         took = time.monotonic() - started
         assert len(held) == PER_APP_CAP
-        assert isinstance(refused, OSError) and refused.errno == errno.EMFILE
-        assert (refused.limit, refused.value) == ("gateway.max_sockets_per_app", PER_APP_CAP)
+        assert isinstance(refused, QuotaExceeded) and refused.errno == errno.EDQUOT
+        assert (refused.app, refused.limit, refused.value, refused.window) == (
+            APP, "sockets", PER_APP_CAP, "concurrent")
         assert str(refused.strerror) == (
-            f"tether: app '{APP}' has {PER_APP_CAP} open sockets, its max_sockets "
-            f"({PER_APP_CAP}); close one before opening another")
+            f"tether: app '{APP}' has {PER_APP_CAP} open sockets, its sockets quota "
+            f"({PER_APP_CAP}, gateway.max_sockets_per_app); close one before opening another")
         assert took < 30, took
         # The other app is not affected: it connects, again and again.
         use_gateway(gw.address, "other", "other-k-limits")
@@ -155,8 +157,9 @@ def test_per_app_max_sockets_and_udp_associations_count(
         held.append(ts.create_connection(("127.0.0.1", target), timeout=10))
         with pytest.raises(LimitExceeded) as info:
             ts.create_connection(("127.0.0.1", target), timeout=10)
-        assert (info.value.limit, info.value.value) == (f"apps.{APP}.max_sockets", 3)
-        assert f"app '{APP}' has 3 open sockets, its max_sockets (3)" in str(info.value)
+        assert (info.value.limit, info.value.value) == ("sockets", 3)
+        assert f"app '{APP}' has 3 open sockets, its sockets quota (3, apps.{APP}.max_sockets)" in (
+            str(info.value))
         # A UDP socket is refused the same way, before anything is opened.
         with ts.socket(socket.AF_INET, socket.SOCK_DGRAM) as second, pytest.raises(
             LimitExceeded, match="max_sockets"

@@ -77,10 +77,13 @@ def test_an_app_at_its_cap_is_refused_and_the_others_are_not() -> None:
     usage.open_sockets, usage.connecting = 1, 1  # one open, one being dialled
     refused = capacity(core, "a")
     assert isinstance(refused, Refusal)
-    assert (refused.code, refused.errno, refused.rule, refused.reason) == (
-        pb.Error.LIMIT, errno.EMFILE, "apps.a.max_sockets", "2")
+    # The per-app cap is the app's sockets quota (apps.NAME.max_sockets its older name).
+    assert (refused.code, refused.errno, refused.rule, refused.reason, refused.window,
+            refused.app) == (pb.Error.QUOTA, errno.EDQUOT, "sockets", "2", "concurrent", "a")
     assert refused.message == (
-        "tether: app 'a' has 2 open sockets, its max_sockets (2); close one before opening another")
+        "tether: app 'a' has 2 open sockets, its sockets quota (2, apps.a.max_sockets); "
+        "close one before opening another")
+    assert core.registry.app_usage("a").quota_refusals == 1
     assert capacity(core, "b") is None
     usage.connecting = 0
     assert capacity(core, "a") is None

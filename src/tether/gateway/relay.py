@@ -9,6 +9,13 @@ never makes the gateway buffer without bound. Half-closes are passed on as
 ``write_eof``. Metering is done here, where the bytes are relayed
 (smokescreen's InstrumentedConn): the counters live on the socket's record.
 
+Quotas (docs/quotas.md) are charged here too, only for an app with a byte
+limit (``Link.meter``; one attribute test per chunk otherwise): past
+``bytes_out_per_minute`` the link stops reading the app until the budget
+refills, so the app's ``send()`` blocks as on a slow link and no byte is
+lost; at a daily byte limit it passes the bytes up to the limit and closes
+the socket with the reason as its tombstone (``Link.over_quota``).
+
 A handoff (docs/handoff.md) detaches the app side without touching the
 outbound connection: the link stops reading the peer, lets the old holder
 drain what was already sent to it, and waits, with the peer's bytes held
@@ -28,6 +35,7 @@ from tether.gateway.core.registry import ATTACHED, DETACHING, HANDED_OFF
 
 if TYPE_CHECKING:
     from tether.gateway.core.registry import SocketRecord
+    from tether.quota import AppMeter
 
 log = logging.getLogger("tether.gateway")
 
@@ -43,6 +51,13 @@ DETACH_SETTLE_TIMEOUT = 5.0
 # waiting for the app to read (it is inside pickle.loads until the echo is
 # queued), so this bounds what one resume can make the gateway buffer.
 MAX_RESUME_TAIL = 32 * 1024 * 1024
+
+# A socket closed at a daily quota first gives the app what was already
+# relayed to it, then resets; an app that reads none of it for this long
+# (the write-stall timeout's default, gateway.write_stall_timeout) is reset
+# at once.
+QUOTA_CLOSE_GRACE = 30.0
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class _Half(asyncio.Protocol):
@@ -76,11 +91,26 @@ class _Half(asyncio.Protocol):
             # registered): held, and metered when it is passed on.
             self.link.held.append(data)
             return
-        record = self.link.record
+        link = self.link
+        meter = link.meter
+        over = ""
+        if meter is not None:
+            # The app's quota: how much may pass, how long to wait (out).
+            n = len(data)
+            if self.outgoing:
+                allowed, delay = meter.out(n)
+                if delay and allowed == n:
+                    link.throttle(delay)
+            else:
+                allowed = meter.inbound(n)
+            if allowed < n:
+                over = "bytes_out_per_day" if self.outgoing else "bytes_in_per_day"
+                data = data[:allowed]
+        record = link.record
         if other.transport is None:
             # The app side is detached (handoff): hold what slipped through
             # before the pause took effect; it is sent first on resume.
-            self.link.held.append(data)
+            link.held.append(data)
         else:
             other.transport.write(data)
         if self.outgoing:
@@ -88,6 +118,8 @@ class _Half(asyncio.Protocol):
         else:
             record.bytes_in += len(data)
         record.last_active = record.registry.clock()
+        if over:
+            link.over_quota(over)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -120,6 +152,8 @@ class _Half(asyncio.Protocol):
         self.paused = False
         if self.link.holding and self.outgoing:
             return  # the peer stays paused until the handoff completes
+        if not self.outgoing and self.link.throttled is not None:
+            return  # the app waits for its quota: the throttle's timer resumes it
         if self.other is not None and self.other.transport is not None:
             self.other.transport.resume_reading()
 
@@ -188,10 +222,12 @@ class Link:
         "held",
         "holding",
         "loop",
+        "meter",
         "peer_side",
         "record",
         "settled",
         "starting",
+        "throttled",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, record: SocketRecord | None) -> None:
@@ -211,6 +247,11 @@ class Link:
         # Set when the old holder's stream is gone; made by begin_detach()
         # (most sockets are never handed off: no Event for them).
         self.settled: asyncio.Event | None = None
+        # The app's quota meter (core.quota.meter(app), set by dial()); None:
+        # the app has no byte limit and the relay meters only the counters.
+        self.meter: AppMeter | None = None
+        # bytes_out_per_minute: the timer that resumes reading the app.
+        self.throttled: asyncio.TimerHandle | None = None
 
     def bind(self, record: SocketRecord) -> None:
         self.record = record
@@ -226,8 +267,80 @@ class Link:
         the protocol paused it there, so a first chunk may already be held.
         """
         self.starting = False
-        self.record.bytes_in += sum(map(len, self.held))
+        held = sum(map(len, self.held))
+        over = False
+        if self.meter is not None and held:
+            allowed = self.meter.inbound(held)
+            if allowed < held:
+                self.held = [b"".join(self.held)[:allowed]]
+                held, over = allowed, True
+        self.record.bytes_in += held
         self.tail_sent()
+        if over:
+            self.over_quota("bytes_in_per_day")
+
+    # -- quota -------------------------------------------------------------------
+
+    def throttle(self, delay: float) -> None:
+        """bytes_out_per_minute: read nothing more from the app for `delay` seconds.
+
+        What the app sends meanwhile waits in its own socket buffer, then
+        its send() blocks: a slow link, not an error. A later chunk's delay
+        (read before the pause took effect) replaces this one: it is the
+        later, and the right, time.
+        """
+        transport = self.app_side.transport
+        if transport is None:
+            return
+        if self.throttled is not None:
+            self.throttled.cancel()
+        transport.pause_reading()
+        self.throttled = self.loop.call_later(delay, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self.throttled = None
+        transport = self.app_side.transport
+        if self.closed or transport is None or self.record.state != ATTACHED:
+            return
+        if not self.peer_side.paused:
+            # (Still paused: the peer's buffer is full, and its
+            # resume_writing() resumes the app once it drains.)
+            transport.resume_reading()
+
+    def over_quota(self, limit: str) -> None:
+        """A daily byte `limit` is reached: close, telling the app why on its next call.
+
+        The bytes up to the limit were passed on. The peer's side is closed
+        after what was written to it is flushed; the app's after what was
+        written to it is (then with a reset, so its next call fails and the
+        client asks the tombstone why, as after an idle reclaim).
+        """
+        if self.closed:
+            return
+        meter = self.meter
+        assert meter is not None
+        reason = meter.book.over(meter.app, limit).reason()
+        self.closed = True
+        if self.throttled is not None:
+            self.throttled.cancel()
+            self.throttled = None
+        peer = self.peer_side.transport
+        if peer is not None and not peer.is_closing():
+            peer.close()
+        app = self.app_side.transport
+        if app is not None and not app.is_closing():
+            app.pause_reading()
+            sock = app.get_extra_info("socket")
+            if sock is not None:  # a Unix stream has no reset to give: the app sees EOF
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            app.close()
+            # An app that never reads what is buffered for it is reset anyway.
+            self.loop.call_later(QUOTA_CLOSE_GRACE, app.abort)
+        if self.settled is not None:
+            self.settled.set()
+        if self.bound:
+            self.record.finish(reason)
 
     # -- handoff ---------------------------------------------------------------
 
@@ -254,6 +367,9 @@ class Link:
         record.state = ATTACHED
         record.token = None
         record.touch()
+        if self.throttled is not None:  # the old holder's pause: the new stream reads
+            self.throttled.cancel()
+            self.throttled = None
         self.app_side.transport = transport
         self.app_side.eof = False
         self.app_side.paused = False  # a new transport starts below its high-water mark
@@ -298,6 +414,9 @@ class Link:
         if self.closed:
             return
         self.closed = True
+        if self.throttled is not None:
+            self.throttled.cancel()
+            self.throttled = None
         for half in (self.app_side, self.peer_side):
             if half.transport is not None and not half.transport.is_closing():
                 half.transport.close()
@@ -332,13 +451,16 @@ class Link:
         if self.closed:
             return
         self.closed = True
+        if self.throttled is not None:
+            self.throttled.cancel()
+            self.throttled = None
         app = self.app_side.transport
         if reset_app and app is not None:
             sock = app.get_extra_info("socket")
             # On a Unix stream linger has no reset to give: the app sees EOF.
             if sock is not None:
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         for half in (self.app_side, self.peer_side):
             if half.transport is not None:
                 half.transport.abort()

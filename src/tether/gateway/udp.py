@@ -21,7 +21,11 @@ dropped (and counted): no unsolicited inbound. Each destination is decided
 by the policy once (``AllowDestination``), with one audit line.
 
 Metering is the registry's: bytes and datagrams per direction on the
-association's record, one close line per association.
+association's record, one close line per association. An app with a byte
+or datagram quota (docs/quotas.md) has a `meter`: a datagram over a
+per-minute limit is dropped and counted (``dropped_quota``; UDP may drop,
+and delaying it would only fill the kernel's buffers until they drop), and
+one that reaches a daily byte limit ends the association with the reason.
 
 This is the data plane only: a front-end (``frontends/tether_udp.py``)
 admits the destinations, opens the association and serves its requests;
@@ -39,6 +43,8 @@ from collections.abc import Callable
 
 from tether.gateway.core.errors import Refusal, wire_error
 from tether.gateway.core.registry import SocketRecord
+from tether.quota import DAY, AppMeter
+from tether.quota.limits import WINDOWS
 from tether.wire import pb
 
 # Each destination costs the gateway one relay socket (a file descriptor),
@@ -71,6 +77,8 @@ class UdpAssociation:
     `here` is the host the app reached the gateway at (the relays listen
     there); `reply` sends the app's stream an Error, `hang_up` closes it:
     both are the front-end's, called when the gateway ends the association.
+    `meter` is the app's quota meter (``core.quota.datagram_meter(app)``),
+    None when the app has no byte or datagram limit.
     """
 
     def __init__(
@@ -82,8 +90,11 @@ class UdpAssociation:
         here: str,
         reply: Callable[[pb.Error], None],
         hang_up: Callable[[], None],
+        *,
+        meter: AppMeter | None = None,
     ) -> None:
         self.record = record
+        self.meter = meter
         self.outbound = outbound
         self.source = source  # the app's UDP socket; relays talk only to it
         self.here = here
@@ -95,6 +106,8 @@ class UdpAssociation:
         counters = ("datagrams_out", "datagrams_in", "dropped_unsolicited", "dropped")
         self.counters: dict[str, int] = dict.fromkeys(counters, 0)
         self.counters["destinations"] = 0
+        if meter is not None:
+            self.counters["dropped_quota"] = 0  # over a per-minute quota
         record.extra = self.counters
         record.on_finish = self._finished
         self.loop.add_reader(outbound.fileno(), self._from_peers)
@@ -153,6 +166,7 @@ class UdpAssociation:
         """Relay up to BATCH waiting datagrams one way, metering each one."""
         record = self.record
         extra = self.counters
+        meter = self.meter
         for _ in range(BATCH):
             try:
                 data, relay = receive()
@@ -165,6 +179,16 @@ class UdpAssociation:
             if relay is None:
                 extra["dropped_unsolicited"] += 1  # from a source the app never sent to
                 continue
+            if meter is not None:
+                n = len(data)
+                over = meter.datagram_out(n) if outgoing else meter.datagram_in(n)
+                if over is not None:
+                    meter.book.refused(record.app, over)
+                    if WINDOWS[over] == DAY:
+                        self.close(meter.book.over(record.app, over).reason())
+                        return
+                    extra["dropped_quota"] += 1
+                    continue
             try:
                 if outgoing:
                     self.outbound.sendto(data, relay.peer)

@@ -21,7 +21,9 @@ class Refusal(Exception):
     Returned as a value where a caller branches on it (``admit()``, the
     handoff and socket lookups), raised where a caller unwinds (opening a
     UDP association). `rule` and `reason` are the policy's, for a
-    ``PERMISSION_DENIED`` it decided; empty otherwise.
+    ``PERMISSION_DENIED`` it decided; for a ``LIMIT`` or ``QUOTA`` the
+    limit's name and value; empty otherwise. A ``QUOTA`` refusal also names
+    the `app`, the `window` and when it refills (`retry_after`, seconds).
     """
 
     def __init__(
@@ -32,6 +34,9 @@ class Refusal(Exception):
         *,
         rule: str = "",
         reason: str = "",
+        window: str = "",
+        retry_after: float = 0.0,
+        app: str = "",
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -39,6 +44,9 @@ class Refusal(Exception):
         self.message = message
         self.rule = rule
         self.reason = reason
+        self.window = window
+        self.retry_after = retry_after
+        self.app = app
 
 
 class DialTimeout(TimeoutError):
@@ -66,6 +74,9 @@ def wire_error(failure: Failure) -> pb.Error:
             message=failure.message,
             rule=failure.rule,
             reason=failure.reason,
+            window=failure.window,
+            retry_after=failure.retry_after,
+            app=failure.app,
         )
     if isinstance(failure, ResolutionError):
         return pb.Error(code=pb.Error.GAI, errno=failure.eai, message=failure.message)

@@ -74,7 +74,8 @@ async def open_association(
     record = core.registry.add(app, peer, local, "udp", core.idle_timeout(app))
     here = transport.get_extra_info("sockname")[0]  # where the app reached us
     association = UdpAssociation(
-        core.loop, record, outbound, source, here, reply, transport.close
+        core.loop, record, outbound, source, here, reply, transport.close,
+        meter=core.quota.datagram_meter(app),
     )
     result.descriptor = record.descriptor
     result.local.CopyFrom(address_to_wire(local, family))
