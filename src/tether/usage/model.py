@@ -16,8 +16,8 @@ class Counters(NamedTuple):
     bytes_out: int = 0  # app -> internet: what is billed
     bytes_in: int = 0
     connects: int = 0  # sockets opened: TCP sockets and UDP associations
-    denied_connects: int = 0  # refused by the policy or a limit
-    quota_refusals: int = 0  # connects refused by a quota ([quota], core/admission.py)
+    denied_connects: int = 0  # connects the egress policy denied
+    quota_refusals: int = 0  # requests a quota refused ([quota], core/admission.py)
     socket_seconds: float = 0.0  # seconds sockets were open
 
 
