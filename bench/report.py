@@ -333,7 +333,7 @@ def render(results: dict[str, Any]) -> str:
                           _fmt(r["connrate"], 2, "x")])
         parts.append(_table(prows))
 
-    if len(rows) > 1:
+    if len(rows) > 1 and any(t in paths for t in TETHER):
         trows = [["target (issue 6)", *(LABELS[t] for t in TETHER)]]
         for row in results.get("targets", []):
             trows.append([row["target"], *(row[t]["text"] for t in TETHER)])
