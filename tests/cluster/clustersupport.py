@@ -91,6 +91,10 @@ class Cluster:
         finally:
             client.close()
 
+    def wait_gone(self, node: str) -> bool:
+        """Wait (bounded) until `node`'s heartbeat key has expired."""
+        return wait_for(lambda: node not in self.live(), timeout=15)
+
     def node(self, i: int) -> Gateway:
         """Node i, counted from 1 (its id is "n{i}")."""
         return self.nodes[i - 1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import pickle
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from clustersupport import Cluster, running

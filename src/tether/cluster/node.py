@@ -42,6 +42,7 @@ from tether.cluster.link import (
     server_context,
 )
 from tether.cluster.membership import Membership, StoreUnavailable, connect
+from tether.cluster.quota import LeasedStore
 from tether.endpoint import Endpoint
 from tether.gateway.core import inspect
 from tether.gateway.core.errors import Refusal, wire_error
@@ -86,6 +87,7 @@ class ClusterNode:
         self.links: LinkServer | None = None
         self.membership: Membership | None = None
         self.forwarded: OrderedDict[str, str] = OrderedDict()  # descriptor -> owner node
+        self.quota = LeasedStore(self.redis, config, core.loop, clock=core.registry.clock)
         self.splices: set[Splice] = set()
 
     async def start(self, session: Callable[[], asyncio.Protocol]) -> Endpoint:
@@ -109,6 +111,7 @@ class ClusterNode:
             self.links.close()
         for splice in list(self.splices):
             splice.abort()
+        await self.quota.give_back()
         if self.membership is not None:
             await self.membership.leave()
         await self.redis.aclose()
@@ -309,6 +312,8 @@ async def start_node(core: GatewayCore, session: Callable[[], asyncio.Protocol])
     node = ClusterNode(core, config)
     core.node_id = config.node_id
     await node.start(session)
+    # The quotas hold across the cluster: the book's counters become leases.
+    core.quota.store = node.quota
     core.cluster = node
     return node
 

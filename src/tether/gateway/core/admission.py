@@ -107,6 +107,9 @@ async def admit(
     if new_socket:
         # Last: a connect refused for any other reason is not counted
         # against connects_per_minute.
+        cluster = core.cluster  # quotas counted across nodes: budget leased (tether.cluster)
+        if cluster is not None and (unready := await cluster.quota.ready(core.quota, app)):
+            return unready
         over = core.quota.admit(app)
         if over is not None:
             return quota_refusal(core, over, decision, transport)

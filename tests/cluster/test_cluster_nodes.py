@@ -1,0 +1,117 @@
+"""A cluster losing a node, a forged handoff, the cluster-wide socket listing.
+
+Each test starts its own 3-node cluster (separate `tether serve` processes on
+loopback, the machine's Redis under a prefix of the test's own, deleted after).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clustersupport import Cluster, running
+from support import Peer, echo, recv_exact, use_gateway
+
+import tether.socket as tsocket
+from tether.client import control
+from tether.client import handoff as client_handoff
+from tether.client import settings as client_settings
+from tether.errors import NodeGone
+from tether.wire import pb
+
+
+@pytest.fixture(autouse=True)
+def _client_settings() -> Iterator[None]:
+    yield
+    client_settings.configure(None)
+    control.close_all()
+
+
+def through(cluster: Cluster, i: int, app: str | None = None, key: str | None = None) -> None:
+    node = cluster.node(i)
+    use_gateway(node.address, app or node.app, key or node.key)
+
+
+def open_on(cluster: Cluster, i: int, peer: Peer) -> tsocket.socket:
+    through(cluster, i)
+    sock = tsocket.socket()
+    sock.settimeout(10)
+    sock.connect(peer.address)
+    return sock
+
+
+def test_a_killed_nodes_sockets_fail_at_once_and_the_others_live_on(tmp_path: Path) -> None:
+    with running(tmp_path) as cluster, Peer(echo) as p1, Peer(echo) as p2, Peer(echo) as p3:
+        held = {i: open_on(cluster, i, peer) for i, peer in ((1, p1), (2, p2), (3, p3))}
+        # Node 2's socket is handed off (waiting in node 2 for its resume), the others too.
+        blobs = {i: pickle.dumps(sock) for i, sock in held.items()}
+        cluster.kill(2)
+        # Through node 3 (its heartbeat key may still be there: the link is refused at once).
+        through(cluster, 3)
+        started = time.monotonic()
+        with pytest.raises(NodeGone, match="node 'n2' has left the cluster") as caught:
+            pickle.loads(blobs[2])
+        # At once: no connect timeout or heartbeat TTL waited out (both are seconds).
+        assert time.monotonic() - started < 1.0
+        assert caught.value.node == "n2"
+        # Once its heartbeat key has expired the answer says so, still at once.
+        assert cluster.wait_gone("n2")
+        with pytest.raises(NodeGone, match="no heartbeat"):
+            pickle.loads(blobs[2])
+        # The other nodes' sockets are untouched, resumed across nodes.
+        for i, blob in ((1, blobs[1]), (3, blobs[3])):
+            through(cluster, 4 - i)  # node 1's through node 3, node 3's through node 1
+            sock = pickle.loads(blob)
+            sock.sendall(b"still here %d" % i)
+            assert recv_exact(sock, 12) == b"still here %d" % i
+            sock.close()
+
+
+def test_a_forged_handoff_is_refused_without_a_lookup(tmp_path: Path) -> None:
+    with running(tmp_path, size=2) as cluster, Peer(echo) as peer:
+        sock = open_on(cluster, 1, peer)
+        state = client_handoff.hand_off(sock)
+        assert state.node == "n1" and len(state.signature) == 32
+        through(cluster, 2)
+        forged = [
+            dataclasses.replace(state, node="n2"),  # pointed at another node
+            dataclasses.replace(state, signature=bytes(32)),
+            dataclasses.replace(state, token="A" + state.token[1:]),
+        ]
+        for bad in forged:
+            with pytest.raises(PermissionError, match="does not carry this cluster's signature"):
+                client_handoff.resume(bad)
+        assert "signature that does not match" in cluster.node(2).log_text()
+        # The genuine one still works, once.
+        resumed = client_handoff.resume(state)
+        resumed.sendall(b"ping")
+        assert recv_exact(resumed, 4) == b"ping"
+        with pytest.raises(OSError, match="already resumed"):
+            client_handoff.resume(state)
+        resumed.close()
+
+
+def test_the_admin_listing_shows_every_nodes_sockets_with_their_node(tmp_path: Path) -> None:
+    admin_key = "admin-key-for-the-cluster-test"
+    with running(tmp_path, gateway_extra=f'admin_key = "{admin_key}"') as cluster, \
+            Peer(echo) as p1, Peer(echo) as p3:
+        s1 = open_on(cluster, 1, p1)
+        s3 = open_on(cluster, 3, p3)
+        through(cluster, 2, "*", admin_key)
+        listing = control.channel(client_settings.current()).request(
+            pb.Request(list_sockets=pb.ListSockets())
+        ).sockets.sockets
+        where = {(info.node, info.peer.port) for info in listing}
+        assert where == {("n1", p1.port), ("n3", p3.port)}
+        # An app sees its own, on every node, also with the node named.
+        through(cluster, 2)
+        own = control.channel(client_settings.current()).request(
+            pb.Request(list_sockets=pb.ListSockets())
+        ).sockets.sockets
+        assert {(i.node, i.app) for i in own} == {("n1", "tests"), ("n3", "tests")}
+        s1.close()
+        s3.close()
