@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from clustersupport import Cluster, running
-from support import Peer, echo, recv_exact, use_gateway
+from support import Peer, echo, recv_exact, tether_cli, use_gateway
 
 import tether.socket as tsocket
 from tether.client import control
@@ -113,5 +113,14 @@ def test_the_admin_listing_shows_every_nodes_sockets_with_their_node(tmp_path: P
             pb.Request(list_sockets=pb.ListSockets())
         ).sockets.sockets
         assert {(i.node, i.app) for i in own} == {("n1", "tests"), ("n3", "tests")}
+        # `tether sockets` with the admin key, through node 2: a NODE column.
+        key_file = tmp_path / "admin.key"
+        key_file.write_text(admin_key)
+        shown = tether_cli("sockets", "--gateway", cluster.node(2).address,
+                           "--admin-key-file", str(key_file))
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.splitlines()
+        assert lines[0].split()[-1] == "NODE"
+        assert sorted(line.split()[-1] for line in lines[1:]) == ["n1", "n3"]
         s1.close()
         s3.close()

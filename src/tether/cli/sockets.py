@@ -76,14 +76,15 @@ def run(args: argparse.Namespace) -> int:
                 "bytes_in": info.bytes_in,
                 "idle_s": round(info.idle_seconds, 1),
                 "age_s": round(info.age_seconds, 1),
+                **({"node": info.node} if info.node else {}),  # a cluster's: which node holds it
             }
         )
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return 0
-    header = ("APP", "DESCRIPTOR", "PEER", "STATE", "OUT", "IN", "IDLE", "AGE")
-    table = [header] + [
+    header: tuple[str, ...] = ("APP", "DESCRIPTOR", "PEER", "STATE", "OUT", "IN", "IDLE", "AGE")
+    table: list[tuple[str, ...]] = [header] + [
         (
             str(r["app"]),
             f"{r['descriptor']}...",
@@ -96,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
         )
         for r in rows
     ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    if any("node" in r for r in rows):
+        table = [(*line, "NODE" if i == 0 else str(rows[i - 1].get("node", "")))
+                 for i, line in enumerate(table)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
     if not rows:
