@@ -65,10 +65,11 @@ class Served:
                         f"{count} x {pattern!r} not in the gateway's log:\n{self.text()}")
                 self._changed.wait(min(left, 0.5))
 
-    def address(self) -> str:
-        """The TCP address, once every worker (or the one gateway) listens."""
-        workers = self.wait_for(r"workers ready on (\S+?),? |listening on (\d\S+)")[0]
-        return workers.group(1) or workers.group(2)
+    def address(self, workers: bool = False) -> str:
+        """The first address, once the gateway (or, `workers`, every worker) listens."""
+        if workers:
+            return self.wait_for(r"workers ready on (\S+?),? ")[0].group(1)
+        return self.wait_for(r"listening on (\S+)")[0].group(1)
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)

@@ -195,7 +195,10 @@ class _Worker:
     started: float = 0.0
     backoff: float = RESTART_FIRST
     restart_at: float | None = None
+    # Listening (it wrote to the ready pipe): its signal handlers are in place.
     ready: bool = False
+    # A SIGHUP came while it was starting: passed on once it is ready.
+    reload_pending: bool = False
 
 
 class Supervisor:
@@ -274,7 +277,7 @@ class Supervisor:
         )
         worker.started = self.clock()
         worker.restart_at = None
-        worker.ready = False
+        worker.ready = worker.reload_pending = False
         log.info("worker %d (node %s) started: pid %d",
                  worker.index, spec.node_id, worker.proc.pid)
 
@@ -304,6 +307,11 @@ class Supervisor:
     def signal_all(self, sig: signal.Signals) -> int:
         sent = 0
         for worker in self.workers:
+            if sig == signal.SIGHUP and not worker.ready:
+                # Before its handler is in place SIGHUP would end it; and it
+                # may have read the config before the change.
+                worker.reload_pending = True
+                continue
             if worker.proc is not None and worker.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.proc.send_signal(sig)
@@ -313,7 +321,8 @@ class Supervisor:
     def on_signal(self, sig: signal.Signals) -> None:
         if sig == signal.SIGHUP:
             sent = self.signal_all(sig)
-            log.info("SIGHUP: passed on to %d workers (each reloads its config)", sent)
+            log.info("SIGHUP: passed on to %d workers (each reloads its config)%s", sent,
+                     "; the others get it once they listen" if sent < self.count else "")
             return
         if sig not in (signal.SIGTERM, signal.SIGINT):
             return  # SIGCHLD: reap() looks
@@ -336,6 +345,9 @@ class Supervisor:
                     pid = worker.proc.pid if worker.proc is not None else 0
                     log.info("worker %d (node %s, pid %d) listening",
                              index, self.spec(index).node_id, pid)
+                    if worker.reload_pending and worker.proc is not None:
+                        worker.reload_pending = False
+                        worker.proc.send_signal(signal.SIGHUP)
         if not self._announced and all(w.ready for w in self.workers):
             self._announced = True
             log.info(

@@ -1,0 +1,233 @@
+"""`tether serve --workers 2`: two gateway processes behind one port, under a supervisor.
+
+Real processes on loopback: both workers take connections (their audit
+lines name their node), a worker killed with SIGKILL is restarted while the
+other keeps answering, SIGHUP reaches every worker, SIGTERM drains them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from served import Served
+from support import APP, gateway_config, recv_exact, stream, use_gateway
+from tcpservers import echo, serving, sink
+
+import tether.socket as ts
+from tether.client import control
+from tether.client import settings as client_settings
+from tether.config import Config, parse_config
+from tether.gateway.supervisor import RESTART_FIRST, WorkerSpec, share_caps
+
+MiB = 1024 * 1024
+# Connections whose audit lines are looked at to see both workers: the kernel
+# hashes each new connection to a worker, so 64 all landing on one worker
+# has a chance of 2**-63.
+SPREAD = 64
+_CONNECTED = re.compile(r"tether\.audit\[(\S+)\]: .*\"outcome\":\"connected\"")
+
+
+@pytest.fixture(autouse=True)
+def _reset_settings() -> Iterator[None]:
+    yield
+    control.close_all()
+    client_settings.configure(None)
+
+
+def start(tmp_path: Path, key: str, gateway: str = "", allow: list[str] | None = None) -> Served:
+    config = tmp_path / "tether.toml"
+    config.write_text(gateway_config(key, gateway=gateway, allow=allow))
+    served = Served(config, "--listen", "127.0.0.1:0", "--workers", "2")
+    use_gateway(served.address(workers=True), APP, key)
+    return served
+
+
+def nodes_connected(served: Served, after: int = 0) -> set[str]:
+    """The nodes whose audit lines (from log line `after` on) record a connect."""
+    return {m.group(1) for line in served.log[after:] if (m := _CONNECTED.search(line))}
+
+
+def connect_until_both(served: Served, port: int, after: int = 0) -> set[str]:
+    for _ in range(SPREAD):
+        with ts.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"ping")
+            assert recv_exact(sock, 4) == b"ping"
+        if len(nodes_connected(served, after)) == 2:
+            break
+    # The audit lines are written in batches: wait for them, bounded.
+    served.wait_for(r"tether\.audit\[\S+-1\]: .*\"outcome\":\"connected\"", after=after)
+    served.wait_for(r"tether\.audit\[\S+-0\]: .*\"outcome\":\"connected\"", after=after)
+    return nodes_connected(served, after)
+
+
+def worker_pid(served: Served, index: int, after: int = 0) -> int:
+    found = served.wait_for(rf"worker {index} \(node (\S+), pid (\d+)\) listening", after=after)
+    return int(found[0].group(2))
+
+
+def test_both_workers_serve_and_a_killed_one_is_restarted(tmp_path: Path) -> None:
+    served = start(tmp_path, "k-workers")
+    try:
+        base = socket.gethostname()
+        with serving(echo) as server:
+            assert connect_until_both(served, server.port) == {f"{base}-0", f"{base}-1"}
+            victim = worker_pid(served, 0)
+            survivor = worker_pid(served, 1)
+            mark = len(served.log)
+            os.kill(victim, signal.SIGKILL)
+            served.wait_for(
+                rf"worker 0 \(pid {victim}\) was killed by SIGKILL; restarting it in "
+                rf"{RESTART_FIRST:g} s", after=mark,
+            )
+            # The other worker answers all the while (the kernel no longer
+            # hashes connections to the dead worker's closed listener).
+            for _ in range(8):
+                with ts.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                    sock.sendall(b"alive")
+                    assert recv_exact(sock, 5) == b"alive"
+            restarted = worker_pid(served, 0, after=mark)
+            assert restarted != victim
+            assert worker_pid(served, 1) == survivor
+            # The new worker 0 takes connections again.
+            after = len(served.log)
+            assert connect_until_both(served, server.port, after) == {f"{base}-0", f"{base}-1"}
+        assert served.proc.poll() is None
+    finally:
+        assert served.stop() == 0
+
+
+def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
+    key = "k-workers-hup"
+    with serving(echo) as server:
+        served = start(tmp_path, key, allow=[f"127.0.0.1:{server.port}"])
+        try:
+            with ts.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                sock.sendall(b"x")
+                assert recv_exact(sock, 1) == b"x"
+            (tmp_path / "tether.toml").write_text(gateway_config(key, allow=[]))
+            mark = len(served.log)
+            served.signal(signal.SIGHUP)
+            served.wait_for(r"SIGHUP: passed on to 2 workers", after=mark)
+            reloaded = served.wait_for(r"tether\.gateway\[(\S+)\]: reloaded", count=2, after=mark)
+            assert {m.group(1) for m in reloaded} == {
+                f"{socket.gethostname()}-0", f"{socket.gethostname()}-1"}
+            # Whichever worker a connect lands on, the new policy holds there.
+            for _ in range(16):
+                with pytest.raises(PermissionError, match="loopback"):
+                    ts.create_connection(("127.0.0.1", server.port), timeout=30)
+        finally:
+            assert served.stop() == 0
+
+
+def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
+    served = start(tmp_path, "k-workers-term", gateway="drain_timeout = 240")
+    try:
+        with serving(sink) as sink_server, serving(echo) as echo_server:
+            live = ts.create_connection(("127.0.0.1", sink_server.port), timeout=30)
+            mark = len(served.log)
+            served.signal(signal.SIGTERM)
+            served.wait_for(r"SIGTERM: passed on to 2 workers", after=mark)
+            draining = served.wait_for(r"\]: draining: 1 sockets open", after=mark)
+            served.wait_for(r"\]: shutting down: 0 sockets open", after=mark)
+            assert draining
+            # The idle worker has closed its listener: the draining one refuses.
+            with pytest.raises(ConnectionRefusedError, match=r"is draining.*retry on another"):
+                ts.create_connection(("127.0.0.1", echo_server.port), timeout=30)
+            data = stream(b"workers-drain", 0, 4 * MiB)
+            live.sendall(data)
+            live.shutdown(socket.SHUT_WR)
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = live.recv(4096)
+                assert chunk, "the drained transfer was cut"
+                answer += chunk
+            assert answer.decode().split() == [str(len(data)), hashlib.sha256(data).hexdigest()]
+            live.close()
+            assert served.proc.wait(60) == 0
+        served.wait_for(r"worker 0 \(pid \d+\) exited with status 0")
+        served.wait_for(r"worker 1 \(pid \d+\) exited with status 0")
+    finally:
+        served.stop()
+
+
+def test_workers_share_a_unix_listener(tmp_path: Path) -> None:
+    path = tmp_path / "gw.sock"
+    config = tmp_path / "tether.toml"
+    config.write_text(gateway_config("k-workers-unix"))
+    served = Served(config, "--listen", f"unix:{path}", "--workers", "2")
+    try:
+        served.wait_for(r"2 workers ready on unix:")
+        use_gateway(f"unix:{path}", APP, "k-workers-unix")
+        with serving(echo) as server:
+            for _ in range(8):
+                with ts.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                    sock.sendall(b"unix")
+                    assert recv_exact(sock, 4) == b"unix"
+    finally:
+        assert served.stop() == 0
+    # The supervisor removes the socket it bound; the workers did not unlink it under it.
+    assert not path.exists()
+    assert "cannot listen" not in served.text()
+
+
+# -- the pure parts ----------------------------------------------------------------
+
+
+def _config(text: str) -> Config:
+    return parse_config(tomllib.loads(text))
+
+
+@pytest.mark.parametrize(
+    ("text", "count", "gateway_cap", "per_app", "app_cap"),
+    [
+        ("", 2, None, None, None),  # derived caps are per process already
+        ("[gateway]\nmax_sockets = 100\nmax_sockets_per_app = 10\n", 2, 50, 5, None),
+        ("[gateway]\nmax_sockets = 101\n", 2, 51, None, None),  # rounded up
+        ("[gateway]\nmax_sockets = 1\n", 4, 1, None, None),  # never below 1
+        ("[apps.a]\nkey = \"k\"\nmax_sockets = 9\n", 3, None, None, 3),
+        ("[gateway]\nmax_sockets = 100\n", 1, 100, None, None),  # one worker: unchanged
+    ],
+)
+def test_share_caps(
+    text: str, count: int, gateway_cap: int | None, per_app: int | None, app_cap: int | None
+) -> None:
+    shared = share_caps(_config(text), count)
+    assert shared.max_sockets == gateway_cap
+    assert shared.max_sockets_per_app == per_app
+    if "apps.a" in text:
+        assert shared.apps["a"].max_sockets == app_cap
+
+
+@pytest.mark.parametrize("text", ["[gateway]\nworkers = 0\n", "[gateway]\nworkers = true\n"])
+def test_bad_workers_count_names_the_key(text: str) -> None:
+    from tether.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"gateway\.workers"):
+        _config(text)
+
+
+def test_worker_spec_round_trip_and_peers() -> None:
+    spec = WorkerSpec(index=1, count=3, base="h", runtime_dir="/run/t", supervisor=42,
+                      ready_fd=7, unix={"/run/gw.sock": 5})
+    again = WorkerSpec.from_json(spec.to_json())
+    assert again == spec
+    assert json.loads(spec.to_json())["unix"] == {"/run/gw.sock": 5}
+    assert spec.node_id == "h-1"
+    assert spec.peers == {"h-0": "/run/t/worker-0.sock", "h-2": "/run/t/worker-2.sock"}
+
+
+def test_bad_workers_flag(tmp_path: Path) -> None:
+    from support import run_module
+
+    result = run_module("tether.gateway", "--workers", "0", timeout=60)
+    assert result.returncode == 2
+    assert "--workers" in result.stderr and "1 or more" in result.stderr
