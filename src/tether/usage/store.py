@@ -28,7 +28,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from tether.usage.location import PostgresLocation
 from tether.usage.model import COLUMNS, Batch, Counters
@@ -65,24 +65,6 @@ class Total:
     app: str
     period: int | None  # epoch seconds (UTC) of the period's start
     counters: Counters
-
-
-class Store(Protocol):
-    def apply(self, batch: Batch) -> bool:
-        """Apply `batch` once: True if applied now, False if the store already had it."""
-
-    def totals(
-        self,
-        *,
-        since: int | None = None,
-        until: int | None = None,
-        app: str | None = None,
-        node: str | None = None,
-        by: str | None = None,
-    ) -> list[Total]:
-        """Sums per app (and per `by` period) of the minutes in [since, until)."""
-
-    def close(self) -> None: ...
 
 
 def _schema_sql(usage: str, runs: str, index: str) -> list[str]:
@@ -173,8 +155,75 @@ def _sorted_rows(batch: Batch) -> Iterator[tuple[str, int, Counters]]:
         yield app, minute, counters
 
 
-class SQLiteStore:
+class Store:
+    """A ledger's store: one transaction per batch, the same SQL to read totals.
+
+    A subclass gives its driver's statement call (``_run``, named
+    parameters), the errors it raises, how a transaction begins and rolls
+    back, and how a batch's rows are upserted.
+    """
+
+    usage = USAGE_TABLE
+    runs = RUNS_TABLE
+    begin = "BEGIN"
+    errors: tuple[type[BaseException], ...] = ()
+
+    def _run(self, sql: str, params: dict[str, Any]) -> list[Sequence[Any]]:
+        raise NotImplementedError
+
+    def _add(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+    def _rollback(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def apply(self, batch: Batch) -> bool:
+        """Apply `batch` once: True if applied now, False if the store already had it."""
+        try:
+            self._run(self.begin, {})
+            try:
+                claimed = self._run(_claim_sql(self.runs), {
+                    "node": batch.node, "run": batch.run, "seq": batch.seq,
+                    "started": batch.started, "flushed": batch.sampled,
+                })
+                if claimed and batch.rows:
+                    self._add(batch)
+                self._run("COMMIT", {})
+            except BaseException:
+                # The connection may be gone: the ledger drops it and reconnects.
+                self._rollback()
+                raise
+        except self.errors as exc:
+            raise LedgerError(f"usage ledger {self}: writing batch {batch.seq}: {exc}") from exc
+        return bool(claimed)
+
+    def totals(
+        self,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        app: str | None = None,
+        node: str | None = None,
+        by: str | None = None,
+    ) -> list[Total]:
+        """Sums per app (and per `by` period) of the minutes in [since, until)."""
+        where, params = _conditions(since, until, app, node)
+        try:
+            rows = self._run(_totals_sql(self.usage, by, where), params)
+        except self.errors as exc:
+            raise LedgerError(f"usage ledger {self}: {exc}") from exc
+        return [_total(row) for row in rows]
+
+
+class SQLiteStore(Store):
     """A SQLite file; WAL mode, so `tether usage` reads while the gateway writes."""
+
+    # The write lock first: two writers never deadlock upgrading a read lock.
+    begin = "BEGIN IMMEDIATE"
+    errors = (sqlite3.Error,)
 
     def __init__(self, path: str | Path, *, create: bool = True) -> None:
         self.path = str(path)
@@ -200,57 +249,28 @@ class SQLiteStore:
             raise LedgerError(f"usage ledger {self.path}: {exc}") from exc
 
     def __str__(self) -> str:
-        return f"SQLite {self.path}"
+        return self.path
 
-    def apply(self, batch: Batch) -> bool:
-        db = self.db
-        try:
-            db.execute("BEGIN IMMEDIATE")  # the write lock first: no upgrade deadlock
-            try:
-                claimed = db.execute(
-                    _claim_sql(RUNS_TABLE),
-                    {"node": batch.node, "run": batch.run, "seq": batch.seq,
-                     "started": batch.started, "flushed": batch.sampled},
-                ).fetchall()
-                if claimed:
-                    db.executemany(
-                        f"INSERT INTO {USAGE_TABLE} AS u (node, app, minute, {', '.join(COLUMNS)}) "
-                        f"VALUES (?, ?, ?, {', '.join('?' * len(COLUMNS))}) "
-                        f"ON CONFLICT (node, app, minute) DO UPDATE SET {_ADD}",
-                        [(batch.node, app, minute, *c) for app, minute, c in _sorted_rows(batch)],
-                    )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise LedgerError(
-                f"usage ledger {self.path}: writing batch {batch.seq}: {exc}"
-            ) from exc
-        return bool(claimed)
+    def _run(self, sql: str, params: dict[str, Any]) -> list[Sequence[Any]]:
+        return self.db.execute(sql, params).fetchall()
 
-    def totals(
-        self,
-        *,
-        since: int | None = None,
-        until: int | None = None,
-        app: str | None = None,
-        node: str | None = None,
-        by: str | None = None,
-    ) -> list[Total]:
-        where, params = _conditions(since, until, app, node)
-        try:
-            rows = self.db.execute(_totals_sql(USAGE_TABLE, by, where), params).fetchall()
-        except sqlite3.Error as exc:
-            raise LedgerError(f"usage ledger {self.path}: {exc}") from exc
-        return [_total(row) for row in rows]
+    def _add(self, batch: Batch) -> None:
+        self.db.executemany(
+            f"INSERT INTO {USAGE_TABLE} AS u (node, app, minute, {', '.join(COLUMNS)}) "
+            f"VALUES (?, ?, ?, {', '.join('?' * len(COLUMNS))}) "
+            f"ON CONFLICT (node, app, minute) DO UPDATE SET {_ADD}",
+            [(batch.node, app, minute, *c) for app, minute, c in _sorted_rows(batch)],
+        )
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
 
     def close(self) -> None:
         self.db.close()
 
 
-class PostgresStore:
+class PostgresStore(Store):
     """PostgreSQL through pg8000 (pure Python; the `postgres` extra), in its own schema."""
 
     def __init__(self, location: PostgresLocation, *, create: bool = True) -> None:
@@ -265,21 +285,21 @@ class PostgresStore:
                 f"usage ledger {location}: PostgreSQL needs pg8000 "
                 "(pip install 'tether[postgres]')"
             ) from exc
-        self._errors: tuple[type[BaseException], ...] = (pg8000.native.Error, OSError)
+        self.errors = (pg8000.native.Error, OSError)
         try:
             self.db = pg8000.native.Connection(
                 location.user, host=location.host, port=location.port,
                 database=location.database, password=location.password, timeout=PG_TIMEOUT,
                 application_name="tether-usage",
             )
-        except self._errors as exc:
+        except self.errors as exc:
             raise LedgerError(f"usage ledger {location}: cannot connect: {exc}") from exc
         try:
             if create:
                 self._create(schema)
             else:
                 self.db.run(f"SELECT 1 FROM {self.usage} LIMIT 1")
-        except self._errors as exc:
+        except self.errors as exc:
             self.close()
             raise LedgerError(f"usage ledger {location}: {exc}") from exc
 
@@ -295,66 +315,36 @@ class PostgresStore:
                     self.db.run(statement)
                 self.db.run("COMMIT")
                 return
-            except self._errors:
+            except self.errors:
                 self.db.run("ROLLBACK")
                 if attempt == 2:
                     raise
 
     def __str__(self) -> str:
-        return f"PostgreSQL {self.location}"
+        return str(self.location)
 
-    def apply(self, batch: Batch) -> bool:
-        db = self.db
-        try:
-            db.run("BEGIN")
-            try:
-                claimed = db.run(
-                    _claim_sql(self.runs), node=batch.node, run=batch.run, seq=batch.seq,
-                    started=batch.started, flushed=batch.sampled,
-                )
-                rows = list(_sorted_rows(batch))
-                if claimed and rows:
-                    # One statement for the whole batch: arrays of each column.
-                    arrays = {c: [r[2][i] for r in rows] for i, c in enumerate(COLUMNS)}
-                    casts = ", ".join(f"CAST(:{c} AS {_PG_TYPES[c]}[])" for c in COLUMNS)
-                    db.run(
-                        f"INSERT INTO {self.usage} AS u (node, app, minute, {', '.join(COLUMNS)}) "
-                        f"SELECT :node, * FROM unnest(CAST(:apps AS text[]), "
-                        f"CAST(:minutes AS bigint[]), {casts}) "
-                        f"ON CONFLICT (node, app, minute) DO UPDATE SET {_ADD}",
-                        node=batch.node, apps=[r[0] for r in rows],
-                        minutes=[r[1] for r in rows], **arrays,
-                    )
-                db.run("COMMIT")
-            except BaseException:
-                # The connection may be gone: the ledger drops it and reconnects.
-                with contextlib.suppress(*self._errors):
-                    db.run("ROLLBACK")
-                raise
-        except self._errors as exc:
-            raise LedgerError(
-                f"usage ledger {self.location}: writing batch {batch.seq}: {exc}"
-            ) from exc
-        return bool(claimed)
+    def _run(self, sql: str, params: dict[str, Any]) -> list[Sequence[Any]]:
+        rows: list[Sequence[Any]] | None = self.db.run(sql, **params)
+        return rows or []
 
-    def totals(
-        self,
-        *,
-        since: int | None = None,
-        until: int | None = None,
-        app: str | None = None,
-        node: str | None = None,
-        by: str | None = None,
-    ) -> list[Total]:
-        where, params = _conditions(since, until, app, node)
-        try:
-            rows = self.db.run(_totals_sql(self.usage, by, where), **params)
-        except self._errors as exc:
-            raise LedgerError(f"usage ledger {self.location}: {exc}") from exc
-        return [_total(row) for row in rows]
+    def _add(self, batch: Batch) -> None:
+        rows = list(_sorted_rows(batch))
+        # One statement for the whole batch: an array per column.
+        arrays = {c: [r[2][i] for r in rows] for i, c in enumerate(COLUMNS)}
+        casts = ", ".join(f"CAST(:{c} AS {_PG_TYPES[c]}[])" for c in COLUMNS)
+        self.db.run(
+            f"INSERT INTO {self.usage} AS u (node, app, minute, {', '.join(COLUMNS)}) "
+            f"SELECT :node, * FROM unnest(CAST(:apps AS text[]), CAST(:minutes AS bigint[]), "
+            f"{casts}) ON CONFLICT (node, app, minute) DO UPDATE SET {_ADD}",
+            node=batch.node, apps=[r[0] for r in rows], minutes=[r[1] for r in rows], **arrays,
+        )
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(*self.errors):
+            self.db.run("ROLLBACK")
 
     def close(self) -> None:
-        with contextlib.suppress(*self._errors):
+        with contextlib.suppress(*self.errors):
             self.db.close()
 
 
