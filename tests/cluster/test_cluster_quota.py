@@ -1,0 +1,223 @@
+"""Quotas across a cluster: budget leased from Redis, the bound held, Redis away and back.
+
+* The leased store alone, against the machine's Redis under a prefix of the
+  test's own: chunks, the limit never granted past, budget returned.
+* A connects_per_minute limit hammered through three nodes: accepted within
+  the stated bound (the limit per Redis minute, plus nodes x chunk).
+* A node whose Redis is a redis-server this test starts and stops: with
+  Redis away, connects of an app with a quota fail closed at once with a
+  clear error, an app without one connects, and once Redis is back the
+  quota'd app connects again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from clustersupport import REDIS_PORT, REDIS_URL, Cluster, delete_prefix, running
+from support import (
+    FakeClock,
+    StdSocket,
+    echo,
+    require_service,
+    use_gateway,
+    wait_for,
+)
+from tcpservers import serving
+
+import tether.socket as tsocket
+from tether.client import control
+from tether.client import settings as client_settings
+from tether.cluster.config import parse_cluster
+from tether.cluster.membership import connect
+from tether.cluster.quota import LeasedStore
+from tether.errors import QuotaExceeded
+from tether.quota import QuotaBook, parse_quota
+
+LIMIT = 30  # connects per minute, for the app "tests" across the cluster
+CHUNK = 3  # 10% of it: each node's lease (cluster.lease_fraction's default)
+
+
+@pytest.fixture(autouse=True)
+def _client_settings() -> Iterator[None]:
+    yield
+    client_settings.configure(None)
+    control.close_all()
+
+
+def cluster_config(prefix: str, url: str = REDIS_URL) -> dict[str, str]:
+    return {"redis": url, "node_id": "unit", "link_listen": "unix:/nonexistent/link.sock",
+            "key": "k" * 32, "prefix": prefix}
+
+
+def redis_minute() -> int:
+    seconds, _ = redis.Redis.from_url(REDIS_URL).time()
+    return int(seconds) // 60
+
+
+# -- the store alone -----------------------------------------------------------------
+
+
+def test_leases_are_chunks_and_never_past_the_limit() -> None:
+    require_service(REDIS_PORT, "Redis")
+    prefix = f"tether-test-{secrets.token_hex(6)}:"
+    config = parse_cluster(cluster_config(prefix))
+    assert config is not None
+    clock = FakeClock()
+
+    async def main() -> tuple[list[int], int, int]:
+        loop = asyncio.get_running_loop()
+        client = connect(config)
+        stores = [LeasedStore(client, config, loop, clock=clock) for _ in range(3)]
+        book = QuotaBook(parse_quota({"connects_per_minute": LIMIT}, {}), clock=clock,
+                         wall=time.time)
+        accepted = [0, 0, 0]
+        for _ in range(2 * LIMIT):
+            for i, store in enumerate(stores):
+                book.store = store
+                if await store.ready(book, "a") is None and book.admit("a") is None:
+                    accepted[i] += 1
+                await asyncio.sleep(0)  # let a prefetch run
+        held = sum(int(s._budget("a", "connects_per_minute", None).units) for s in stores)
+        for store in stores:
+            await store.give_back()
+        key = stores[0]._base("a", "connects_per_minute") + stores[0].budgets[
+            ("a", "connects_per_minute")].window
+        left = int(await client.get(key) or 0)
+        await client.aclose()
+        return accepted, held, left
+
+    try:
+        accepted, held, left = asyncio.run(main())
+    finally:
+        delete_prefix(prefix)
+    # One Redis minute (or two, if the test crossed a minute): never past the limit per minute.
+    assert sum(accepted) <= 2 * LIMIT
+    assert sum(accepted) + held <= 2 * LIMIT
+    assert all(n >= 1 for n in accepted), accepted  # every node got leases
+    # What was held but not spent went back: Redis counts what was used.
+    assert left <= sum(accepted)
+
+
+def test_a_connects_per_minute_limit_holds_across_three_nodes(tmp_path: Path) -> None:
+    quota = f"\n[apps.tests.quota]\nconnects_per_minute = {LIMIT}\n"
+    with running(tmp_path, config_extra=quota) as cluster, serving(echo) as server:
+        first = redis_minute()
+        accepted = refused = 0
+        for round_ in range(3 * LIMIT):
+            node = cluster.node(round_ % 3 + 1)
+            use_gateway(node.address, node.app, node.key)
+            sock = tsocket.socket()
+            sock.settimeout(10)
+            try:
+                sock.connect(("127.0.0.1", server.port))
+            except QuotaExceeded as exc:
+                refused += 1
+                assert exc.limit == "connects_per_minute" and exc.window == "minute"
+            else:
+                accepted += 1
+            finally:
+                sock.close()
+        minutes = redis_minute() - first + 1
+    # The stated bound: the limit per Redis minute, plus nodes x chunk.
+    assert accepted <= minutes * LIMIT + 3 * CHUNK, (accepted, minutes)
+    # Budget stranded at the other nodes when the limit is reached: at most their chunks.
+    assert accepted >= LIMIT - 2 * CHUNK, accepted
+    assert refused >= 3 * LIMIT - accepted - 1
+
+
+# -- Redis away and back -------------------------------------------------------------
+
+
+def free_port() -> int:
+    probe = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.bind(("127.0.0.1", 0))
+    port: int = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+class RedisServer:
+    """A redis-server of this test's own on a loopback port (never the machine's)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.tmp = tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        assert wait_for(self._answers, timeout=10)
+
+    def _answers(self) -> bool:
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def test_redis_away_fails_closed_at_once_and_recovers(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    quota = (f"\n[apps.tests.quota]\nconnects_per_minute = {LIMIT}\n"
+             "\n[apps.free]\nkey = \"free-key-for-the-redis-test\"\n")
+    cluster = Cluster(tmp_path, size=1, redis_url=f"redis://127.0.0.1:{server.port}/0",
+                      config_extra=quota)
+    server.start()
+    try:
+        cluster.start()
+        node = cluster.node(1)
+        with serving(echo) as target:
+            def connect_as(app: str, key: str) -> None:
+                use_gateway(node.address, app, key)
+                with tsocket.socket() as sock:
+                    sock.settimeout(10)
+                    sock.connect(("127.0.0.1", target.port))
+
+            connect_as("tests", node.key)  # leased while Redis is there
+            server.stop()
+            # Spend what the node holds, then: refused, at once, saying why.
+            started = time.monotonic()
+            with pytest.raises(ConnectionRefusedError, match=r"Redis (failed|did not answer)"
+                               ) as caught:
+                for _ in range(LIMIT):
+                    connect_as("tests", node.key)
+            assert "cluster.quota_fail" in str(caught.value)
+            assert "connects_per_minute" in str(caught.value)
+            assert time.monotonic() - started < 5.0  # no hang: bounded by redis_timeout (0.5 s)
+            connect_as("free", "free-key-for-the-redis-test")  # no quota: not Redis's to refuse
+            server.start()
+            # Back: within the retry pause (1 s) and a beat, the quota'd app connects again.
+            def works() -> bool:
+                try:
+                    connect_as("tests", node.key)
+                except ConnectionRefusedError:
+                    return False
+                return True
+
+            assert wait_for(works, timeout=10)
+            assert "cluster quotas:" in node.log_text()
+    finally:
+        cluster.stop()
+        server.stop()
