@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 from support import APP, Gateway, gateway_config, recv_exact, start_gateway, tether_cli, use_gateway
 from support import wait_for as wait_until
+from udpsupport import UdpPeer
 
 import tether
 import tether.socket as ts
@@ -66,15 +68,18 @@ def location_of(section: str, tmp_path: Path) -> PostgresLocation | str:
     return str(tmp_path / "usage.sqlite3")
 
 
-def start(tmp_path: Path, section: str, interval: float, echo_port: int) -> tuple[Gateway, Path]:
+def start(
+    tmp_path: Path, section: str, interval: float, echo_port: int, udp_port: int = 9
+) -> tuple[Gateway, Path]:
     key = secrets.token_urlsafe(12)
     audit = tmp_path / "audit.jsonl"
     text = gateway_config(
         key,
-        # Only the echo server: a connect anywhere else is denied (and counted).
-        allow=[f"127.0.0.1:{echo_port}"],
+        # Only the echo servers: a connect anywhere else is denied (and counted).
+        allow=[f"127.0.0.1:{echo_port}", f"127.0.0.1:{udp_port}/udp"],
         gateway=f'audit_log = "{audit}"',
-        extra=f"\n{section}flush_interval = {interval}\n",
+        # App "other" is switched off: its connects are quota refusals.
+        extra=f"\n{section}flush_interval = {interval}\n\n[apps.other.quota]\nenabled = false\n",
     )
     gw = start_gateway(tmp_path, text, key)
     use_gateway(gw.address, APP, key)
@@ -94,13 +99,13 @@ def exchange(echo_port: int, sizes: list[int]) -> int:
     return sum(sizes)
 
 
-def ledger_totals(location: PostgresLocation | str) -> Counters | None:
+def ledger_totals(location: PostgresLocation | str, app: str = APP) -> Counters | None:
     try:
         store = open_store(location, create=False)
     except LedgerError:
         return None  # not created yet
     try:
-        totals = store.totals(app=APP)
+        totals = store.totals(app=app)
     finally:
         store.close()
     return totals[0].counters if totals else None
@@ -114,29 +119,44 @@ def close_lines(audit: Path) -> list[dict[str, Any]]:
 def test_sigterm_flushes_and_tether_usage_agrees_with_the_audit_log(
     tmp_path: Path, ledger_section: str, echo_port: int
 ) -> None:
+    peer = UdpPeer()
     # 60 s: no periodic flush is due during the test (at most one, at a
     # minute boundary); what the ledger holds at the end is the final flush's.
-    gw, audit = start(tmp_path, ledger_section, 60, echo_port)
+    gw, audit = start(tmp_path, ledger_section, 60, echo_port, peer.port)
     sizes = [1, 1000, 65_536, 300_000, 7]
+    datagrams = [b"x" * 512, b"y" * 1200, b"z"]
     try:
         sent = exchange(echo_port, sizes)
+        with ts.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.settimeout(10)
+            for datagram in datagrams:
+                udp.sendto(datagram, ("127.0.0.1", peer.port))
+                assert udp.recvfrom(4096)[0] == datagram
+        sent += sum(map(len, datagrams))
         with pytest.raises(tether.PolicyDenied):
             ts.create_connection(("127.0.0.1", 1), timeout=10)
+        use_gateway(gw.address, "other", f"other-{gw.key}")
+        with pytest.raises(tether.QuotaExceeded):
+            ts.create_connection(("127.0.0.1", echo_port), timeout=10)
         # Every socket is closed at the gateway (its close line) before SIGTERM.
-        assert wait_until(lambda: _closed(audit) == len(sizes))
+        assert wait_until(lambda: _closed(audit) == len(sizes) + 1)
     finally:
+        peer.close()
         assert gw.process.stop() == 0  # SIGTERM
     assert "usage ledger: final flush written" in gw.log_text()
     closes = close_lines(audit)
-    assert len(closes) == len(sizes)
+    assert len(closes) == len(sizes) + 1
+    assert [line["transport"] for line in closes].count("udp") == 1
     audit_out = sum(line["bytes_out"] for line in closes)
     audit_in = sum(line["bytes_in"] for line in closes)
     assert audit_out == audit_in == sent
-    got = ledger_totals(location_of(ledger_section, tmp_path))
+    location = location_of(ledger_section, tmp_path)
+    got = ledger_totals(location)
     assert got is not None
     assert (got.bytes_out, got.bytes_in, got.connects, got.denied_connects) == (
-        audit_out, audit_in, len(sizes), 1,
+        audit_out, audit_in, len(closes), 1,
     )
+    assert ledger_totals(location, "other") == Counters(quota_refusals=1)
     # The close lines round each duration to the microsecond.
     assert got.socket_seconds == pytest.approx(
         sum(line["duration_s"] for line in closes), abs=1e-6 * len(closes)
@@ -148,7 +168,7 @@ def test_sigterm_flushes_and_tether_usage_agrees_with_the_audit_log(
     assert result.returncode == 0, result.stderr
     (row,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert (row["app"], row["bytes_out"], row["bytes_in"], row["connects"]) == (
-        APP, audit_out, audit_in, len(sizes),
+        APP, audit_out, audit_in, len(closes),
     )
     assert row["denied_connects"] == 1 and row["quota_refusals"] == 0
 
@@ -164,7 +184,9 @@ def test_sigterm_flushes_and_tether_usage_agrees_with_the_audit_log(
     assert header.split() == ["APP", "BYTES_OUT", "BYTES_IN", "CONNECTS", "DENIED",
                               "QUOTA_REFUSED", "SOCKET_SECONDS"]
     (line,) = [b for b in body if b.split()[0] == APP]
-    assert line.split()[1:5] == [str(audit_out), str(audit_in), str(len(sizes)), "1"]
+    assert line.split()[1:5] == [str(audit_out), str(audit_in), str(len(closes)), "1"]
+    (other,) = [b for b in body if b.split()[0] == "other"]
+    assert other.split()[1:6] == ["0", "0", "0", "0", "1"]
 
 
 def _closed(audit: Path) -> int:

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support import require_service
 
 from tether.usage.location import PostgresLocation, parse_url
@@ -171,3 +173,37 @@ def test_sqlite_ledger_file_is_in_wal_mode(tmp_path: Path) -> None:
         assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         store.close()
+
+
+# Deliveries of batches as a flaky network makes them: in order, repeated
+# (a retry after a lost answer), or an older one again (a stale retry).
+deliveries = st.lists(
+    st.tuples(st.sampled_from(["r1", "r2"]), st.integers(1, 6)),
+    max_size=25,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(sent=deliveries)
+def test_any_order_of_retries_counts_each_batch_once(
+    store: Store, sent: list[tuple[str, int]]
+) -> None:
+    node = f"n-{secrets.token_hex(6)}"  # one node per example: the store is shared
+    applied: dict[str, int] = {}  # run -> highest seq applied
+    expected = 0
+    for run, seq in sent:
+        # A batch's content is fixed by its (run, seq): a retry carries the same rows.
+        rows = {("a", D0 + 60 * (seq % 3)): _fixed(run, seq), ("b", D0): _fixed(run, seq)}
+        new = seq > applied.get(run, 0)
+        assert store.apply(batch(run, seq, rows, node=node)) is new
+        if new:
+            applied[run] = seq
+            expected += 2 * _fixed(run, seq).bytes_out
+    totals = store.totals(node=node)
+    assert sum(t.counters.bytes_out for t in totals) == expected
+
+
+def _fixed(run: str, seq: int) -> Counters:
+    return Counters(seq * 1000 + (7 if run == "r2" else 0), 0, 1, 0, 0, 0.5)
