@@ -29,6 +29,7 @@ def config_text(ports: Iterable[int], key: str, unix_path: Path, audit_log: Path
         [gateway]
         listen = ["127.0.0.1:0", "unix:{unix_path}"]
         socks5_listen = ["127.0.0.1:0"]
+        http_proxy_listen = ["127.0.0.1:0"]
         audit_log = "{audit_log}"
 
         [resolver]
@@ -64,6 +65,7 @@ class TetherGateway:
         self.tcp = ""
         self.unix = ""
         self.socks5 = ""  # the SOCKS5 front-end, host:port
+        self.http = ""  # the HTTP proxy front-end, host:port
         self._log = self.log_path.open("w")
         self.child = Child(
             name,
@@ -87,7 +89,9 @@ class TetherGateway:
                     self.tcp = addr
             socks = re.findall(r"SOCKS5 front-end at (\S+)", self.log_path.read_text())
             self.socks5 = socks[-1] if socks else ""
-            return bool(self.tcp and self.unix and self.socks5)
+            http = re.findall(r"HTTP proxy front-end at (\S+)", self.log_path.read_text())
+            self.http = http[-1] if http else ""
+            return bool(self.tcp and self.unix and self.socks5 and self.http)
 
         try:
             wait_until(ready, timeout, "tether gateway", alive=self.child.alive)

@@ -15,7 +15,7 @@ from pathlib import Path as FsPath
 from typing import Any
 
 from bench.aio import KINDS, LOOPS, REFUSED, recorded_name
-from bench.paths import LABELS, ORDER, PROXIES, TETHER, TETHER_SOCKS5
+from bench.paths import LABELS, ORDER, PROXIES, TETHER, TETHER_HTTP, TETHER_SOCKS5
 
 # workload -> the metrics summarised for it
 METRICS: dict[str, tuple[str, ...]] = {
@@ -88,8 +88,12 @@ def ratios(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def proxy_ratios(summary: dict[str, Any]) -> dict[str, Any]:
-    """Tether's SOCKS5 front-end against each SOCKS5 server, same client (PySocks), same run.
+def proxy_ratios(summary: dict[str, Any], front: str = TETHER_SOCKS5) -> dict[str, Any]:
+    """A Tether proxy front-end against each SOCKS5 server, in the same run.
+
+    `front` TETHER_SOCKS5: the same client (PySocks) as the servers';
+    TETHER_HTTP: a CONNECT tunnel (bench.paths.http_connect), one round
+    trip per connection like SOCKS5 without authentication.
 
     Throughput and connection rate: Tether's over theirs (above 1 is faster);
     round trip p50: Tether's over theirs (below 1 is faster).
@@ -99,7 +103,7 @@ def proxy_ratios(summary: dict[str, Any]) -> dict[str, Any]:
         row: dict[str, Any] = {}
         for workload, metric in (("download", "mb_s"), ("upload", "mb_s"),
                                  ("rtt", "p50_us"), ("connrate", "per_s")):
-            row[workload] = _div(value(summary, workload, TETHER_SOCKS5, metric),
+            row[workload] = _div(value(summary, workload, front, metric),
                                  value(summary, workload, base, metric))
         if any(v is not None for v in row.values()):
             out[base] = row
@@ -323,9 +327,11 @@ def render(results: dict[str, Any]) -> str:
                           _fmt(r["connrate"]["dante"], 2, "x")])
         parts.append(_table(rrows))
 
-    prat = results.get("proxy_ratios", {})
-    if prat:
-        prows = [[f"{LABELS[TETHER_SOCKS5]} vs", "download", "upload", "round trip p50",
+    for key, front in (("proxy_ratios", TETHER_SOCKS5), ("http_proxy_ratios", TETHER_HTTP)):
+        prat = results.get(key, {})
+        if not prat:
+            continue
+        prows = [[f"{LABELS[front]} vs", "download", "upload", "round trip p50",
                   "connections/s"]]
         for base, r in prat.items():
             prows.append([f"/ {LABELS[base]}", _fmt(r["download"], 2, "x"),

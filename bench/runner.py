@@ -34,10 +34,12 @@ from bench.paths import (
     ORDER,
     PROXIES,
     TETHER,
+    TETHER_HTTP,
     TETHER_SOCKS5,
     Path,
     direct,
     floor,
+    http_connect,
     pysocks,
     pysocks_available,
     tether,
@@ -167,7 +169,7 @@ class Suite:
         ports = self.targets.ports
         if "direct" in wanted:
             self.paths["direct"] = direct()
-        if any(t in wanted for t in (*TETHER, TETHER_SOCKS5)):
+        if any(t in wanted for t in (*TETHER, TETHER_SOCKS5, TETHER_HTTP)):
             gw = self.gateway = self.start_gateway("gateway")
             self.audit = aio.AuditCounter(gw.audit_path)
             for t, addr in (("tether-tcp", gw.tcp), ("tether-unix", gw.unix)):
@@ -176,6 +178,8 @@ class Suite:
                     self.start_worker(t, addr, gw)
             if TETHER_SOCKS5 in wanted:
                 self.setup_tether_socks5(gw)
+            if TETHER_HTTP in wanted:
+                self.paths[TETHER_HTTP] = http_path(gw)
         if "floor" in wanted:
             relay = self.start_floor("")
             self.paths["floor"] = floor(relay.port, constant(relay.pid))
@@ -392,9 +396,9 @@ class Suite:
                     addr = gw.tcp if name == "tether-tcp" else gw.unix
                     path = tether(name, addr, gw.app, gw.key, constant(gw.pid))
                     pid, stop = gw.pid, gw.stop
-                elif name == TETHER_SOCKS5:
+                elif name in (TETHER_SOCKS5, TETHER_HTTP):
                     gw = self.start_gateway(f"memgw{rep}-{name}")
-                    path = socks5_path(gw)
+                    path = socks5_path(gw) if name == TETHER_SOCKS5 else http_path(gw)
                     pid, stop = gw.pid, gw.stop
                 elif name == "floor":
                     relay = self.start_floor(f"-mem{rep}")
@@ -418,6 +422,12 @@ def socks5_path(gw: TetherGateway) -> Path:
     """PySocks through `gw`'s SOCKS5 front-end, as its app (RFC 1929 with the app's key)."""
     port = int(gw.socks5.rsplit(":", 1)[1])
     return pysocks(TETHER_SOCKS5, port, constant(gw.pid), username=gw.app, password=gw.key)
+
+
+def http_path(gw: TetherGateway) -> Path:
+    """CONNECT tunnels through `gw`'s HTTP proxy front-end, as its app (Basic with the key)."""
+    port = int(gw.http.rsplit(":", 1)[1])
+    return http_connect(TETHER_HTTP, port, constant(gw.pid), gw.app, gw.key)
 
 
 def constant(value: int) -> Callable[[], int | None]:
@@ -549,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     results["summary"] = report.summarise(suite.runs)
     results["ratios"] = report.ratios(results["summary"])
     results["proxy_ratios"] = report.proxy_ratios(results["summary"])
+    results["http_proxy_ratios"] = report.proxy_ratios(results["summary"], TETHER_HTTP)
     results["aio_ratios"] = report.aio_ratios(results["summary"])
     results["targets"] = report.targets(results["summary"], settings)
     if "handoff" in args.workload_list and not suite.workers:
