@@ -16,7 +16,7 @@ import pytest
 
 import tether
 from tether.client.errors import broke_protocol, closed, gateway_error, unreachable
-from tether.errors import LimitExceeded, NodeGone, PolicyDenied
+from tether.errors import LimitExceeded, NodeGone, PolicyDenied, QuotaExceeded
 from tether.wire import RemoteProtocolError, pb
 
 GW = "127.0.0.1:7000"
@@ -27,6 +27,10 @@ DENIAL = (
 )
 
 LIMIT = "tether: app 'tests' has 100 open sockets, its max_sockets; close one first"
+QUOTA = (
+    "tether: app 'tests' is over its connects_per_minute quota (60 a minute, "
+    "quota.connects_per_minute); it has room again in 0.5 s"
+)
 NODE_GONE = (
     "tether: the socket's node 'n2' has left the cluster (no heartbeat for 3 s): the socket "
     "was lost with it (a TCP connection lives in one kernel)"
@@ -77,7 +81,26 @@ TABLE: list[tuple[int, int, str, str, str, type[BaseException], int | None, str]
     (E.LIMIT, errno.EMFILE, LIMIT, "max_sockets", "127.0.0.1:80", LimitExceeded, errno.EMFILE,
      LIMIT),
     (E.NODE_GONE, errno.EHOSTDOWN, NODE_GONE, "", "", NodeGone, errno.ECONNRESET, NODE_GONE),
+    (E.QUOTA, errno.EDQUOT, QUOTA, "connects_per_minute", "127.0.0.1:80", QuotaExceeded,
+     errno.EDQUOT, QUOTA),
 ]
+
+
+def test_quota_exceeded_names_the_app_limit_value_window_and_refill() -> None:
+    err = pb.Error(code=E.QUOTA, errno=errno.EDQUOT, message=QUOTA, rule="connects_per_minute",
+                   reason="60", window="minute", retry_after=0.5, app="tests")
+    exc = gateway_error(err, GW, "127.0.0.1:80")
+    assert isinstance(exc, QuotaExceeded) and isinstance(exc, LimitExceeded)
+    assert isinstance(exc, OSError) and exc.errno == errno.EDQUOT
+    assert (exc.app, exc.limit, exc.value, exc.window, exc.retry_after) == (
+        "tests", "connects_per_minute", 60, "minute", 0.5)
+    assert exc.strerror == QUOTA
+    assert tether.QuotaExceeded is QuotaExceeded
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is QuotaExceeded
+    assert (back.errno, back.strerror, back.app, back.limit, back.value, back.window,
+            back.retry_after) == (errno.EDQUOT, QUOTA, "tests", "connects_per_minute", 60,
+                                  "minute", 0.5)
 
 
 def test_node_gone_names_the_node() -> None:
