@@ -19,6 +19,21 @@ def host_port(host: object, port: object) -> str:
     return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
+def same_host(a: str, b: str) -> bool:
+    """True if `a` and `b` are the same IP address however written (a zone index ignored)."""
+    try:
+        x = ipaddress.ip_address(a.split("%", 1)[0])
+        y = ipaddress.ip_address(b.split("%", 1)[0])
+    except ValueError:
+        return False
+    return x == y
+
+
+def address_family(host: str) -> socket.AddressFamily:
+    """AF_INET6 for an IPv6 address, else AF_INET."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 @dataclass(frozen=True)
 class Endpoint:
     host: str = ""

@@ -63,6 +63,31 @@ BATCH = 64
 UDP_OPTIONS = (pb.SO_SNDBUF, pb.SO_RCVBUF, pb.SO_REUSEADDR)
 
 
+def quota_drops(
+    meter: AppMeter,
+    record: SocketRecord,
+    counters: dict[str, int],
+    n: int,
+    outgoing: bool,
+    close: Callable[[str], None],
+) -> bool:
+    """Charge a datagram of `n` bytes to the app's quota; True if it must not be relayed.
+
+    Over a per-minute limit it is dropped and counted in `counters`
+    (``dropped_quota``); at a daily byte limit `close` ends the association
+    with the reason. Every front-end's UDP relay charges its datagrams here.
+    """
+    over = meter.datagram_out(n) if outgoing else meter.datagram_in(n)
+    if over is None:
+        return False
+    meter.book.refused(record.app, over)
+    if WINDOWS[over] == DAY:
+        close(meter.book.over(record.app, over).reason())
+    else:
+        counters["dropped_quota"] += 1
+    return True
+
+
 class _Relay:
     __slots__ = ("peer", "sock")
 
@@ -179,16 +204,12 @@ class UdpAssociation:
             if relay is None:
                 extra["dropped_unsolicited"] += 1  # from a source the app never sent to
                 continue
-            if meter is not None:
-                n = len(data)
-                over = meter.datagram_out(n) if outgoing else meter.datagram_in(n)
-                if over is not None:
-                    meter.book.refused(record.app, over)
-                    if WINDOWS[over] == DAY:
-                        self.close(meter.book.over(record.app, over).reason())
-                        return
-                    extra["dropped_quota"] += 1
-                    continue
+            if meter is not None and quota_drops(
+                meter, record, extra, len(data), outgoing, self.close
+            ):
+                if self.closed:
+                    return  # a daily limit ended the association
+                continue
             try:
                 if outgoing:
                     self.outbound.sendto(data, relay.peer)
@@ -235,4 +256,4 @@ class UdpAssociation:
         self.hang_up()
 
 
-__all__ = ["MAX_DESTINATIONS", "UDP_OPTIONS", "UdpAssociation"]
+__all__ = ["MAX_DESTINATIONS", "UDP_OPTIONS", "UdpAssociation", "quota_drops"]

@@ -102,6 +102,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 # The app's rules are checked before the global ones.
                 "tests": {"key": KEY, "policy": {"deny": ["blocked.test"]}},
                 "local": {"uids": [os.getuid()]},
+                "limited": {"key": KEY, "quota": {"datagrams_per_minute": 1}},
             },
         })
         clock = FakeClock()
@@ -345,9 +346,9 @@ def test_curl_through_the_unix_listener_as_a_uid_mapped_app(env: Env) -> None:
     assert (done.returncode, done.stdout) == (0, PAGE.decode()), done.stderr
 
 
-def _pysocks(env: Env, kind: int) -> socks.socksocket:
+def _pysocks(env: Env, kind: int, app: str = "tests") -> socks.socksocket:
     s = socks.socksocket(socket.AF_INET, kind)
-    s.set_proxy(socks.SOCKS5, "127.0.0.1", env.socks_port, rdns=True, username="tests",
+    s.set_proxy(socks.SOCKS5, "127.0.0.1", env.socks_port, rdns=True, username=app,
                 password=KEY)
     s.settimeout(TIMEOUT)
     return s
@@ -392,6 +393,33 @@ def test_pysocks_udp_associate_relays_meters_and_drops_denied_destinations(
     assert [(d["port"], d["transport"], d["outcome"]) for d in decisions] == [
         (env.udp.port, "udp", "allowed"), (env.udp_denied_port, "udp", "denied")]
     assert [data for data, _ in env.udp.received][-2:] == [b"ping", b"pong!"]
+
+
+def test_udp_datagrams_are_charged_to_the_apps_datagram_quota(env: Env) -> None:
+    with _pysocks(env, socket.SOCK_DGRAM, app="limited") as s:
+        s.sendto(b"first", ("127.0.0.1", env.udp.port))
+        assert s.recvfrom(64)[0] == b"first"
+        # datagrams_per_minute = 1 and the gateway's clock stands still: dropped.
+        s.sendto(b"second", ("127.0.0.1", env.udp.port))
+        s.sendto(b"third", ("127.0.0.1", env.udp.port))
+
+        def counters() -> dict[str, int]:
+            [record] = env.records()
+            return dict(record.extra)
+
+        assert wait_for(lambda: counters()["dropped_quota"] == 2)
+        assert counters()["datagrams_out"] == 1
+    assert b"second" not in [data for data, _ in env.udp.received]
+
+
+def test_the_tether_hello_offers_the_socks5_url(env: Env) -> None:
+    from tether.cli.run import offered_proxies
+    from tether.client.settings import Settings
+
+    gateway = env.gw.gateway
+    assert gateway is not None
+    settings = Settings(gateway=env.gw.endpoints[0], app="tests", key=KEY)
+    assert offered_proxies(settings)[1] == f"socks5h://127.0.0.1:{env.socks_port}"
 
 
 def test_an_idle_association_is_reclaimed_and_its_stream_closed(

@@ -13,6 +13,8 @@ import errno
 import hmac
 import logging
 import os
+import socket
+import struct
 from typing import TYPE_CHECKING, Protocol
 
 from tether.gateway import audit
@@ -62,6 +64,42 @@ def authenticate_bound(core: GatewayCore, app: str, key: str, bound: str) -> boo
 def peer_app(config: Config, uid: int, gid: int) -> str | None:
     """The app a Unix peer's uid (first) or gid is mapped to, if any."""
     return config.apps_by_uid.get(uid) or config.apps_by_gid.get(gid)
+
+
+def peer_key(transport: asyncio.BaseTransport | None) -> str:
+    """Who an app stream comes from, for the pre-auth caps and throttling (every front-end).
+
+    TCP: the source IP. A Unix socket: the peer's uid (SO_PEERCRED), so
+    tenants under different uids are counted apart; "unix" if unknown.
+    """
+    if transport is None:
+        return "unknown"
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        host = str(peer[0])
+        return host[7:] if host.startswith("::ffff:") else host  # IPv4-mapped
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        creds = peer_creds(transport)
+        return "unix" if creds is None else f"uid {creds[1]}"
+    return "unknown"
+
+
+def peer_creds(transport: asyncio.BaseTransport | None) -> tuple[int, int, int] | None:
+    """A Unix stream's peer (pid, uid, gid) from SO_PEERCRED; None if not to be had."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    pid, uid, gid = _UCRED.unpack(creds)
+    return pid, uid, gid
+
+
+# struct ucred (pid, uid, gid): what SO_PEERCRED returns on Linux.
+_UCRED = struct.Struct("3i")
 
 
 # The guard looks at the streams that have not authenticated when the first
@@ -353,4 +391,4 @@ def _limit_refusal(message: str, rule: str, value: int) -> Refusal:
     return Refusal(pb.Error.LIMIT, errno.EAGAIN, message, rule=rule, reason=str(value))
 
 
-__all__ = ["ADMIN_APP", "Guard", "Pending", "authenticate"]
+__all__ = ["ADMIN_APP", "Guard", "Pending", "authenticate", "peer_creds", "peer_key"]

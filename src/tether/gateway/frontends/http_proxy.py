@@ -23,10 +23,16 @@ import socket
 from collections.abc import Iterable
 
 from tether.endpoint import Endpoint, host_port
-from tether.gateway.core.auth import ADMIN_APP, Guard, authenticate_bound, peer_app
+from tether.gateway.core.auth import (
+    ADMIN_APP,
+    Guard,
+    authenticate_bound,
+    peer_app,
+    peer_creds,
+    peer_key,
+)
 from tether.gateway.core.errors import Failure, Refusal, wire_error
 from tether.gateway.core.gateway import GatewayCore
-from tether.gateway.frontends.tether import _peer_creds, _peer_key
 from tether.policy import Transport
 from tether.proxy.http import (
     NEED_DATA,
@@ -147,7 +153,7 @@ class HttpProxySession(asyncio.Protocol):
     def peer_key(self) -> str:
         """Who the connection comes from (the pre-auth caps): source IP or Unix uid."""
         if self._peer is None:
-            self._peer = _peer_key(self.transport)
+            self._peer = peer_key(self.transport)
         return self._peer
 
     def end_preauth(self, refusal: Refusal) -> None:
@@ -245,7 +251,7 @@ class HttpProxySession(asyncio.Protocol):
         bound: str | None = None
         by_peer: tuple[int, int, int] | None = None
         if self.unix and core.config.identifies_peers:
-            creds = _peer_creds(self.transport)
+            creds = peer_creds(self.transport)
             if creds is not None:
                 by_peer = creds
                 bound = peer_app(core.config, creds[1], creds[2])

@@ -31,15 +31,13 @@ import socket
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from tether.endpoint import Endpoint, host_port
+from tether.endpoint import Endpoint, address_family, host_port, same_host
 from tether.gateway.core.admission import capacity, log_decision
-from tether.gateway.core.auth import ADMIN_APP, authenticate_bound, peer_app
+from tether.gateway.core.auth import ADMIN_APP, authenticate_bound, peer_app, peer_creds, peer_key
 from tether.gateway.core.errors import DialTimeout, Refusal
 from tether.gateway.core.gateway import GatewayCore
 from tether.gateway.core.registry import SocketRecord
-from tether.gateway.frontends.tether import _peer_creds, _peer_key
-from tether.gateway.frontends.tether_udp import _family_of, _same_host
-from tether.gateway.udp import BATCH, MAX_DESTINATIONS, RECV_SIZE
+from tether.gateway.udp import BATCH, MAX_DESTINATIONS, RECV_SIZE, quota_drops
 from tether.policy import Transport
 from tether.proxy import socks5
 from tether.proxy.socks5 import (
@@ -130,7 +128,7 @@ class Socks5Session(asyncio.Protocol):
     def peer_key(self) -> str:
         """Who the stream comes from, for the pre-auth caps (as the Tether front-end)."""
         if self._peer is None:
-            self._peer = _peer_key(self.transport)
+            self._peer = peer_key(self.transport)
         return self._peer
 
     def end_preauth(self, refusal: Refusal) -> None:
@@ -224,7 +222,7 @@ class Socks5Session(asyncio.Protocol):
     def _greeting(self, greeting: Greeting) -> None:
         core = self.core
         if self.unix and core.config.identifies_peers:
-            creds = _peer_creds(self.transport)
+            creds = peer_creds(self.transport)
             self._bound = None if creds is None else peer_app(core.config, creds[1], creds[2])
         if socks5.USERPASS in greeting.methods:
             method = socks5.USERPASS
@@ -401,6 +399,11 @@ class Socks5Association:
         counters = ("datagrams_out", "datagrams_in", "dropped_unsolicited", "dropped",
                     "dropped_denied", "destinations")
         self.counters: dict[str, int] = dict.fromkeys(counters, 0)
+        # The app's byte and datagram quotas, charged as on the native UDP
+        # path (udp.quota_drops); None: no such limit.
+        self.meter = core.quota.datagram_meter(record.app)
+        if self.meter is not None:
+            self.counters["dropped_quota"] = 0
         record.extra = self.counters
         record.on_finish = self._finished
         loop = core.loop
@@ -413,7 +416,7 @@ class Socks5Association:
         hang_up: Callable[[], None],
     ) -> Socks5Association:
         """Open the sockets and register the association (its record, one more descriptor)."""
-        client_sock = socket.socket(_family_of(here), socket.SOCK_DGRAM)
+        client_sock = socket.socket(address_family(here), socket.SOCK_DGRAM)
         outbound: socket.socket | None = None
         try:
             client_sock.setblocking(False)
@@ -454,25 +457,32 @@ class Socks5Association:
             target = self.allowed.get(key)
             if target is not None:
                 self._send(target, datagram.data)
+                if self.closed:
+                    return  # a daily quota ended the association
             else:
                 self._admit(key, datagram.data)
 
     def _is_client(self, source: tuple[Any, ...]) -> bool:
         address = (_plain(str(source[0])), int(source[1]))
         if self.client is None:
-            if not _same_host(address[0], self.client_host):
+            if not same_host(address[0], self.client_host):
                 return False
             self.client = address
         return address == self.client
 
     def _send(self, target: tuple[str, int], data: bytes) -> None:
+        record = self.record
+        meter = self.meter
+        if meter is not None and quota_drops(
+            meter, record, self.counters, len(data), True, self.close
+        ):
+            return
         try:
             self.outbound.sendto(data, self._outbound_address(target))
         except OSError:
             # A full send buffer or an unreachable destination: UDP may drop.
             self.counters["dropped"] += 1
             return
-        record = self.record
         record.bytes_out += len(data)
         self.counters["datagrams_out"] += 1
         record.touch()
@@ -525,12 +535,14 @@ class Socks5Association:
         log_decision(decision, outcome="allowed", descriptor=self.record.descriptor,
                      chosen=target)
         for data in waiting:
+            if self.closed:
+                return
             self._send(target, data)
 
     # -- the destinations' datagrams -------------------------------------------
 
     def _from_peers(self) -> None:
-        counters, record = self.counters, self.record
+        counters, record, meter = self.counters, self.record, self.meter
         for _ in range(BATCH):
             try:
                 data, source = self.outbound.recvfrom(RECV_SIZE)
@@ -542,6 +554,12 @@ class Socks5Association:
             client = self.client
             if peer not in self.peers or client is None:
                 counters["dropped_unsolicited"] += 1  # never sent to: no unsolicited inbound
+                continue
+            if meter is not None and quota_drops(
+                meter, record, counters, len(data), False, self.close
+            ):
+                if self.closed:
+                    return
                 continue
             try:
                 self.client_sock.sendto(socks5.build_datagram(peer[0], peer[1], data), client)

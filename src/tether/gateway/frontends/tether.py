@@ -13,7 +13,6 @@ import asyncio
 import errno
 import logging
 import socket
-import struct
 import traceback
 from collections.abc import Coroutine
 from typing import Any
@@ -22,7 +21,14 @@ from tether import __version__
 from tether.cluster.errors import node_gone
 from tether.gateway.core import drain, handoff, inspect
 from tether.gateway.core.admission import lookup_refusal
-from tether.gateway.core.auth import ADMIN_APP, Guard, authenticate_bound, peer_app
+from tether.gateway.core.auth import (
+    ADMIN_APP,
+    Guard,
+    authenticate_bound,
+    peer_app,
+    peer_creds,
+    peer_key,
+)
 from tether.gateway.core.errors import Refusal, wire_error
 from tether.gateway.core.gateway import GatewayCore
 from tether.gateway.core.options import apply_option, outbound_socket, read_option
@@ -123,7 +129,7 @@ class TetherSession(asyncio.Protocol):
         tenants under different uids are counted apart; "unix" if unknown.
         """
         if self._peer is None:
-            self._peer = _peer_key(self.transport)
+            self._peer = peer_key(self.transport)
         return self._peer
 
     def end_preauth(self, refusal: Refusal) -> None:
@@ -362,13 +368,13 @@ class TetherSession(asyncio.Protocol):
 
     def _peer_app(self) -> str | None:
         """The app this Unix stream's peer uid/gid (SO_PEERCRED) is mapped to, if any."""
-        creds = _peer_creds(self.transport)
+        creds = peer_creds(self.transport)
         return None if creds is None else peer_app(self.core.config, creds[1], creds[2])
 
     def _identified_by(self, by_peer: bool) -> str:
         """How the stream's app was known, for a refusal."""
         if by_peer:
-            creds = _peer_creds(self.transport)
+            creds = peer_creds(self.transport)
             return f"its peer's uid {creds[1]}, gid {creds[2]}" if creds else "its peer"
         sock = self.transport.get_extra_info("socket") if self.transport else None
         return f"its listener unix:{sock.getsockname()}" if sock is not None else "its listener"
@@ -579,36 +585,6 @@ def linked_app(core: GatewayCore, app: str) -> bool:
     """On a node link: `app` is one this node serves (or the operator), as the linking node said."""
     return app in core.config.apps or (app == ADMIN_APP and core.config.admin_key is not None)
 
-
-def _peer_key(transport: asyncio.Transport | None) -> str:
-    if transport is None:
-        return "unknown"
-    peer = transport.get_extra_info("peername")
-    if isinstance(peer, tuple) and peer:
-        host = str(peer[0])
-        return host[7:] if host.startswith("::ffff:") else host  # IPv4-mapped
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family == socket.AF_UNIX:
-        creds = _peer_creds(transport)
-        return "unix" if creds is None else f"uid {creds[1]}"
-    return "unknown"
-
-
-def _peer_creds(transport: asyncio.Transport | None) -> tuple[int, int, int] | None:
-    """A Unix stream's peer (pid, uid, gid) from SO_PEERCRED; None if not to be had."""
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    except OSError:
-        return None
-    pid, uid, gid = _UCRED.unpack(creds)
-    return pid, uid, gid
-
-
-# struct ucred (pid, uid, gid): what SO_PEERCRED returns on Linux.
-_UCRED = struct.Struct("3i")
 
 # Name lookups: refused, like connects, for an app whose sockets are switched off.
 _LOOKUPS = frozenset({"getaddrinfo", "gethostbyname", "gethostbyaddr", "getnameinfo"})

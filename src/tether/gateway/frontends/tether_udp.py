@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import socket
 from collections.abc import Callable
 from typing import Any
 
+from tether.endpoint import address_family, same_host
 from tether.gateway.core.admission import capacity, log_decision
 from tether.gateway.core.errors import Refusal, wire_error
 from tether.gateway.core.gateway import GatewayCore
@@ -147,7 +147,7 @@ def _allowed(
     port = outbound.getsockname()[1]
     return pb.Destination(
         peer=address_to_wire(peer, family),
-        relay=address_to_wire(relay, _family_of(relay[0])),
+        relay=address_to_wire(relay, address_family(relay[0])),
         local=address_to_wire((_source_towards(peer, family), port), family),
     )
 
@@ -166,7 +166,7 @@ def _check_open(
             "tether: UDP needs the gateway on an IP address; this app reached it "
             "over a Unix socket, which cannot carry the app's datagrams")
     source = address_from_wire(req.source)
-    if not source[1] or not _same_host(str(source[0]), str(peername[0])):
+    if not source[1] or not same_host(str(source[0]), str(peername[0])):
         # The relays send only to the app's own socket, on the host this
         # stream comes from: never to a third party named in the request.
         raise Refusal(pb.Error.INVALID_REQUEST, errno.EINVAL,
@@ -187,18 +187,6 @@ def _source_towards(peer: tuple[str, int], family: int) -> str:
         except OSError:
             return "::" if family == socket.AF_INET6 else "0.0.0.0"
         return str(probe.getsockname()[0])
-
-
-def _same_host(a: str, b: str) -> bool:
-    try:
-        x, y = ipaddress.ip_address(a.split("%", 1)[0]), ipaddress.ip_address(b.split("%", 1)[0])
-    except ValueError:
-        return False
-    return x == y
-
-
-def _family_of(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def _unsupported_option(name: int) -> pb.Error:
