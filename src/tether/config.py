@@ -434,6 +434,11 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
             _table(app, "quota", where=f"{where}.quota") if "quota" in app else None,
             apps[name].max_sockets,
         )
+    if admin_listen is not None and admin_listen.path in listen_owner:
+        # It would unlink that listener's socket as a stale one and take its path.
+        raise ConfigError(
+            "gateway.admin_listen", f"{admin_listen} is already {listen_owner[admin_listen.path]}'s"
+        )
     policy = parse_policy(_table(data, "policy") or None, app_policies)
     # [gateway] max_sockets_per_app and [apps.NAME] max_sockets are the
     # sockets quota under their older names.

@@ -133,6 +133,21 @@ def test_bad_admin_settings_name_their_path(gateway: dict[str, object], message:
     assert str(info.value).startswith(message)
 
 
+@pytest.mark.parametrize(
+    ("gateway", "apps", "owner"),
+    [
+        ({"listen": ["unix:/run/t.sock"]}, {}, "gateway.listen's"),
+        ({}, {"a": {"listen": "unix:/run/t.sock"}}, "apps.a's"),
+    ],
+)
+def test_admin_socket_is_no_other_listeners(
+    gateway: dict[str, object], apps: dict[str, object], owner: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"gateway": {**gateway, "admin_listen": "unix:/run/t.sock"}, "apps": apps})
+    assert str(info.value) == f"gateway.admin_listen: unix:/run/t.sock is already {owner}"
+
+
 @pytest.mark.parametrize("listen", ["0.0.0.0:9464", "[::]:9464", "192.0.2.7:9464"])
 def test_admin_off_loopback_needs_the_opt_in(listen: str) -> None:
     with pytest.raises(ConfigError) as info:

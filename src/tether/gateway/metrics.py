@@ -54,8 +54,8 @@ class Histogram:
 
     prometheus_client's Histogram takes a lock per bucket it increments and
     walks the buckets in Python; this is one C bisect and two additions,
-    which is all a single-threaded loop needs (bench: ~0.15 us an
-    observation against ~1.5 us).
+    which is all a single-threaded loop needs (timeit, 0.0007 s into these
+    buckets: 144 ns an observation against prometheus_client's 864 ns).
     """
 
     __slots__ = ("bounds", "counts", "total")

@@ -235,6 +235,10 @@ class GatewayCore:
         """
         if config.listen != self.config.listen:
             log.warning("reload: gateway.listen changed; it takes effect at the next restart")
+        if config.admin_listen != self.config.admin_listen:
+            log.warning(
+                "reload: gateway.admin_listen changed; it takes effect at the next restart"
+            )
         if config.usage != self.config.usage:
             log.warning("reload: [usage] changed; the ledger keeps its store until a restart")
         old = self.config
