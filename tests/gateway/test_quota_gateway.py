@@ -55,6 +55,7 @@ APPS: dict[str, dict[str, Any]] = {
     "outday": {"bytes_out_per_day": "64KiB"},
     "inday": {"bytes_in_per_day": "64KiB"},
     "udp": {"datagrams_per_minute": 3},
+    "udpday": {"bytes_out_per_day": 100},
     "free": {},
 }
 
@@ -281,6 +282,27 @@ def test_datagrams_over_the_minute_are_dropped_and_counted(env: Env) -> None:
         close = env.wait_audit(event="close", app="udp", transport="udp")
         assert (close["datagrams_out"], close["dropped_quota"]) == (4, 2)
         assert env.usage("udp")[1][("udp", "datagrams_per_minute")] == 2
+    finally:
+        peer.close()
+
+
+def test_a_udp_socket_at_its_daily_bytes_is_closed_with_the_reason(env: Env) -> None:
+    peer = UdpPeer()
+    try:
+        env.use("udpday")
+        udp = tsock.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.settimeout(TIMEOUT)
+        udp.sendto(b"x" * 60, peer.address)
+        assert udp.recvfrom(100)[0] == b"x" * 60
+        udp.sendto(b"y" * 60, peer.address)  # 120 > 100: not sent; the association ends
+        close = env.wait_audit(event="close", app="udpday", transport="udp")
+        assert close["bytes_out"] == 60 and close["reason"].startswith("closed by its quota")
+        with pytest.raises(ConnectionResetError) as info:
+            udp.sendto(b"z", peer.address)
+        assert "closed by its quota: app 'udpday' reached its bytes_out_per_day quota" in str(
+            info.value)
+        assert [d for d, _ in peer.received] == [b"x" * 60]
+        udp.close()
     finally:
         peer.close()
 
