@@ -19,11 +19,32 @@ from pathlib import Path
 from bench.procs import Child, Pinning, python, python_env, wait_until
 
 APP = "bench"
+# The app of the tether-quota path: the same key, every quota set, none binding.
+QUOTA_APP = "bench-quota"
+# Far above what a benchmark moves in a minute or a day (loopback bulk runs at
+# a few GB/s, the connection rate at thousands a second): checked and charged
+# on every connect and chunk, never reached.
+QUOTA_LIMITS = {
+    "sockets": "100000",
+    "connects_per_minute": "1000000000",
+    "bytes_out_per_minute": '"1000TiB"',
+    "bytes_out_per_day": '"100000TiB"',
+    "bytes_in_per_day": '"100000TiB"',
+    "datagrams_per_minute": "1000000000",
+}
 START_TIMEOUT = 30.0
 
 
-def config_text(ports: Iterable[int], key: str, unix_path: Path, audit_log: Path) -> str:
+def config_text(
+    ports: Iterable[int], key: str, unix_path: Path, audit_log: Path, *, quota: bool = False
+) -> str:
+    """The gateway's config; `quota` adds QUOTA_APP (left out otherwise, so a
+    --tether-src from before quotas still reads it)."""
     allow = ", ".join(f'"127.0.0.1:{p}"' for p in sorted(set(ports)))
+    quota_app = ""
+    if quota:
+        limits = "".join(f"{k} = {v}\n" for k, v in QUOTA_LIMITS.items())
+        quota_app = f'\n[apps.{QUOTA_APP}]\nkey = "{key}"\n\n[apps.{QUOTA_APP}.quota]\n{limits}'
     return textwrap.dedent(
         f"""\
         [gateway]
@@ -44,14 +65,14 @@ def config_text(ports: Iterable[int], key: str, unix_path: Path, audit_log: Path
         [apps.{APP}]
         key = "{key}"
         """
-    )
+    ) + quota_app
 
 
 class TetherGateway:
     """One gateway child; `tcp` and `unix` are its endpoints once started."""
 
     def __init__(self, workdir: Path, ports: Iterable[int], pinning: Pinning,
-                 name: str = "gateway") -> None:
+                 name: str = "gateway", *, quota: bool = False) -> None:
         self.workdir = workdir
         self.key = secrets.token_urlsafe(24)
         self.app = APP
@@ -60,7 +81,7 @@ class TetherGateway:
         self.log_path = workdir / f"{name}.log"
         self.audit_path = workdir / f"{name}-audit.log"
         self.config_path.write_text(
-            config_text(ports, self.key, self.unix_path, self.audit_path)
+            config_text(ports, self.key, self.unix_path, self.audit_path, quota=quota)
         )
         self.tcp = ""
         self.unix = ""

@@ -18,7 +18,7 @@ from typing import Any
 TARGET_HOST = "127.0.0.1"
 
 ORDER = ["direct", "tether-tcp", "tether-unix", "floor", "dante", "microsocks", "tether-socks5",
-         "tether-http"]
+         "tether-http", "tether-quota"]
 LABELS = {
     "direct": "direct",
     "tether-tcp": "Tether TCP",
@@ -28,6 +28,7 @@ LABELS = {
     "microsocks": "microsocks+PySocks",
     "tether-socks5": "Tether SOCKS5+PySocks",
     "tether-http": "Tether HTTP CONNECT",
+    "tether-quota": "Tether TCP, quotas on",
 }
 TETHER = ("tether-tcp", "tether-unix")
 PROXIES = ("dante", "microsocks")
@@ -35,6 +36,9 @@ PROXIES = ("dante", "microsocks")
 TETHER_SOCKS5 = "tether-socks5"
 # Tether's HTTP proxy front-end: a CONNECT tunnel per connection (http_connect).
 TETHER_HTTP = "tether-http"
+# Tether TCP as an app with every quota set, high enough never to bind: what
+# checking and charging them costs (docs/quotas.md).
+TETHER_QUOTA = "tether-quota"
 # Proxy front-ends measured against PROXIES in the same run.
 FRONT_ENDS = (TETHER_SOCKS5, TETHER_HTTP)
 

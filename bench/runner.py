@@ -28,13 +28,15 @@ from pathlib import Path as FsPath
 from typing import Any
 
 from bench import aio, bulk, connrate, handoff, memory, procs, proxies, report, rtt
+from bench import workers as gateway_workers
 from bench.floor import FloorRelay
-from bench.gateway import TetherGateway
+from bench.gateway import QUOTA_APP, TetherGateway
 from bench.paths import (
     ORDER,
     PROXIES,
     TETHER,
     TETHER_HTTP,
+    TETHER_QUOTA,
     TETHER_SOCKS5,
     Path,
     direct,
@@ -46,7 +48,8 @@ from bench.paths import (
 )
 from bench.procs import REPO_ROOT, Child, Pinning, descendants, python, python_env, raise_fd_limit
 
-WORKLOADS = ["download", "upload", "rtt", "connrate", "handoff", "memory", *aio.WORKLOADS]
+WORKLOADS = ["download", "upload", "rtt", "connrate", "handoff", "memory", *aio.WORKLOADS,
+             "workers"]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 README = REPO_ROOT / "bench" / "README.md"
 
@@ -156,6 +159,8 @@ class Suite:
         self.audit: aio.AuditCounter | None = None
         self.workers: dict[str, handoff.Worker] = {}
         self.handoff_note = ""
+        # `tether serve` vs `--workers 2` with parallel clients (bench/workers.py)
+        self.workers_result: dict[str, Any] | None = None
         self.versions: dict[str, str] = {"dante": "-", "microsocks": "-"}
 
     # -- setup ----------------------------------------------------------------
@@ -169,8 +174,8 @@ class Suite:
         ports = self.targets.ports
         if "direct" in wanted:
             self.paths["direct"] = direct()
-        if any(t in wanted for t in (*TETHER, TETHER_SOCKS5, TETHER_HTTP)):
-            gw = self.gateway = self.start_gateway("gateway")
+        if any(t in wanted for t in (*TETHER, TETHER_SOCKS5, TETHER_HTTP, TETHER_QUOTA)):
+            gw = self.gateway = self.start_gateway("gateway", quota=TETHER_QUOTA in wanted)
             self.audit = aio.AuditCounter(gw.audit_path)
             for t, addr in (("tether-tcp", gw.tcp), ("tether-unix", gw.unix)):
                 if t in wanted:
@@ -180,6 +185,10 @@ class Suite:
                 self.setup_tether_socks5(gw)
             if TETHER_HTTP in wanted:
                 self.paths[TETHER_HTTP] = http_path(gw)
+            if TETHER_QUOTA in wanted:
+                # The same gateway and client as tether-tcp, as an app with quotas.
+                self.paths[TETHER_QUOTA] = tether(
+                    TETHER_QUOTA, gw.tcp, QUOTA_APP, gw.key, constant(gw.pid))
         if "floor" in wanted:
             relay = self.start_floor("")
             self.paths["floor"] = floor(relay.port, constant(relay.pid))
@@ -202,9 +211,10 @@ class Suite:
         self.cleanup.append(worker.stop)
         self.workers[name] = worker
 
-    def start_gateway(self, name: str) -> TetherGateway:
+    def start_gateway(self, name: str, *, quota: bool = False) -> TetherGateway:
         assert self.targets is not None
-        gw = TetherGateway(self.workdir, self.targets.ports.values(), self.pinning, name=name)
+        gw = TetherGateway(self.workdir, self.targets.ports.values(), self.pinning, name=name,
+                           quota=quota)
         self.cleanup.append(gw.stop)
         gw.wait_ready()
         return gw
@@ -311,7 +321,7 @@ class Suite:
             # A different path goes first each repetition, so drift spreads evenly.
             order = names[rep % len(names):] + names[:rep % len(names)] if names else []
             for workload in args.workload_list:
-                if workload == "memory" or workload in aio.WORKLOADS:
+                if workload in ("memory", "workers") or workload in aio.WORKLOADS:
                     continue
                 for name in order:
                     path = self.paths[name]
@@ -319,6 +329,13 @@ class Suite:
                     if fn is not None:
                         self.measure(workload, path, rep, fn)
             self.run_aio(order)
+        if "workers" in args.workload_list:
+            assert self.targets is not None
+            say("workers: 1 vs 2 gateway workers, parallel clients")
+            self.workers_result = gateway_workers.measure(
+                self.workdir, self.targets.ports, reps=args.reps,
+                seconds=gateway_workers.QUICK_SECONDS if args.quick
+                else gateway_workers.DEFAULT_SECONDS)
         if "memory" in args.workload_list:
             self.run_memory()
 
@@ -399,6 +416,10 @@ class Suite:
                 elif name in (TETHER_SOCKS5, TETHER_HTTP):
                     gw = self.start_gateway(f"memgw{rep}-{name}")
                     path = socks5_path(gw) if name == TETHER_SOCKS5 else http_path(gw)
+                    pid, stop = gw.pid, gw.stop
+                elif name == TETHER_QUOTA:
+                    gw = self.start_gateway(f"memgw{rep}-{name}", quota=True)
+                    path = tether(name, gw.tcp, QUOTA_APP, gw.key, constant(gw.pid))
                     pid, stop = gw.pid, gw.stop
                 elif name == "floor":
                     relay = self.start_floor(f"-mem{rep}")
@@ -566,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
         results["handoff_note"] = suite.handoff_note or "no Tether path selected"
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
     table = report.render(results)
+    if suite.workers_result is not None:
+        results["workers"] = suite.workers_result
+        table += "\n\n" + gateway_workers.render(suite.workers_result)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = report.write_json(results, args.results, stamp)
     say("")
