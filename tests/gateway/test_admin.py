@@ -644,3 +644,48 @@ def test_workers_each_answer_for_themselves(tmp_path: Path) -> None:
         assert all(node.endswith(("-0", "-1")) for node in nodes)
     finally:
         assert gw.stop() == 0
+
+
+def test_readyz_turns_503_when_sigterm_drains_a_real_gateway(tmp_path: Path) -> None:
+    """`tether serve` given SIGTERM with a socket open drains: /readyz answers 503 (the admin
+    listener stays up) until the socket closes and the gateway exits 0."""
+    import os
+    import signal
+
+    from tether.devmode import GatewayProcess
+
+    path = tmp_path / "admin.sock"
+    config = tmp_path / "tether.toml"
+    config.write_text(
+        f'[gateway]\nadmin_listen = "unix:{path}"\n[resolver]\nmode = "static"\n'
+        f'[policy]\nallow = ["127.0.0.1:*"]\n[apps.a]\nkey = "key-a"\n'
+    )
+    gw = GatewayProcess(config)
+    address = gw.start()
+    client_settings.configure(client_settings.Settings(
+        gateway=parse_endpoint(address), app="a", key="key-a"
+    ))
+    try:
+        assert unix_get(path, "/readyz")[1] == b"ready\n"
+        with Peer(echo) as peer:
+            sock = ts.create_connection(peer.address, timeout=TIMEOUT)
+            sock.sendall(b"ping")
+            assert recv_exact(sock, 4) == b"ping"
+            assert gw.proc is not None
+            os.kill(gw.proc.pid, signal.SIGTERM)
+            assert wait_for(lambda: unix_get(path, "/readyz")[0].startswith(b"HTTP/1.1 503"))
+            _, body = unix_get(path, "/readyz")
+            assert body == (
+                b"not ready: the gateway is draining: live sockets finish, new work goes "
+                b"elsewhere\n"
+            )
+            assert unix_get(path, "/healthz")[0].startswith(b"HTTP/1.1 200")
+            # The drain lets the live socket finish its work.
+            sock.sendall(b"pong")
+            assert recv_exact(sock, 4) == b"pong"
+            sock.close()
+        assert gw.proc.wait(TIMEOUT) == 0
+    finally:
+        client_settings.configure(None)
+        control.close_all()
+        gw.stop()
