@@ -247,6 +247,12 @@ class Supervisor:
             endpoints.append(Endpoint(host=endpoint.host, port=sock.getsockname()[1]))
         for endpoint, _app in self.config.app_listeners:
             self._bind_unix(endpoint.path)
+        # The proxy front-ends' Unix sockets too: a worker binding its own
+        # would unlink its sibling's. (Their TCP ports are each worker's
+        # SO_REUSEPORT bind, so they must be fixed, not 0.)
+        for endpoint in (*self.config.http_proxy_listen, *self.config.socks5_listen):
+            if endpoint.is_unix:
+                self._bind_unix(endpoint.path)
         self._endpoints = endpoints
         return endpoints
 
