@@ -361,6 +361,19 @@ def test_an_idle_tunnel_is_reclaimed_like_a_native_socket(
     assert close["reason"].startswith("reclaimed by the gateway after")
 
 
+def test_a_connection_without_a_whole_head_in_time_gets_408(env: Env) -> None:
+    gateway = env.gw.gateway
+    assert gateway is not None
+    with _open(env) as s:
+        s.sendall(b"CONNECT echo.test:1 HTTP/1.1\r\n")  # half a head, then nothing
+        assert wait_for(lambda: env.gw.call(lambda: len(gateway.guard.pending)) == 1)
+        env.clock.advance(gateway.config.handshake_timeout + 1)
+        env.gw.call(gateway.guard.tick)  # what its timer runs
+        status, headers, _ = _head(s)
+    assert status == 408
+    assert "(gateway.handshake_timeout)" in headers["X-Tether-Refusal"]
+
+
 def test_a_proxy_listener_off_loopback_is_refused_like_the_native_one() -> None:
     config = parse_config({"gateway": {"http_proxy_listen": "192.0.2.1:3128"}})
     with pytest.raises(ConfigError, match=r"gateway\.http_proxy_listen\[0\]"):
