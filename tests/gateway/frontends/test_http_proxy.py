@@ -145,6 +145,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 # The app's rules are checked before the global ones.
                 "tests": {"key": KEY, "policy": {"deny": ["blocked.test"]}},
                 "one": {"key": "one-key", "max_sockets": 1},
+                "rate": {"key": "rate-key", "quota": {"connects_per_minute": 1}},
                 "local": {"uids": [os.getuid()]},
             },
         })
@@ -340,6 +341,21 @@ def test_an_app_at_its_socket_cap_gets_429_naming_the_limit(env: Env) -> None:
     assert status == 429
     assert headers["X-Tether-Rule"]  # the limit's name
     assert "app 'one' has 1 open sockets" in headers["X-Tether-Refusal"]
+
+
+def test_a_quota_refusal_is_429_with_retry_after(env: Env) -> None:
+    head = (f"CONNECT echo.test:{env.echo_port} HTTP/1.1\r\nHost: e\r\n"
+            f"{_auth('rate', 'rate-key')}\r\n\r\n").encode()
+    with _open(env) as first:
+        first.sendall(head)
+        assert _head(first)[0] == 200
+    with _open(env) as second:
+        second.sendall(head)
+        status, headers, _ = _head(second)
+    assert status == 429
+    assert int(headers["Retry-After"]) >= 1  # when the minute's budget refills
+    assert "connects_per_minute" in headers["X-Tether-Rule"]
+    assert "'rate'" in headers["X-Tether-Refusal"]
 
 
 def test_an_idle_tunnel_is_reclaimed_like_a_native_socket(
