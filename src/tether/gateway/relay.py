@@ -279,6 +279,21 @@ class Link:
         if over:
             self.over_quota("bytes_in_per_day")
 
+    def join(self, transport: asyncio.Transport, first: bytes = b"") -> None:
+        """A front-end's app stream becomes this socket's, once the app has its answer.
+
+        Every front-end ends a successful connect here: the stream's bytes are
+        relayed from now on, starting with `first` (what the app sent behind
+        its request), and the peer's bytes flow (started()).
+        """
+        transport.set_protocol(self.app_side)
+        self.app_side.connection_made(transport)
+        self.started()
+        if first:
+            self.app_side.data_received(first)
+        if not transport.is_closing():
+            transport.resume_reading()
+
     # -- quota -------------------------------------------------------------------
 
     def throttle(self, delay: float) -> None:

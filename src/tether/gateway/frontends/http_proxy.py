@@ -236,13 +236,7 @@ class HttpProxySession(asyncio.Protocol):
         # Raw bytes from here on: the connection is the socket's (the Link's).
         self._switched = True
         core.streams.discard(transport)
-        transport.set_protocol(link.app_side)
-        link.app_side.connection_made(transport)
-        link.started()
-        if first:
-            link.app_side.data_received(first)
-        if not transport.is_closing():
-            transport.resume_reading()
+        link.join(transport, first)
 
     async def _identify(self, request: Tunnel | Forward) -> str | None:
         """The app this request is from, or None once it has been refused (407)."""

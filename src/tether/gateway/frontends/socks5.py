@@ -327,13 +327,7 @@ class Socks5Session(asyncio.Protocol):
         trailing = self.machine.trailing_data
         self._switched = True
         core.streams.discard(transport)
-        transport.set_protocol(link.app_side)
-        link.app_side.connection_made(transport)
-        link.started()
-        if trailing:
-            link.app_side.data_received(trailing)
-        if not transport.is_closing():
-            transport.resume_reading()
+        link.join(transport, trailing)
 
     async def _associate(self, request: Request) -> None:
         core, app, transport = self.core, self.app, self.transport

@@ -426,13 +426,7 @@ class TetherSession(asyncio.Protocol):
         trailing = self.wire.trailing_data
         self._switched = True
         core.streams.discard(transport)
-        transport.set_protocol(link.app_side)
-        link.app_side.connection_made(transport)
-        link.started()
-        if trailing:
-            link.app_side.data_received(trailing)
-        if not transport.is_closing():
-            transport.resume_reading()
+        link.join(transport, trailing)
 
     # -- control requests --------------------------------------------------
 
