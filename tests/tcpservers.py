@@ -206,6 +206,22 @@ def greet_and_half_close(server: Server, conn: socket.socket) -> None:
     server.results.put(bytes(got))
 
 
+def http_page(body: bytes) -> Handler:
+    """A web server in one handler: any request gets 200 and `body`, then the connection closes."""
+
+    def handler(server: Server, conn: socket.socket) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            request += chunk
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+        conn.sendall(head % len(body) + body)
+
+    return handler
+
+
 def read_line(conn: socket.socket, limit: int = 4096) -> bytes:
     """One line, read a byte at a time so nothing after it is consumed."""
     line = bytearray()

@@ -10,7 +10,6 @@ address. Audit lines are read from the `tether.audit` logger.
 from __future__ import annotations
 
 import errno
-import http.server
 import json
 import logging
 import os
@@ -18,7 +17,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import pytest
 import socks
 from support import FakeClock, StdSocket, recv_exact
-from tcpservers import echo, serving, wait_for
+from tcpservers import echo, http_page, serving, wait_for
 from udpsupport import UdpPeer, free_udp_port
 
 from tether.config import check_listen, parse_config
@@ -42,17 +40,6 @@ KEY = "socks-test-key"
 IDLE = 60.0
 TIMEOUT = 10.0
 PAGE = b"hello from www.test\n"
-
-
-class _Page(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(PAGE)))
-        self.end_headers()
-        self.wfile.write(PAGE)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 @dataclass
@@ -76,15 +63,13 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("socks5")
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Page)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     udp = UdpPeer()
-    with serving(echo) as echo_server:
+    with serving(echo) as echo_server, serving(http_page(PAGE)) as web:
         closed = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
         closed.bind(("127.0.0.1", 0))
         closed_port = closed.getsockname()[1]
         closed.close()  # nothing listens there: a connect is refused
-        ports = (echo_server.port, httpd.server_address[1], closed_port)
+        ports = (echo_server.port, web.port, closed_port)
         config = parse_config({
             "gateway": {
                 "listen": ["127.0.0.1:0"],
@@ -114,12 +99,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         assert url.startswith("socks5h://127.0.0.1:")
         try:
             yield Env(gw, clock, int(url.rsplit(":", 1)[1]), f"{tmp}/socks.sock",
-                      echo_server.port, httpd.server_address[1], closed_port, udp,
+                      echo_server.port, web.port, closed_port, udp,
                       free_udp_port())
         finally:
             gw.stop()
-            httpd.shutdown()
-            httpd.server_close()
             udp.close()
 
 
