@@ -390,6 +390,24 @@ def test_a_connection_without_a_whole_head_in_time_gets_408(env: Env) -> None:
     assert "(gateway.handshake_timeout)" in headers["X-Tether-Refusal"]
 
 
+def test_a_refused_connection_that_lingers_is_answered_once(env: Env) -> None:
+    # After a 407 the gateway drops what the client still sends until it
+    # closes; the handshake deadline then only closes it (a second answer
+    # after write_eof() would raise in the guard's timer).
+    gateway = env.gw.gateway
+    assert gateway is not None
+    with _open(env) as s:
+        s.sendall(b"CONNECT echo.test:1 HTTP/1.1\r\nHost: e\r\n\r\n")
+        status, headers, rest = _head(s)
+        assert status == 407
+        assert _body(s, rest, headers).startswith(b"tether: send Proxy-Authorization")
+        s.sendall(b"a body the gateway reads and drops")
+        env.clock.advance(gateway.config.handshake_timeout + 1)
+        env.gw.call(gateway.guard.tick)
+        assert s.recv(65536) == b""
+        assert wait_for(lambda: env.gw.call(lambda: len(gateway.guard.pending)) == 0)
+
+
 def test_a_proxy_listener_off_loopback_is_refused_like_the_native_one() -> None:
     config = parse_config({"gateway": {"http_proxy_listen": "192.0.2.1:3128"}})
     with pytest.raises(ConfigError, match=r"gateway\.http_proxy_listen\[0\]"):

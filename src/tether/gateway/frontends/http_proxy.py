@@ -41,6 +41,7 @@ from tether.proxy.http import (
     Forward,
     HttpProxy,
     ProxyRequestError,
+    State,
     Tunnel,
 )
 from tether.wire import pb
@@ -158,17 +159,23 @@ class HttpProxySession(asyncio.Protocol):
 
     def end_preauth(self, refusal: Refusal) -> None:
         """Closed by the guard before a request was authenticated (deadline, a cap)."""
-        status = 408 if refusal.code == pb.Error.TIMEOUT else 503
-        if self.transport is not None and not self.transport.is_closing():
-            # No lingering: the guard is freeing what these connections hold.
-            self.transport.write(
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.proxy.state is not State.CLOSED:  # else answered already (407), lingering
+            status = 408 if refusal.code == pb.Error.TIMEOUT else 503
+            transport.write(
                 self.proxy.refuse(status, refusal.message, [(REFUSAL_HEADER, refusal.message)])
             )
-            self.transport.close()
+        # No lingering: the guard is freeing what these connections hold.
+        transport.close()
 
     def end(self, refusal: Refusal) -> None:
         """The core ends this connection (app revoked, gateway shutting down)."""
         if self._switched or self.transport is None or self.transport.is_closing():
+            return
+        if self.proxy.state is State.CLOSED:  # answered already, lingering
+            self.transport.close()
             return
         if self._task is not None:
             self._task.cancel()
