@@ -37,6 +37,7 @@ from tether.proxy import socks5
 from tether.wire import pb
 
 KEY = "socks-test-key"
+ADMIN_KEY = "socks-test-admin-key"
 IDLE = 60.0
 TIMEOUT = 10.0
 PAGE = b"hello from www.test\n"
@@ -53,6 +54,17 @@ class Env:
     closed_port: int
     udp: UdpPeer
     udp_denied_port: int
+
+    @property
+    def gateway(self) -> Any:
+        assert self.gw.gateway is not None
+        return self.gw.gateway
+
+    def socks_v6_port(self) -> int:
+        """The [::1] SOCKS5 listener's port (the URL names the first TCP one)."""
+        ports = [int(s.getsockname()[1]) for server in self.gateway._servers
+                 for s in server.sockets if s.family == socket.AF_INET6]
+        return ports[-1]
 
     def records(self) -> list[Any]:
         gateway = self.gw.gateway
@@ -73,8 +85,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         config = parse_config({
             "gateway": {
                 "listen": ["127.0.0.1:0"],
-                "socks5_listen": ["127.0.0.1:0", f"unix:{tmp}/socks.sock"],
+                "socks5_listen": ["127.0.0.1:0", f"unix:{tmp}/socks.sock", "[::1]:0"],
                 "idle_timeout": IDLE,
+                "admin_key": ADMIN_KEY,
             },
             "resolver": {"mode": "static", "hosts": {
                 "www.test": ["127.0.0.1"], "echo.test": ["127.0.0.1"],
@@ -263,6 +276,51 @@ def test_shutdown_or_revocation_ends_a_stream_still_in_its_handshake(env: Env) -
         assert env.gw.call(lambda: gateway._end_streams(refusal, "tests")) == 0  # not its app yet
         assert env.gw.call(lambda: gateway._end_streams(refusal)) >= 1
         assert _closed(s)
+
+
+def test_a_silent_client_is_closed_at_the_handshake_deadline(env: Env) -> None:
+    with _open(env) as s:
+        s.sendall(b"\x05\x01\x02")  # a greeting, then nothing
+        assert recv_exact(s, 2) == b"\x05\x02"
+        guard = env.gateway.guard
+        assert wait_for(lambda: env.gw.call(lambda: len(guard.pending)) >= 1)
+        env.clock.advance(env.gateway.config.handshake_timeout + 1)
+        env.gw.call(guard.tick)
+        assert _closed(s)
+
+
+def test_the_admin_identity_opens_nothing(env: Env, audit: pytest.LogCaptureFixture) -> None:
+    with _open(env) as s:
+        assert _login(s, app="*", key=ADMIN_KEY) == socks5.AUTH_OK
+        s.sendall(_connect_request("127.0.0.1", env.echo_port))
+        assert _read_reply(s)[0] == socks5.NOT_ALLOWED
+    assert wait_for(lambda: "admin identity can list sockets but not open them" in audit.text)
+
+
+def test_ipv6_listener_udp_associate_reaches_an_ipv4_destination(env: Env) -> None:
+    """The client on ::1, the destination on 127.0.0.1: the dual-stack outbound socket."""
+    with StdSocket(socket.AF_INET6, socket.SOCK_STREAM) as control, StdSocket(
+        socket.AF_INET6, socket.SOCK_DGRAM
+    ) as udp:
+        control.settimeout(TIMEOUT)
+        udp.settimeout(TIMEOUT)
+        control.connect(("::1", env.socks_v6_port()))
+        assert _login(control) == socks5.AUTH_OK
+        udp.bind(("::1", 0))
+        control.sendall(b"\x05\x03\x00" + socks5.encode_address("::", udp.getsockname()[1]))
+        code, host, port = _read_reply(control)
+        assert (code, host) == (socks5.SUCCEEDED, "::1")
+        udp.sendto(socks5.build_datagram("127.0.0.1", env.udp.port, b"over v6"), (host, port))
+        reply = socks5.parse_datagram(udp.recv(256))
+        assert (reply.host, reply.port, reply.data) == ("127.0.0.1", env.udp.port, b"over v6")
+        # A header the gateway cannot read is dropped, not relayed.
+        udp.sendto(b"\x00\x00\x01" + socks5.encode_address("127.0.0.1", env.udp.port), (host, port))
+
+        def counters() -> dict[str, int]:
+            [record] = env.records()
+            return dict(record.extra)
+
+        assert wait_for(lambda: counters()["dropped"] == 1)
 
 
 # -- real clients --------------------------------------------------------------
