@@ -205,6 +205,9 @@ def test_sigkill_loses_at_most_what_came_after_the_last_flush(
         first = exchange(echo_port, [50_000, 20_000])
         assert wait_until(lambda: (ledger_totals(location) or Counters()).bytes_out == first,
                           timeout=30), gw.log_text()
+        # The ledger counts live sockets too: wait for the gateway's close
+        # lines as well, so the kill below cannot catch them unwritten.
+        assert wait_until(lambda: _closed(audit) == 2)
         # Then more on a socket still open, counted by the gateway (echoed
         # back), and the process killed: no final flush, no close line.
         sock = ts.create_connection(("127.0.0.1", echo_port), timeout=10)
