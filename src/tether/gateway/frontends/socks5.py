@@ -342,7 +342,8 @@ class Socks5Session(asyncio.Protocol):
         if refused is not None:
             self._refuse(request, refused)
             return
-        here = str(transport.get_extra_info("sockname")[0])
+        # Where the client reached us (as IPv4 on a dual-stack listener): its datagrams go there.
+        here = _plain(str(transport.get_extra_info("sockname")[0]))
         try:
             association = Socks5Association.open(
                 core, app, here, (_plain(str(peer[0])), request.port), transport.close
