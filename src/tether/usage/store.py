@@ -304,6 +304,14 @@ class PostgresStore(Store):
             raise LedgerError(f"usage ledger {location}: {exc}") from exc
 
     def _create(self, schema: str) -> None:
+        # Tables a DBA made beforehand are used as they are: CREATE ... IF NOT
+        # EXISTS still needs the CREATE privilege, which a writer need not have.
+        (exists,) = self.db.run(
+            "SELECT to_regclass(:usage) IS NOT NULL AND to_regclass(:runs) IS NOT NULL",
+            usage=self.usage, runs=self.runs,
+        )[0]
+        if exists:
+            return
         # Two gateways creating the tables at once can collide in the
         # catalogue (a unique violation); one transaction each, and the
         # loser's retry finds them made.
