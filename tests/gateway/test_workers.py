@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import signal
 import socket
@@ -19,7 +20,16 @@ from pathlib import Path
 
 import pytest
 from served import Served
-from support import APP, gateway_config, recv_exact, stream, use_gateway
+from support import (
+    APP,
+    Gateway,
+    descriptor,
+    gateway_config,
+    list_sockets,
+    recv_exact,
+    stream,
+    use_gateway,
+)
 from tcpservers import echo, serving, sink
 
 import tether.socket as ts
@@ -33,6 +43,9 @@ MiB = 1024 * 1024
 # hashes each new connection to a worker, so 64 all landing on one worker
 # has a chance of 2**-63.
 SPREAD = 64
+# Handoffs of each socket in the ring test: each resume reaches a worker the
+# kernel picks, so about half are passed on to the worker holding the socket.
+HANDOFFS = 100
 _CONNECTED = re.compile(r"tether\.audit\[(\S+)\]: .*\"outcome\":\"connected\"")
 
 
@@ -177,6 +190,104 @@ def test_workers_share_a_unix_listener(tmp_path: Path) -> None:
     # The supervisor removes the socket it bound; the workers did not unlink it under it.
     assert not path.exists()
     assert "cannot listen" not in served.text()
+
+
+def _listing(served: Served, key: str) -> dict[str, str]:
+    """The app's sockets, descriptor prefix -> the node (worker) holding it, from any worker."""
+    gw = Gateway(process=None, address=served.address(workers=True), app=APP, key=key,
+                 config_path=Path())  # type: ignore[arg-type]
+    return {info.descriptor_prefix: info.node for info in list_sockets(gw)}
+
+
+def _on_both_workers(served: Served, key: str, port: int) -> list[socket.socket]:
+    """Tether sockets to `port`, opened until both workers hold one (bounded by SPREAD)."""
+    socks = []
+    for _ in range(SPREAD):
+        socks.append(ts.create_connection(("127.0.0.1", port), timeout=30))
+        if len(set(_listing(served, key).values())) == 2:
+            return socks
+    raise AssertionError(f"{SPREAD} sockets, all on one worker: {_listing(served, key)}")
+
+
+def test_handoffs_across_workers_in_both_directions(tmp_path: Path) -> None:
+    key = "k-workers-ring"
+    served = start(tmp_path, key)
+    try:
+        with serving(echo) as server:
+            socks = _on_both_workers(served, key, server.port)
+            held = _listing(served, key)
+            assert set(held.values()) == {f"{socket.gethostname()}-0",
+                                          f"{socket.gethostname()}-1"}
+            for n in range(len(socks)):
+                sent = received = b""
+                for i in range(HANDOFFS):
+                    chunk = stream(b"ring%d" % n, i * 1000, 1000)
+                    socks[n].sendall(chunk)
+                    sent += chunk
+                    received += recv_exact(socks[n], len(chunk))
+                    socks[n] = pickle.loads(pickle.dumps(socks[n]))
+                    # A new control stream each time: the kernel picks its worker.
+                    control.close_all()
+                assert hashlib.sha256(received).digest() == hashlib.sha256(sent).digest()
+            # Some resumes reached the worker that did not hold the socket and
+            # were passed to the one that did (2**-HANDOFFS if none did).
+            served.wait_for(r"its resume passed to \S+ \(same host\)")
+            assert _listing(served, key) == held  # each socket still where it was opened
+            for sock in socks:
+                sock.close()
+    finally:
+        assert served.stop() == 0
+
+
+def test_requests_reach_the_worker_holding_the_socket(tmp_path: Path) -> None:
+    key = "k-workers-requests"
+    served = start(tmp_path, key)
+    try:
+        with serving(echo) as server:
+            socks = _on_both_workers(served, key, server.port)
+            for sock in socks:
+                for value in (1, 0, 1, 0, 1, 0):
+                    control.close_all()  # the next request on a new stream, any worker
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, value)
+                    control.close_all()
+                    assert bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)) is bool(
+                        value)
+            for sock in socks:
+                sock.close()
+    finally:
+        assert served.stop() == 0
+
+
+def test_a_killed_workers_handed_off_socket_fails_at_once_the_others_live_on(
+    tmp_path: Path,
+) -> None:
+    key = "k-workers-kill"
+    served = start(tmp_path, key)
+    try:
+        with serving(echo) as server:
+            socks = _on_both_workers(served, key, server.port)
+            held = _listing(served, key)
+            base = socket.gethostname()
+            victim_node = f"{base}-0"
+            victims = [s for s in socks if held[descriptor(s)[:8]] == victim_node]
+            others = [s for s in socks if held[descriptor(s)[:8]] != victim_node]
+            blob = pickle.dumps(victims[0])
+            mark = len(served.log)
+            os.kill(worker_pid(served, 0), signal.SIGKILL)
+            served.wait_for(r"worker 0 \(pid \d+\) was killed by SIGKILL", after=mark)
+            # Its socket died with it: the resume is refused, whichever
+            # worker it reaches (the owner's link is gone, or the restarted
+            # worker does not have it), never after a timeout.
+            with pytest.raises(OSError, match=r"node|no socket"):
+                pickle.loads(blob)
+            for sock in others:
+                sock.sendall(b"still here")
+                assert recv_exact(sock, 10) == b"still here"
+                sock.close()
+            for sock in victims[1:]:
+                sock.close()
+    finally:
+        assert served.stop() == 0
 
 
 # -- the pure parts ----------------------------------------------------------------

@@ -114,6 +114,11 @@ class Gateway(GatewayCore):
             from tether.cluster.node import start_node
 
             await start_node(self, functools.partial(TetherSession, self, linked=True))
+        elif self.worker is not None and self.worker.count > 1:
+            # Workers of one host with no Redis: they answer for each other.
+            from tether.gateway.workerlink import start_worker_links
+
+            await start_worker_links(self, self.worker)
         admin: list[Endpoint] = []  # up before "listening on": a supervisor may scrape then
         if self.config.admin_listen is not None:
             # Imported only when on: h11 and prometheus_client cost ~80 ms.

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -71,6 +72,8 @@ RESTART_RESET = 60.0
 STOP_SLACK = 10.0
 # The kernel queue of the shared Unix listener: asyncio's create_server default.
 UNIX_BACKLOG = 100
+# HMAC-SHA256's own output size: the key the workers sign handoffs with.
+HANDOFF_KEY_BYTES = 32
 # Linux prctl(2): the signal a worker gets when its supervisor dies.
 _PR_SET_PDEATHSIG = 1
 
@@ -103,6 +106,15 @@ class WorkerSpec:
 
     def node_of(self, index: int) -> str:
         return f"{self.base}-{index}"
+
+    @property
+    def key_path(self) -> str:
+        """The key this run's workers sign handoffs with (made by the supervisor, mode 0600)."""
+        return os.path.join(self.runtime_dir, "handoff.key")
+
+    def read_key(self) -> bytes:
+        with open(self.key_path, "rb") as f:
+            return f.read()
 
     def link_path(self, index: int) -> str:
         """Worker `index`'s node-link Unix socket (same-host forwarding)."""
@@ -373,6 +385,12 @@ class Supervisor:
             self._close()
             return 1
         self.runtime_dir = tempfile.mkdtemp(prefix="tether-workers-")  # mode 0700
+        # Handoffs name the worker holding the socket, signed with this key
+        # (gateway/workerlink.py); new for every run, as the sockets are.
+        key_fd = os.open(os.path.join(self.runtime_dir, "handoff.key"),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(key_fd, "wb") as key_file:
+            key_file.write(secrets.token_bytes(HANDOFF_KEY_BYTES))
         self._ready_r, self._ready_w = os.pipe()
         os.set_blocking(self._ready_r, False)
         wake_r, wake_w = os.pipe()
