@@ -9,7 +9,10 @@ address. Audit lines are read from the `tether.audit` logger.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
+import http.server
 import json
 import logging
 import os
@@ -17,8 +20,10 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,6 +59,8 @@ class Env:
     closed_port: int
     udp: UdpPeer
     udp_denied_port: int
+    git_port: int  # a static web server with a bare repository (git's dumb HTTP)
+    tmp: Path
 
     @property
     def gateway(self) -> Any:
@@ -76,12 +83,13 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("socks5")
     udp = UdpPeer()
-    with serving(echo) as echo_server, serving(http_page(PAGE)) as web:
+    repos = _git_repos(tmp)
+    with serving(echo) as echo_server, serving(http_page(PAGE)) as web, _static(repos) as git_web:
         closed = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
         closed.bind(("127.0.0.1", 0))
         closed_port = closed.getsockname()[1]
         closed.close()  # nothing listens there: a connect is refused
-        ports = (echo_server.port, web.port, closed_port)
+        ports = (echo_server.port, web.port, closed_port, git_web)
         config = parse_config({
             "gateway": {
                 "listen": ["127.0.0.1:0"],
@@ -113,10 +121,45 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         try:
             yield Env(gw, clock, int(url.rsplit(":", 1)[1]), f"{tmp}/socks.sock",
                       echo_server.port, web.port, closed_port, udp,
-                      free_udp_port())
+                      free_udp_port(), git_web, tmp)
         finally:
             gw.stop()
             udp.close()
+
+
+def _git_repos(tmp: Path) -> Path:
+    """tmp/web/repo.git: a bare repository with one commit, ready for git's dumb HTTP."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@test", "-c", "init.defaultBranch=main"]
+    work, web = tmp / "work", tmp / "web"
+    subprocess.run([*git, "init", "-q", str(work)], check=True, timeout=60)
+    (work / "README").write_text("cloned through SOCKS5\n")
+    subprocess.run([*git, "-C", str(work), "add", "README"], check=True, timeout=60)
+    subprocess.run([*git, "-C", str(work), "commit", "-q", "-m", "one"], check=True, timeout=60)
+    subprocess.run([*git, "clone", "-q", "--bare", str(work), str(web / "repo.git")],
+                   check=True, timeout=60)
+    subprocess.run([*git, "-C", str(web / "repo.git"), "update-server-info"], check=True,
+                   timeout=60)
+    return web
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _static(directory: Path) -> Iterator[int]:
+    """A static file server on loopback for `directory`; yields its port."""
+    handler = functools.partial(_Quiet, directory=str(directory))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(httpd.server_address[1])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(TIMEOUT)
 
 
 @pytest.fixture
@@ -385,6 +428,57 @@ def test_curl_through_the_unix_listener_as_a_uid_mapped_app(env: Env) -> None:
     if done.returncode != 0 and "unix" in done.stderr.lower():
         pytest.skip(f"this curl cannot reach a SOCKS5 proxy on a Unix socket: {done.stderr}")
     assert (done.returncode, done.stdout) == (0, PAGE.decode()), done.stderr
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_git_clone_through_socks5h(env: Env, audit: pytest.LogCaptureFixture) -> None:
+    target = env.tmp / "clone"
+    done = subprocess.run(
+        ["git", "-c", f"http.proxy=socks5h://tests:{KEY}@127.0.0.1:{env.socks_port}",
+         "clone", "-q", f"http://www.test:{env.git_port}/repo.git", str(target)],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={k: v for k, v in os.environ.items() if "proxy" not in k.lower()},
+    )
+    assert done.returncode == 0, done.stderr
+    assert (target / "README").read_text() == "cloned through SOCKS5\n"
+    decisions = _lines(audit, "decision")
+    assert decisions and {(d["host"], d["outcome"]) for d in decisions} == {
+        ("www.test", "connected")}
+
+
+JAVA_GET = r"""
+import java.io.*;
+import java.net.*;
+
+public class Get {
+    public static void main(String[] args) throws Exception {
+        Authenticator.setDefault(new Authenticator() {
+            protected PasswordAuthentication getPasswordAuthentication() {
+                return new PasswordAuthentication(args[2], args[3].toCharArray());
+            }
+        });
+        Socket s = new Socket();  // socksProxyHost/Port: through the gateway
+        s.connect(InetSocketAddress.createUnresolved(args[0], Integer.parseInt(args[1])), 20000);
+        s.getOutputStream().write(("GET / HTTP/1.0\r\nHost: " + args[0] + "\r\n\r\n").getBytes());
+        System.out.print(new String(s.getInputStream().readAllBytes()));
+    }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed")
+def test_java_socket_through_socks5(env: Env, audit: pytest.LogCaptureFixture) -> None:
+    source = env.tmp / "Get.java"
+    source.write_text(JAVA_GET)
+    done = subprocess.run(
+        ["java", "-DsocksProxyHost=127.0.0.1", f"-DsocksProxyPort={env.socks_port}",
+         str(source), "www.test", str(env.http_port), "tests", KEY],
+        capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith(PAGE.decode())
+    [decision] = _lines(audit, "decision")
+    assert (decision["host"], decision["outcome"]) == ("www.test", "connected")
 
 
 def _pysocks(env: Env, kind: int, app: str = "tests") -> socks.socksocket:
