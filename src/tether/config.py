@@ -469,7 +469,7 @@ def _parse(data: Mapping[str, Any], source: str | None) -> Config:
         apps=apps,
         quota=quota,
         cluster=parse_cluster(data.get("cluster")),
-        usage=parse_usage(data.get("usage"), source),
+        usage=parse_usage(data.get("usage")),
         source=source,
     )
 

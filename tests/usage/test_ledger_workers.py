@@ -43,7 +43,7 @@ def test_two_workers_write_one_ledger_that_matches_the_audit_log(
         f'[gateway]\naudit_log = "{audit}"\ndrain_timeout = 0\n\n'
         f'[policy]\nallow = ["127.0.0.1:{echo_port}"]\n\n'
         '[apps.w]\nkey = "worker-test-key"\n\n'
-        "[usage]\nflush_interval = 1\n"
+        f'[usage]\npath = "{tmp_path / "usage.sqlite3"}"\nflush_interval = 1\n'
     )
     served = Served(config, "--workers", "2", "--listen", "127.0.0.1:0")
     try:

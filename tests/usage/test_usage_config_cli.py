@@ -29,21 +29,31 @@ def test_no_usage_section_means_no_ledger() -> None:
     assert parse_config({}).usage is None
 
 
-def test_defaults_a_sqlite_file_beside_the_config(tmp_path: Path) -> None:
-    usage = parse_config({"usage": {}}, source=str(tmp_path / "tether.toml")).usage
+def test_defaults_a_sqlite_file_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    usage = parse_config({"usage": {}}, source="/etc/tether/tether.toml").usage
     assert usage is not None
     assert usage.location == str(tmp_path / "usage.sqlite3")
     assert usage.flush_interval == DEFAULT_FLUSH_INTERVAL == 5.0
     assert usage.max_pending_rows == DEFAULT_MAX_PENDING_ROWS
 
 
-def test_a_relative_path_is_the_config_files_directorys(tmp_path: Path) -> None:
+def test_a_relative_path_is_the_working_directorys_like_audit_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As gateway.audit_log: the same for a development gateway, whose config
+    # is a temporary copy somewhere else.
+    monkeypatch.chdir(tmp_path)
     usage = parse_config(
-        {"usage": {"path": "var/u.db", "flush_interval": 2}}, source=str(tmp_path / "t.toml")
+        {"usage": {"path": "var/u.db", "flush_interval": 2}}, source="/tmp/tether-dev-x.toml"
     ).usage
     assert usage is not None
     assert usage.location == str(tmp_path / "var" / "u.db")
     assert usage.flush_interval == 2.0
+    absolute = parse_config({"usage": {"path": "/srv/usage.db"}}).usage
+    assert absolute is not None and absolute.location == "/srv/usage.db"
 
 
 def test_a_postgresql_url(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,7 @@ DEFAULT_FLUSH_INTERVAL = 5.0
 # Rows held in memory while the store is failing: one per app per minute, so
 # 100 busy apps keep ~16 hours, at ~200 bytes a row ~20 MB at most.
 DEFAULT_MAX_PENDING_ROWS = 100_000
-# `[usage]` with neither path nor url: this file next to the config file.
+# `[usage]` with neither path nor url: this file in the working directory.
 DEFAULT_PATH = "usage.sqlite3"
 KEYS = {"path", "url", "schema", "flush_interval", "max_pending_rows"}
 
@@ -40,14 +40,14 @@ KEYS = {"path", "url", "schema", "flush_interval", "max_pending_rows"}
 class UsageConfig:
     """What ``[usage]`` says (docs/usage.md, docs/configuration.md)."""
 
-    # A SQLite file path (absolute, resolved against the config file's
-    # directory) or a PostgreSQL location (its password never in a repr).
+    # A SQLite file path (absolute: a relative one is resolved against the
+    # working directory) or a PostgreSQL location (its password never in a repr).
     location: PostgresLocation | str
     flush_interval: float = DEFAULT_FLUSH_INTERVAL
     max_pending_rows: int = DEFAULT_MAX_PENDING_ROWS
 
 
-def parse_usage(table: Any, source: str | None) -> UsageConfig | None:
+def parse_usage(table: Any) -> UsageConfig | None:
     """``[usage]`` (the table or None) as a UsageConfig; ConfigError naming the key."""
     if table is None:
         return None
@@ -81,9 +81,9 @@ def parse_usage(table: Any, source: str | None) -> UsageConfig | None:
             raise ConfigError("usage.schema", "only used with usage.url (PostgreSQL)")
         if path is not None and (not isinstance(path, str) or not path):
             raise ConfigError("usage.path", "must be a file path")
-        # Relative to the config file, like a path an operator writes beside it.
-        base = Path(source).resolve().parent if source else Path.cwd()
-        location = str(base / (path or DEFAULT_PATH))
+        # Relative to the working directory, like gateway.audit_log (and so
+        # the same for a development gateway, whose config is a temporary copy).
+        location = str(Path.cwd() / (path or DEFAULT_PATH))
     interval = table.get("flush_interval", DEFAULT_FLUSH_INTERVAL)
     if isinstance(interval, bool) or not isinstance(interval, int | float) or not (
         0 < interval <= 60
