@@ -79,7 +79,8 @@ class Worker:
 
 
 def handoffs(path: Path, worker: Worker, port: int, count: int,
-             limit: float) -> dict[str, Any]:
+             limit: float, gap: float = 0.0) -> dict[str, Any]:
+    """`count` handoffs after WARMUP; `gap` seconds between them (0: back to back)."""
     samples = array("q")
     deadline = time.perf_counter() + limit
     for i in range(WARMUP + count):
@@ -95,6 +96,8 @@ def handoffs(path: Path, worker: Worker, port: int, count: int,
         t1 = worker.resume(payload)
         if i >= WARMUP:
             samples.append(t1 - t0)
+        if gap:
+            time.sleep(gap)
     ordered = sorted(samples)
     return {
         "p50_ms": percentile(ordered, 50) / 1e6,

@@ -129,9 +129,6 @@ class _Side(asyncio.Protocol):
             for chunk in held:
                 self.send(chunk)
             other.transport.resume_reading()
-        if self.splice.on_connected is not None:
-            callback, self.splice.on_connected = self.splice.on_connected, None
-            callback()
 
     def send(self, chunk: bytes | None) -> None:
         """Write a chunk (None: the end of the stream) to this side's transport."""
@@ -154,11 +151,16 @@ class _Side(asyncio.Protocol):
             self.held.extend(chunks)
             if self.transport is not None:
                 self.transport.pause_reading()
+            if self.splice.on_first_data is not None:
+                callback, self.splice.on_first_data = self.splice.on_first_data, None
+                callback()
             return
         for chunk in chunks:
             other.send(chunk)
 
     def data_received(self, data: bytes) -> None:
+        if self is self.splice.link:
+            self.splice.heard = True
         if self.deframer is not None:
             try:
                 chunks = self.deframer.feed(data)
@@ -192,6 +194,11 @@ class _Side(asyncio.Protocol):
         self.closed = True
         other = self.other
         self.transport = None
+        splice = self.splice
+        if (self is splice.link and not splice.heard and splice.on_silent_loss is not None
+                and other is not None and other.transport is not None):
+            # The link closed before the other node said a word: its words for the app.
+            other.transport.write(splice.on_silent_loss())
         if other is not None and other.transport is not None and not other.transport.is_closing():
             # Whatever was written to the other end is flushed before its close.
             if exc is None:
@@ -213,8 +220,14 @@ class Splice:
         self.plain = _Side(self, framed=False)
         self.link = _Side(self, framed=framed)
         self.plain.other, self.link.other = self.link, self.plain
-        self.on_connected: Callable[[], None] | None = None
-        self._on_end = on_end
+        # Called once when the link side has bytes and no plain side yet (the
+        # owner then opens the local stream: a pooled link costs nothing idle).
+        self.on_first_data: Callable[[], None] | None = None
+        # Bytes for the plain side when the link closes having sent none (the
+        # forwarding node's refusal: the owner went away in between).
+        self.on_silent_loss: Callable[[], bytes] | None = None
+        self.heard = False  # the link side has received something
+        self.on_end = on_end
         self._ended_ways = 0
         self._done = False
 
@@ -243,8 +256,8 @@ class Splice:
             return
         if self.plain.transport is None and self.link.transport is None:
             self._done = True
-            if self._on_end is not None:
-                self._on_end()
+            if self.on_end is not None:
+                self.on_end()
             # Cut the cycle (sides <-> splice) so it is freed by reference counting.
             self.plain.other = self.link.other = None
 
@@ -266,6 +279,31 @@ async def dial(
                 server_hostname="" if tls is not None else None,
             )
     return transport
+
+
+class _Lazy(asyncio.Protocol):
+    """An accepted Unix link: served by a session from its first byte on.
+
+    Nodes keep idle links ready (a resume then costs no connect); an idle
+    one is no stream yet, so no handshake deadline runs on it.
+    """
+
+    def __init__(self, session: Callable[[], asyncio.Protocol]) -> None:
+        self.session = session
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        protocol = self.session()
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        protocol.data_received(data)
+
+    def eof_received(self) -> bool:
+        return False  # closed unused (a pool emptied at shutdown)
 
 
 class LinkServer:
@@ -298,7 +336,9 @@ class LinkServer:
             # Whoever can open this socket speaks for every app: the gateway's user only.
             old = os.umask(0o177)
             try:
-                self.server = await self.loop.create_unix_server(self.session, endpoint.path)
+                self.server = await self.loop.create_unix_server(
+                    lambda: _Lazy(self.session), endpoint.path
+                )
             finally:
                 os.umask(old)
             return endpoint
@@ -312,8 +352,8 @@ class LinkServer:
     def _accepted(self) -> asyncio.Protocol:
         splice = Splice(framed=True)
         self.splices.add(splice)
-        splice._on_end = lambda: self.splices.discard(splice)
-        splice.on_connected = lambda: self._start_bridge(splice)
+        splice.on_end = lambda: self.splices.discard(splice)
+        splice.on_first_data = lambda: self._start_bridge(splice)
         return splice.link
 
     def _start_bridge(self, splice: Splice) -> None:

@@ -25,8 +25,8 @@ import errno
 import logging
 import ssl
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from tether import __version__
 from tether.cluster import signing
@@ -46,7 +46,15 @@ from tether.cluster.quota import LeasedStore
 from tether.endpoint import Endpoint
 from tether.gateway.core import inspect
 from tether.gateway.core.errors import Refusal, wire_error
-from tether.wire import NEED_DATA, PROTOCOL_VERSION, Connection, RemoteProtocolError, Role, pb
+from tether.wire import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Connection,
+    RemoteProtocolError,
+    Role,
+    encode_frame,
+    pb,
+)
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -65,6 +73,11 @@ LINK_REQUEST_TIMEOUT = 3.0
 # Descriptors whose streams this node forwards (and did recently: a CloseReason
 # comes right after a reset), bounded like the registry's tombstones.
 FORWARDED_LIMIT = 10_000
+# Idle links kept open to every other node: a resume takes one (no TCP or TLS
+# handshake on its path: that was most of a cross-node resume, ~3 ms of ~4)
+# and another is dialled behind it. Two cover a burst of two resumes between
+# beats; each costs a descriptor at both ends.
+POOL_SIZE = 2
 # Requests that name one socket: answered by the node that holds it.
 _SOCKET_OPS = ("set_option", "get_option", "touch", "detach", "close_reason")
 
@@ -89,6 +102,9 @@ class ClusterNode:
         self.forwarded: OrderedDict[str, str] = OrderedDict()  # descriptor -> owner node
         self.quota = LeasedStore(self.redis, config, core.loop, clock=core.registry.clock)
         self.splices: set[Splice] = set()
+        self.pools: dict[Endpoint, list[Splice]] = {}
+        self._filling: set[Endpoint] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, session: Callable[[], asyncio.Protocol]) -> Endpoint:
         """Listen for links; join (a first heartbeat, logged if Redis is not there yet)."""
@@ -102,11 +118,17 @@ class ClusterNode:
                 "the address other nodes reach this one on")
         self.membership = Membership(self.redis, self.config, advertise)
         self.membership.start(loop)
+        self._spawn(self._keep_links())
         log.info("cluster: node %r, links on %s (advertised as %s, %s)", self.node_id, bound,
                  advertise, "mutual TLS" if self.config.tls else "Unix socket")
         return bound
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for pool in self.pools.values():
+            for splice in pool:
+                splice.abort()
         if self.links is not None:
             self.links.close()
         for splice in list(self.splices):
@@ -142,15 +164,24 @@ class ClusterNode:
         token, so a handoff is resumed once wherever its Resumes arrive.
         """
         owner = req.node
-        address = await self._address(owner)
-        if isinstance(address, Refusal):
-            return address
-        splice = Splice(framed=not address.is_unix)
-        try:
-            await dial(self.core.loop, address, lambda: splice.link,
-                       None if address.is_unix else self.client_tls, LINK_CONNECT_TIMEOUT)
-        except (OSError, TimeoutError) as exc:
-            return node_gone(owner, f"its link at {address} did not answer: {_why(exc)}")
+        assert self.membership is not None
+        # An open idle link to the owner's address is proof enough that it is
+        # there (a node's links close with its process): no Redis round trip.
+        known = self.membership.known.get(owner)
+        splice = self._take(known) if known is not None else None
+        address = known
+        if splice is None:
+            found = await self._address(owner)
+            if isinstance(found, Refusal):
+                return found
+            address = found
+            splice = self._take(found)
+        assert address is not None
+        if splice is None:
+            try:
+                splice = await self._dial(address)
+            except (OSError, TimeoutError) as exc:
+                return node_gone(owner, f"its link at {address} did not answer: {_why(exc)}")
         wire = Connection(Role.CLIENT)
         splice.link.send(
             wire.send(pb.ClientHello(protocol_version=PROTOCOL_VERSION, app=app,
@@ -159,12 +190,75 @@ class ClusterNode:
                                   tail_length=req.tail_length, node=req.node,
                                   signature=req.signature))
         )
+        splice.on_silent_loss = lambda: _refused(
+            node_gone(owner, f"its link at {address} closed before it answered"))
         self._remember(req.descriptor, owner)
         self.splices.add(splice)
-        splice._on_end = lambda: self.splices.discard(splice)
+        taken = splice  # typed for the closure
+        splice.on_end = lambda: self.splices.discard(taken)
         log.info("cluster: app %r resumes socket %s of node %r through this node (%s)",
                  app, req.descriptor[:8], owner, address)
         return splice
+
+    # -- links ---------------------------------------------------------------------
+
+    async def _dial(self, address: Endpoint) -> Splice:
+        splice = Splice(framed=not address.is_unix)
+        await dial(self.core.loop, address, lambda: splice.link,
+                   None if address.is_unix else self.client_tls, LINK_CONNECT_TIMEOUT)
+        return splice
+
+    def _take(self, address: Endpoint) -> Splice | None:
+        """An idle link to `address` from the pool (and another dialled behind it)."""
+        pool = self.pools.get(address)
+        found = None
+        while pool:
+            splice = pool.pop(0)
+            transport = splice.link.transport
+            if transport is not None and not transport.is_closing():
+                found = splice
+                break
+        self._spawn(self._fill(address))
+        return found
+
+    async def _fill(self, address: Endpoint) -> None:
+        if address in self._filling:
+            return
+        self._filling.add(address)
+        pool = self.pools.setdefault(address, [])
+        try:
+            while len(pool) < POOL_SIZE:
+                splice = await self._dial(address)
+
+                def dropped(splice: Splice = splice) -> None:
+                    # Closed while idle (the node left, or stopped): out of the pool.
+                    if splice in pool:
+                        pool.remove(splice)
+
+                splice.on_end = dropped
+                pool.append(splice)
+        except (OSError, TimeoutError) as exc:
+            log.debug("cluster: no idle link to %s: %s", address, _why(exc))
+        finally:
+            self._filling.discard(address)
+
+    async def _keep_links(self) -> None:
+        """Every beat: idle links to every live node, none to a node that left."""
+        assert self.membership is not None
+        while True:
+            live = {a for n, a in self.membership.known.items() if n != self.node_id}
+            for address in live:
+                if len(self.pools.get(address, ())) < POOL_SIZE:
+                    await self._fill(address)
+            for address in set(self.pools) - live:
+                for splice in self.pools.pop(address):
+                    splice.abort()
+            await asyncio.sleep(self.config.heartbeat_interval)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.core.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _address(self, node: str) -> Endpoint | Refusal:
         assert self.membership is not None
@@ -292,6 +386,13 @@ class _Ask(asyncio.Protocol):
         if not self.answer.done():
             self.answer.set_exception(
                 ConnectionResetError(errno.ECONNRESET, "node link closed before the answer"))
+
+
+def _refused(refusal: Refusal) -> bytes:
+    """A hello's answer and a refused ConnectResult, for an app whose stream we took over."""
+    return encode_frame(pb.ServerHello(protocol_version=PROTOCOL_VERSION,
+                                       gateway_version=__version__)) + encode_frame(
+        pb.ConnectResult(error=wire_error(refusal)))
 
 
 def _why(exc: BaseException) -> str:
