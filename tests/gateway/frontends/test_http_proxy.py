@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import http.server
 import json
 import logging
@@ -36,7 +37,12 @@ from tether.client.settings import Settings
 from tether.config import check_listen, parse_config
 from tether.endpoint import parse_endpoint
 from tether.errors import ConfigError
+from tether.gateway.core.errors import DialTimeout, Failure, Refusal
 from tether.gateway.embedded import EmbeddedGateway
+from tether.gateway.frontends.http_proxy import refusal_response
+from tether.policy import ResolutionError
+from tether.proxy.http import HttpProxy
+from tether.wire import pb
 
 KEY = "http-proxy-test-key"
 IDLE = 60.0
@@ -414,6 +420,42 @@ def test_a_proxy_listener_off_loopback_is_refused_like_the_native_one() -> None:
         check_listen(config)
     with pytest.raises(ConfigError, match=r"gateway\.http_proxy_listen"):
         parse_config({"gateway": {"http_proxy_listen": []}})
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "headers"),
+    [
+        (Refusal(pb.Error.PERMISSION_DENIED, errno.EACCES, "tether: denied", rule="deny x",
+                 reason="r"), 403, {"X-Tether-Rule": "deny x"}),
+        (Refusal(pb.Error.AUTH_FAILED, errno.EACCES, "tether: app 'a' was removed"), 407,
+         {"Proxy-Authenticate": 'Basic realm="tether"'}),
+        (Refusal(pb.Error.LIMIT, errno.EMFILE, "tether: cap", rule="gateway.max_sockets"), 429,
+         {"X-Tether-Rule": "gateway.max_sockets"}),
+        (Refusal(pb.Error.QUOTA, errno.EDQUOT, "tether: quota", rule="connects_per_minute",
+                 retry_after=2.2), 429, {"Retry-After": "3"}),
+        (Refusal(pb.Error.UNAVAILABLE, errno.ECONNREFUSED, "tether: draining"), 503, {}),
+        (Refusal(pb.Error.CLOSED, errno.ESHUTDOWN, "tether: shutting down"), 503, {}),
+        (DialTimeout("www.test", 81, 0.5), 504,
+         {"X-Tether-Refusal": "tether: app 'a' to www.test:81: timed out connecting to "
+                              "www.test:81 after 0.5 s"}),
+        (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), 502,
+         {"X-Tether-Refusal": "tether: app 'a' to www.test:81: Connection refused"}),
+        (ResolutionError(socket.EAI_NONAME, "tether: no.test: name not known"), 502,
+         {"X-Tether-Refusal": "tether: no.test: name not known"}),
+    ],
+)
+def test_each_failure_has_its_status(failure: Failure, status: int,
+                                     headers: dict[str, str]) -> None:
+    proxy = HttpProxy()
+    proxy.receive_data(b"CONNECT www.test:81 HTTP/1.1\r\nHost: w\r\n\r\n")
+    proxy.next_event()
+    data = refusal_response(proxy, failure, "app 'a' to www.test:81")
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert int(lines[0].split()[1]) == status
+    got = dict(line.split(": ", 1) for line in lines[1:])
+    assert got.items() >= headers.items()
+    assert body.decode() == got["X-Tether-Refusal"] + "\n"
 
 
 # -- real clients -----------------------------------------------------------------
