@@ -6,7 +6,9 @@ Pure: no gateway, no clock but the numbers given.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -248,3 +250,15 @@ def test_sizes_in_words(n: int, words: str) -> None:
 )
 def test_waits_in_words(seconds: float, words: str) -> None:
     assert format_wait(seconds) == words
+
+
+def test_the_docs_example_is_a_valid_config() -> None:
+    """docs/quotas.md's TOML, as written (the keys elided there filled in)."""
+    text = (Path(__file__).parents[2] / "docs" / "quotas.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", text, re.S)
+    assert block is not None
+    quota = parse_config(tomllib.loads(block.group(1).replace('"..."', '"k"'))).quota
+    assert quota.limits("billing").connects_per_minute == 6000
+    assert quota.limits("billing").bytes_out_per_day is None
+    assert not quota.limits("trial").enabled
+    assert quota.limits("trial").bytes_out_per_minute == 50 * 2**20
