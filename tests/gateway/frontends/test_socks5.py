@@ -28,6 +28,8 @@ from typing import Any
 
 import pytest
 import socks
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support import FakeClock, StdSocket, recv_exact
 from tcpservers import echo, http_page, serving, wait_for
 from udpsupport import UdpPeer, free_udp_port
@@ -364,6 +366,26 @@ def test_ipv6_listener_udp_associate_reaches_an_ipv4_destination(env: Env) -> No
             return dict(record.extra)
 
         assert wait_for(lambda: counters()["dropped"] == 1)
+
+
+# Random bytes after a greeting or half a login. The login is app "fuzz" (no
+# such app): failed logins are throttled per (app, peer), and "tests" must not
+# be locked out for the module's other tests.
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prefix=st.sampled_from([b"", b"\x05\x01\x02", b"\x05\x01\x02\x01\x04fuzz"]),
+       garbage=st.binary(max_size=300))
+def test_whatever_a_client_sends_the_front_end_serves_on(
+    env: Env, audit: pytest.LogCaptureFixture, prefix: bytes, garbage: bytes
+) -> None:
+    with _open(env) as s, contextlib.suppress(OSError):
+        s.sendall(prefix + garbage)
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(4096):
+            pass
+    assert "internal error" not in audit.text
+    with _open(env) as s:  # and a well-behaved client is still served
+        assert _login(s) == socks5.AUTH_OK
 
 
 # -- real clients --------------------------------------------------------------
