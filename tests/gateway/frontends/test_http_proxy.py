@@ -423,6 +423,40 @@ def test_a_proxy_listener_off_loopback_is_refused_like_the_native_one() -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:3128", ["127.0.0.1:3128"]),
+        (["[::1]:3128", "unix:/run/t/http.sock"], ["[::1]:3128", "unix:/run/t/http.sock"]),
+    ],
+)
+def test_http_proxy_listen_forms(value: str | list[str], expected: list[str]) -> None:
+    config = parse_config({"gateway": {"http_proxy_listen": value}})
+    assert [str(e) for e in config.http_proxy_listen] == expected
+    assert parse_config({}).http_proxy_listen == ()  # off by default
+
+
+@pytest.mark.parametrize(
+    ("gateway", "path", "words"),
+    [
+        ({"http_proxy_listen": [42]}, r"gateway\.http_proxy_listen\[0\]", "must be a string"),
+        ({"http_proxy_listen": "unix:"}, r"gateway\.http_proxy_listen\[0\]", "needs a path"),
+    ],
+)
+def test_bad_http_proxy_listen(gateway: dict[str, Any], path: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=path) as caught:
+        parse_config({"gateway": gateway})
+    assert words in str(caught.value)
+
+
+def test_an_app_may_not_take_the_proxy_socket_path() -> None:
+    with pytest.raises(ConfigError, match=r"apps\.a\.listen\[0\]"):
+        parse_config({
+            "gateway": {"http_proxy_listen": "unix:/run/t/p.sock"},
+            "apps": {"a": {"listen": "unix:/run/t/p.sock"}},
+        })
+
+
+@pytest.mark.parametrize(
     ("failure", "status", "headers"),
     [
         (Refusal(pb.Error.PERMISSION_DENIED, errno.EACCES, "tether: denied", rule="deny x",
