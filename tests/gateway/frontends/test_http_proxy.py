@@ -414,6 +414,39 @@ def test_a_refused_connection_that_lingers_is_answered_once(env: Env) -> None:
         assert wait_for(lambda: env.gw.call(lambda: len(gateway.guard.pending)) == 0)
 
 
+def test_failed_keys_are_throttled_and_locked_out_like_native_hellos() -> None:
+    config = parse_config({
+        "gateway": {"listen": ["127.0.0.1:0"], "http_proxy_listen": "127.0.0.1:0",
+                    "auth_failure_limit": 2, "auth_max_delay": 0},
+        "apps": {"a": {"key": "right"}},
+    })
+    gw = EmbeddedGateway(config, clock=FakeClock())
+    gw.start()
+    try:
+        assert gw.gateway is not None
+        port = int(gw.gateway.http_proxy.rsplit(":", 1)[1])
+
+        def attempt(key: str) -> str:
+            with StdSocket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.settimeout(TIMEOUT)
+                s.connect(("127.0.0.1", port))
+                s.sendall(f"CONNECT x.test:1 HTTP/1.1\r\nHost: x\r\n{_auth('a', key)}\r\n\r\n"
+                          .encode())
+                status, headers, _ = _head(s)
+            assert status == 407
+            return headers["X-Tether-Refusal"]
+
+        assert attempt("wrong") == "tether: app 'a' authentication failed"
+        assert attempt("wrong") == "tether: app 'a' authentication failed"
+        # The pair (a, 127.0.0.1) is locked out: even the right key is not looked at.
+        assert "is locked out from 127.0.0.1" in attempt("right")
+        summary = gw.call(gw.gateway.guard.summary)
+        assert summary["failed"] == 2
+        assert summary["refused_locked_out"] == 1
+    finally:
+        gw.stop()
+
+
 def test_a_proxy_listener_off_loopback_is_refused_like_the_native_one() -> None:
     config = parse_config({"gateway": {"http_proxy_listen": "192.0.2.1:3128"}})
     with pytest.raises(ConfigError, match=r"gateway\.http_proxy_listen\[0\]"):
