@@ -298,8 +298,9 @@ class Socks5Session(asyncio.Protocol):
         code = reply_code(failure)
         what = "CONNECT" if request.command == socks5.CONNECT else "UDP ASSOCIATE"
         words = failure.message if isinstance(failure, Refusal) else str(failure)
+        # The host and the words may hold what the client sent: repr keeps the line one line.
         log.info(
-            "SOCKS5 app %r: %s %s refused (reply %d, %s): %s", self.app, what,
+            "SOCKS5 app %r: %s %r refused (reply %d, %s): %r", self.app, what,
             host_port(request.host, request.port), code, socks5.REPLY_NAMES[code], words,
         )
         self._write(self.machine.reply(code))
@@ -519,7 +520,7 @@ class Socks5Association:
             # to tell the client about one datagram: dropped, and counted.
             self.denied.add(key)
             self.counters["dropped_denied"] += len(waiting)
-            log.info("SOCKS5 app %r: UDP to %s refused: %s", self.record.app,
+            log.info("SOCKS5 app %r: UDP to %r refused: %r", self.record.app,
                      host_port(host, port), admitted.message)
             return
         decision, addresses = admitted
