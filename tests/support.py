@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -225,6 +226,12 @@ def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT, step: floa
             return True
         time.sleep(step)
     return predicate()
+
+
+def audit_lines(caplog: pytest.LogCaptureFixture, event: str) -> list[dict[str, Any]]:
+    """The `event` lines ("decision", "close") an in-thread gateway wrote to `tether.audit`."""
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tether.audit"]
+    return [line for line in lines if line["event"] == event]
 
 
 def descriptor(sock: socket.socket) -> str:

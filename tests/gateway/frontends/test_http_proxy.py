@@ -14,8 +14,6 @@ import base64
 import contextlib
 import errno
 import http.server
-import json
-import logging
 import os
 import shutil
 import socket
@@ -29,7 +27,7 @@ from typing import Any
 
 import pytest
 import trustme
-from support import FakeClock, StdSocket, recv_exact
+from support import FakeClock, StdSocket, audit_lines, recv_exact
 from tcpservers import echo, serving, wait_for
 
 from tether.cli.run import offered_proxies
@@ -173,21 +171,17 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 server.server_close()
 
 
-@pytest.fixture
-def audit(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.INFO, logger="tether.audit")
-    caplog.set_level(logging.INFO, logger="tether.gateway")
-    return caplog
-
-
-def _lines(caplog: pytest.LogCaptureFixture, event: str) -> list[dict[str, Any]]:
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tether.audit"]
-    return [line for line in lines if line["event"] == event]
-
-
 def _decision(caplog: pytest.LogCaptureFixture, host: str) -> dict[str, Any]:
-    assert wait_for(lambda: [d for d in _lines(caplog, "decision") if d["host"] == host])
-    return [d for d in _lines(caplog, "decision") if d["host"] == host][-1]
+    assert wait_for(lambda: [d for d in audit_lines(caplog, "decision") if d["host"] == host])
+    return [d for d in audit_lines(caplog, "decision") if d["host"] == host][-1]
+
+
+def _close_line(caplog: pytest.LogCaptureFixture, descriptor: str) -> dict[str, Any]:
+    def found() -> list[dict[str, Any]]:
+        return [c for c in audit_lines(caplog, "close") if c["descriptor"] == descriptor]
+
+    assert wait_for(found)
+    return found()[0]
 
 
 def _open(env: Env) -> socket.socket:
@@ -242,8 +236,7 @@ def test_connect_carries_the_early_bytes_and_both_directions(
         s.sendall(b"x" * 100_000)
         assert recv_exact(s, 100_000) == b"x" * 100_000
         descriptor = _decision(audit, "echo.test")["descriptor"]
-    assert wait_for(lambda: [c for c in _lines(audit, "close") if c["descriptor"] == descriptor])
-    close = next(c for c in _lines(audit, "close") if c["descriptor"] == descriptor)
+    close = _close_line(audit, descriptor)
     # The same meter as a native socket: what the peer got and sent.
     assert (close["bytes_out"], close["bytes_in"]) == (100_005, 100_005)
     assert close["app"] == "tests"
@@ -378,8 +371,7 @@ def test_an_idle_tunnel_is_reclaimed_like_a_native_socket(
         assert env.gw.call(gateway.sweep) >= 1
         with contextlib.suppress(ConnectionResetError):  # the reclaim resets the stream
             assert s.recv(1) == b""
-    assert wait_for(lambda: [c for c in _lines(audit, "close") if c["descriptor"] == descriptor])
-    close = next(c for c in _lines(audit, "close") if c["descriptor"] == descriptor)
+    close = _close_line(audit, descriptor)
     assert close["reason"].startswith("reclaimed by the gateway after")
 
 

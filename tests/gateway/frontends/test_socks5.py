@@ -13,8 +13,6 @@ import contextlib
 import errno
 import functools
 import http.server
-import json
-import logging
 import os
 import shutil
 import socket
@@ -30,7 +28,7 @@ import pytest
 import socks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import FakeClock, StdSocket, recv_exact
+from support import FakeClock, StdSocket, audit_lines, recv_exact
 from tcpservers import echo, http_page, serving, wait_for
 from udpsupport import UdpPeer, free_udp_port
 
@@ -164,18 +162,6 @@ def _static(directory: Path) -> Iterator[int]:
         thread.join(TIMEOUT)
 
 
-@pytest.fixture
-def audit(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.INFO, logger="tether.audit")
-    caplog.set_level(logging.INFO, logger="tether.gateway")
-    return caplog
-
-
-def _lines(caplog: pytest.LogCaptureFixture, event: str) -> list[dict[str, Any]]:
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tether.audit"]
-    return [line for line in lines if line["event"] == event]
-
-
 def _open(env: Env) -> socket.socket:
     s = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(TIMEOUT)
@@ -244,7 +230,7 @@ def test_a_denied_destination_gets_reply_2_and_its_audit_line_names_the_rule(
         s.sendall(_connect_request("blocked.test", env.echo_port))
         assert _read_reply(s) == (socks5.NOT_ALLOWED, "0.0.0.0", 0)
         assert _closed(s)
-    [decision] = _lines(audit, "decision")
+    [decision] = audit_lines(audit, "decision")
     assert (decision["app"], decision["host"], decision["verdict"], decision["outcome"]) == (
         "tests", "blocked.test", "deny", "denied")
     assert decision["rule"] == "deny blocked.test"
@@ -268,9 +254,9 @@ def test_connect_by_name_relays_early_data_and_writes_the_close_line(
         assert recv_exact(s, 1000) == b"x" * 1000
         [record] = env.records()
         assert (record.app, record.transport, record.local[1]) == ("tests", "tcp", port)
-    assert wait_for(lambda: _lines(audit, "close"))
-    [decision] = _lines(audit, "decision")
-    [close] = _lines(audit, "close")
+    assert wait_for(lambda: audit_lines(audit, "close"))
+    [decision] = audit_lines(audit, "decision")
+    [close] = audit_lines(audit, "close")
     assert (decision["host"], decision["outcome"]) == ("echo.test", "connected")
     assert (close["bytes_out"], close["bytes_in"], close["transport"]) == (1005, 1005, "tcp")
     assert close["descriptor"] == decision["descriptor"]
@@ -305,7 +291,7 @@ def test_a_unix_peer_mapped_to_an_app_needs_no_authentication(
         assert _read_reply(s)[0] == socks5.SUCCEEDED
         s.sendall(b"ping")
         assert recv_exact(s, 4) == b"ping"
-    [decision] = _lines(audit, "decision")
+    [decision] = audit_lines(audit, "decision")
     assert decision["app"] == "local"
 
 
@@ -408,10 +394,10 @@ def test_curl_socks5_hostname_sends_the_name_to_the_gateway(
     done = _curl("--socks5-hostname", f"127.0.0.1:{env.socks_port}", "--proxy-user",
                  f"tests:{KEY}", f"http://www.test:{env.http_port}/")
     assert (done.returncode, done.stdout) == (0, PAGE.decode()), done.stderr
-    [decision] = _lines(audit, "decision")
+    [decision] = audit_lines(audit, "decision")
     assert (decision["host"], decision["verdict"], decision["outcome"]) == (
         "www.test", "allow", "connected")
-    assert wait_for(lambda: _lines(audit, "close"))
+    assert wait_for(lambda: audit_lines(audit, "close"))
 
 
 @needs_curl
@@ -424,7 +410,7 @@ def test_curl_socks5_with_an_address_and_a_socks5h_url(
     done = _curl("-x", f"socks5h://tests:{KEY}@127.0.0.1:{env.socks_port}",
                  f"http://www.test:{env.http_port}/")
     assert (done.returncode, done.stdout) == (0, PAGE.decode()), done.stderr
-    hosts = [d["host"] for d in _lines(audit, "decision")]
+    hosts = [d["host"] for d in audit_lines(audit, "decision")]
     assert hosts == ["127.0.0.1", "www.test"]
 
 
@@ -436,7 +422,7 @@ def test_curl_is_refused_for_a_denied_name_and_for_a_wrong_key(
                  f"tests:{KEY}", f"http://blocked.test:{env.echo_port}/")
     # curl 7.88 prints the reply code: 2, "connection not allowed by ruleset".
     assert done.returncode == 97 and done.stderr.rstrip().endswith("(2)"), done.stderr
-    [decision] = _lines(audit, "decision")
+    [decision] = audit_lines(audit, "decision")
     assert (decision["rule"], decision["verdict"]) == ("deny blocked.test", "deny")
     done = _curl("--socks5-hostname", f"127.0.0.1:{env.socks_port}", "--proxy-user",
                  "tests:wrong", f"http://www.test:{env.http_port}/")
@@ -463,7 +449,7 @@ def test_git_clone_through_socks5h(env: Env, audit: pytest.LogCaptureFixture) ->
     )
     assert done.returncode == 0, done.stderr
     assert (target / "README").read_text() == "cloned through SOCKS5\n"
-    decisions = _lines(audit, "decision")
+    decisions = audit_lines(audit, "decision")
     assert decisions and {(d["host"], d["outcome"]) for d in decisions} == {
         ("www.test", "connected")}
 
@@ -499,7 +485,7 @@ def test_java_socket_through_socks5(env: Env, audit: pytest.LogCaptureFixture) -
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith(PAGE.decode())
-    [decision] = _lines(audit, "decision")
+    [decision] = audit_lines(audit, "decision")
     assert (decision["host"], decision["outcome"]) == ("www.test", "connected")
 
 
@@ -542,11 +528,11 @@ def test_pysocks_udp_associate_relays_meters_and_drops_denied_destinations(
 
         assert wait_for(lambda: counters()["dropped_denied"] == 1)
         assert counters()["datagrams_out"] == counters()["datagrams_in"] == 2
-    assert wait_for(lambda: _lines(audit, "close"))
-    [close] = _lines(audit, "close")
+    assert wait_for(lambda: audit_lines(audit, "close"))
+    [close] = audit_lines(audit, "close")
     assert (close["transport"], close["bytes_out"], close["bytes_in"]) == ("udp", 9, 9)
     assert close["reason"] == "closed by the app"
-    decisions = _lines(audit, "decision")
+    decisions = audit_lines(audit, "decision")
     assert [(d["port"], d["transport"], d["outcome"]) for d in decisions] == [
         (env.udp.port, "udp", "allowed"), (env.udp_denied_port, "udp", "denied")]
     assert [data for data, _ in env.udp.received][-2:] == [b"ping", b"pong!"]
@@ -595,8 +581,8 @@ def test_an_idle_association_is_reclaimed_and_its_stream_closed(
         control = s._proxyconn  # PySocks' TCP stream that holds the association
         control.settimeout(TIMEOUT)
         assert _closed(control)
-    assert wait_for(lambda: _lines(audit, "close"))
-    [close] = _lines(audit, "close")
+    assert wait_for(lambda: audit_lines(audit, "close"))
+    [close] = audit_lines(audit, "close")
     assert str(close["reason"]).startswith("reclaimed by the gateway after")
 
 
