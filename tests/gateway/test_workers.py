@@ -36,7 +36,7 @@ import tether.socket as ts
 from tether.client import control
 from tether.client import settings as client_settings
 from tether.config import Config, parse_config
-from tether.gateway.supervisor import RESTART_FIRST, WorkerSpec, share_caps
+from tether.gateway.supervisor import RESTART_FIRST, WorkerSpec, share_caps, worker_config
 
 MiB = 1024 * 1024
 # Connections whose audit lines are looked at to see both workers: the kernel
@@ -316,6 +316,39 @@ def test_share_caps(
     assert shared.max_sockets_per_app == per_app
     if "apps.a" in text:
         assert shared.apps["a"].max_sockets == app_cap
+        assert shared.quota.limits("a").sockets == app_cap  # the same limit, as a quota
+
+
+@pytest.mark.parametrize(("cluster", "expected"), [(False, 34), (True, 100)])
+def test_quotas_are_shared_unless_a_cluster_counts_them(
+    tmp_path: Path, cluster: bool, expected: int
+) -> None:
+    text = "[quota]\nconnects_per_minute = 100\n[apps.a]\nkey = \"k\"\n"
+    config = _config(text)
+    if cluster:
+        from dataclasses import replace
+
+        from tether.cluster.config import parse_cluster
+
+        key = tmp_path / "cluster.key"
+        key.write_text("k" * 32)
+        config = replace(config, cluster=parse_cluster({
+            "redis": "redis://127.0.0.1:6379/0", "link_listen": f"unix:{tmp_path}/l.sock",
+            "key_file": str(key)}))
+    assert share_caps(config, 3).quota.limits("a").connects_per_minute == expected
+
+
+@pytest.mark.parametrize(("admin", "index", "expected"), [
+    ("127.0.0.1:9464", 0, "127.0.0.1:9464"),
+    ("127.0.0.1:9464", 2, "127.0.0.1:9466"),
+    ("unix:/run/t/admin.sock", 1, "unix:/run/t/admin-1.sock"),
+])
+def test_each_worker_has_its_own_admin_listener(admin: str, index: int, expected: str) -> None:
+    spec = WorkerSpec(index=index, count=3, base="h", runtime_dir="/run/t", supervisor=1,
+                      proxies={"socks5_listen": ["127.0.0.1:41000"]})
+    config = worker_config(_config(f'[gateway]\nadmin_listen = "{admin}"\n'), spec)
+    assert str(config.admin_listen) == expected
+    assert [str(e) for e in config.socks5_listen] == ["127.0.0.1:41000"]
 
 
 @pytest.mark.parametrize("text", ["[gateway]\nworkers = 0\n", "[gateway]\nworkers = true\n"])
@@ -328,7 +361,8 @@ def test_bad_workers_count_names_the_key(text: str) -> None:
 
 def test_worker_spec_round_trip_and_peers() -> None:
     spec = WorkerSpec(index=1, count=3, base="h", runtime_dir="/run/t", supervisor=42,
-                      ready_fd=7, unix={"/run/gw.sock": 5})
+                      ready_fd=7, unix={"/run/gw.sock": 5},
+                      proxies={"http_proxy_listen": ["127.0.0.1:3128", "unix:/run/p.sock"]})
     again = WorkerSpec.from_json(spec.to_json())
     assert again == spec
     assert json.loads(spec.to_json())["unix"] == {"/run/gw.sock": 5}

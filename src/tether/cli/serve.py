@@ -108,11 +108,11 @@ def run(args: argparse.Namespace) -> int:
             "no [apps.NAME] in the config: no app can authenticate"
         )
     listen = config.listen
-    # One of N workers enforces its share of the caps (supervisor.share_caps).
-    count = worker.count if worker is not None else 1
+    # A worker enforces its share of the limits (supervisor.worker_config).
+    def for_worker(config: Config) -> Config:
+        return config if worker is None else supervisor.worker_config(config, worker)
 
     def reload() -> Config:
-        return supervisor.share_caps(load_config(args.config).with_listen(listen), count)
+        return for_worker(load_config(args.config).with_listen(listen))
 
-    config = supervisor.share_caps(config, count)
-    return serve(config, reload if args.config else None, worker)
+    return serve(for_worker(config), reload if args.config else None, worker)

@@ -47,10 +47,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tether.config import Config
-from tether.endpoint import Endpoint
+from tether.endpoint import Endpoint, parse_endpoint
+from tether.quota.limits import WINDOWS, Limits
 
 if TYPE_CHECKING:
     from tether.gateway.server import Gateway
@@ -72,6 +73,8 @@ RESTART_RESET = 60.0
 STOP_SLACK = 10.0
 # The kernel queue of the shared Unix listener: asyncio's create_server default.
 UNIX_BACKLOG = 100
+# The proxy front-ends' listener keys ([gateway]): bound by the supervisor too.
+PROXY_LISTENERS = ("http_proxy_listen", "socks5_listen")
 # HMAC-SHA256's own output size: the key the workers sign handoffs with.
 HANDOFF_KEY_BYTES = 32
 # Linux prctl(2): the signal a worker gets when its supervisor dies.
@@ -99,6 +102,9 @@ class WorkerSpec:
     supervisor: int
     ready_fd: int = -1
     unix: dict[str, int] = field(default_factory=dict)
+    # The proxy front-ends' listeners with the ports the supervisor chose
+    # for ":0" (config key -> endpoints), so every worker has the same ones.
+    proxies: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def node_id(self) -> str:
@@ -129,7 +135,7 @@ class WorkerSpec:
         return json.dumps({
             "index": self.index, "count": self.count, "base": self.base,
             "runtime_dir": self.runtime_dir, "supervisor": self.supervisor,
-            "ready_fd": self.ready_fd, "unix": self.unix,
+            "ready_fd": self.ready_fd, "unix": self.unix, "proxies": self.proxies,
         })
 
     @classmethod
@@ -140,6 +146,7 @@ class WorkerSpec:
             runtime_dir=str(data["runtime_dir"]), supervisor=int(data["supervisor"]),
             ready_fd=int(data["ready_fd"]),
             unix={str(k): int(v) for k, v in dict(data["unix"]).items()},
+            proxies={str(k): [str(e) for e in v] for k, v in dict(data["proxies"]).items()},
         )
 
     # -- in the worker ---------------------------------------------------------
@@ -162,30 +169,60 @@ class WorkerSpec:
             object.__setattr__(self, "ready_fd", -1)
 
 
-def share_caps(config: Config, count: int) -> Config:
-    """`config` as one of `count` workers enforces it: each numeric cap divided, rounded up.
+def share(value: int | None, count: int) -> int | None:
+    """One worker's share of a limit: divided by `count`, rounded up, at least 1."""
+    return None if value is None else max(1, math.ceil(value / count))
 
-    The kernel spreads connections evenly on average, not exactly, so an
-    app may be refused by one worker while another has room; rounding up
-    lets the service as a whole exceed a cap by at most count - 1. Caps left
-    to be derived from the open-files limit are per process already.
+
+def share_caps(config: Config, count: int) -> Config:
+    """`config`'s limits as one of `count` workers enforces them: each divided, rounded up.
+
+    The caps (``max_sockets``, ``max_sockets_per_app``) and, without
+    ``[cluster]`` (whose quotas are counted in Redis across the nodes), every
+    per-app quota limit. The kernel spreads connections evenly on average,
+    not exactly, so an app may be refused by one worker while another has
+    room; rounding up lets the host as a whole exceed a limit by at most
+    count - 1. Caps left to be derived from the open-files limit are per
+    process already.
     """
     if count <= 1:
         return config
 
-    def share(value: int | None) -> int | None:
-        return None if value is None else max(1, math.ceil(value / count))
+    def limits(value: Limits) -> Limits:
+        shares: dict[str, Any] = {name: share(getattr(value, name), count) for name in WINDOWS}
+        return replace(value, **shares)
 
-    apps = {
-        name: replace(app, max_sockets=share(app.max_sockets))
-        for name, app in config.apps.items()
+    changes: dict[str, Any] = {
+        "max_sockets": share(config.max_sockets, count),
+        "max_sockets_per_app": share(config.max_sockets_per_app, count),
+        "apps": {name: replace(app, max_sockets=share(app.max_sockets, count))
+                 for name, app in config.apps.items()},
     }
-    return replace(
-        config,
-        max_sockets=share(config.max_sockets),
-        max_sockets_per_app=share(config.max_sockets_per_app),
-        apps=apps,
-    )
+    if config.cluster is None:
+        quota = config.quota
+        changes["quota"] = replace(
+            quota, defaults=limits(quota.defaults),
+            apps={name: limits(value) for name, value in quota.apps.items()},
+        )
+    return replace(config, **changes)
+
+
+def worker_config(config: Config, spec: WorkerSpec) -> Config:
+    """`config` as worker `spec` runs it: its share of the limits; its own admin listener;
+    the proxy listeners on the ports the supervisor chose."""
+    config = share_caps(config, spec.count)
+    changes: dict[str, Any] = {
+        key: tuple(parse_endpoint(text) for text in texts) for key, texts in spec.proxies.items()
+    }
+    admin = config.admin_listen
+    if admin is not None:
+        # One per worker, so a scrape reads one worker (each is a node).
+        if admin.is_unix:
+            base, ext = os.path.splitext(admin.path)
+            changes["admin_listen"] = Endpoint(path=f"{base}-{spec.index}{ext}")
+        elif admin.port:
+            changes["admin_listen"] = Endpoint(host=admin.host, port=admin.port + spec.index)
+    return replace(config, **changes)
 
 
 def _die_with_supervisor(supervisor: int) -> None:
@@ -235,6 +272,7 @@ class Supervisor:
         self._held: list[socket.socket] = []
         self._unix: dict[str, socket.socket] = {}
         self._endpoints: list[Endpoint] = []
+        self._proxies: dict[str, list[str]] = {}
         self.runtime_dir = ""
         self._ready_r = self._ready_w = -1
         self._announced = False
@@ -242,31 +280,33 @@ class Supervisor:
     # -- listeners ---------------------------------------------------------------
 
     def bind(self) -> list[Endpoint]:
-        """Bind every listener once; gateway.listen with real ports. OSError if one fails."""
-        endpoints = []
-        for endpoint in self.config.listen:
-            if endpoint.is_unix:
-                self._bind_unix(endpoint.path)
-                endpoints.append(endpoint)
-                continue
-            sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
-            self._held.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((endpoint.host, endpoint.port))
-            # Held, not listening: the port stays the service's; connections
-            # go only to the workers' listening sockets.
-            endpoints.append(Endpoint(host=endpoint.host, port=sock.getsockname()[1]))
+        """Bind every listener once; gateway.listen with real ports. OSError if one fails.
+
+        Unix sockets are bound and listened on here, for the workers to
+        inherit (a worker binding its own would unlink its sibling's); TCP
+        addresses are bound without listening, to fix a ":0" port once for
+        every worker (each binds its own with SO_REUSEPORT).
+        """
+        endpoints = [self._bind(e) for e in self.config.listen]
         for endpoint, _app in self.config.app_listeners:
-            self._bind_unix(endpoint.path)
-        # The proxy front-ends' Unix sockets too: a worker binding its own
-        # would unlink its sibling's. (Their TCP ports are each worker's
-        # SO_REUSEPORT bind, so they must be fixed, not 0.)
-        for endpoint in (*self.config.http_proxy_listen, *self.config.socks5_listen):
-            if endpoint.is_unix:
-                self._bind_unix(endpoint.path)
+            self._bind(endpoint)
+        for key in PROXY_LISTENERS:
+            self._proxies[key] = [str(self._bind(e)) for e in getattr(self.config, key)]
         self._endpoints = endpoints
         return endpoints
+
+    def _bind(self, endpoint: Endpoint) -> Endpoint:
+        if endpoint.is_unix:
+            self._bind_unix(endpoint.path)
+            return endpoint
+        sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
+        self._held.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((endpoint.host, endpoint.port))
+        # Held, not listening: the port stays the service's; connections go
+        # only to the workers' listening sockets.
+        return Endpoint(host=endpoint.host, port=sock.getsockname()[1])
 
     def _bind_unix(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -285,6 +325,7 @@ class Supervisor:
             index=index, count=self.count, base=node_base(), runtime_dir=self.runtime_dir,
             supervisor=os.getpid(), ready_fd=self._ready_w,
             unix={path: sock.fileno() for path, sock in self._unix.items()},
+            proxies=self._proxies,
         )
 
     def spawn(self, worker: _Worker) -> None:
