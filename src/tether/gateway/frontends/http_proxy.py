@@ -209,6 +209,10 @@ class HttpProxySession(asyncio.Protocol):
         self._task = None
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("http proxy: internal error on %s: %r", self.peer_key(), exc)
+            if self._switched:  # raw bytes: no answer can be written into them
+                if self.transport is not None:
+                    self.transport.abort()
+                return
             self._refuse(self.proxy.refuse(502, "tether: gateway internal error"))
 
     async def _serve(self, request: Tunnel | Forward) -> None:
