@@ -126,8 +126,8 @@ class Half(asyncio.Protocol):
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         other = self.other
@@ -186,6 +186,22 @@ class Pending(Half):
         self._dial = dial
         self._refused = refused
         self._tasks = tasks
+        # What arrives before the other side is there: uvloop may deliver the
+        # first read even though connection_made paused reading.
+        self._early = bytearray()
+        self._early_eof = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.other is None:
+            self._early += data
+        else:
+            super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if self.other is None:
+            self._early_eof = True
+            return True
+        return super().eof_received()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -220,7 +236,14 @@ class Pending(Half):
                 other.transport.close()  # the program left while the gateway dialled
             return
         self.other = other
-        self.transport.resume_reading()
+        if self._early:
+            assert other.transport is not None
+            other.transport.write(bytes(self._early))
+            self._early.clear()
+        if self._early_eof:
+            self.eof_received()
+        else:
+            self.transport.resume_reading()
 
 
 # -- the agent ------------------------------------------------------------------------

@@ -152,7 +152,8 @@ class Isolated:
 
     def _run_agent(self, sockets: list[socket.socket]) -> None:
         try:
-            asyncio.run(self._serve(sockets))
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                runner.run(self._serve(sockets))
         except BaseException as exc:  # reported by start() or ignored at the end
             self._failure = exc
         finally:
@@ -198,6 +199,15 @@ class Isolated:
             self.thread.join(STOP_TIMEOUT)
         client_settings.configure(None)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop where installed (a tether dependency off Windows): the agent relays every byte."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
 
 
 def run_isolated(cmd: list[str], env: dict[str, str], settings: Settings) -> int:
