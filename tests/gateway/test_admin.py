@@ -15,8 +15,6 @@ import http.client
 import math
 import platform
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +23,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
-from support import TIMEOUT, Peer, StdSocket, echo, recv_exact, stream, wait_for
+from support import (
+    TIMEOUT,
+    Peer,
+    StdSocket,
+    echo,
+    recv_exact,
+    stream,
+    tether_cli,
+    wait_for,
+)
 
 import tether.socket as ts
 from tether import __version__
@@ -91,9 +98,10 @@ def test_each_front_end_has_its_handshake_label() -> None:
         (TetherSession, "tether"), (Socks5Session, "socks5"), (HttpProxySession, "http_proxy")
     ]:
         assert frontend_name(session) == label
-        metrics.handshake(session).observe(0.001)
+        metrics.handshake[session](0.001)
         assert metrics.handshakes[label].count == 1
-    assert metrics.handshake(TetherSession) is metrics.handshakes["tether"]
+    metrics.handshake[TetherSession](0.002)
+    assert metrics.handshakes["tether"].count == 2
 
 
 # -- config --------------------------------------------------------------------------
@@ -168,10 +176,7 @@ def test_refused_before_anything_binds(tmp_path: Path) -> None:
     """`tether serve` with admin_listen off loopback exits 2 saying why, having bound nothing."""
     path = tmp_path / "tether.toml"
     path.write_text('[gateway]\nlisten = ["127.0.0.1:0"]\nadmin_listen = "0.0.0.0:0"\n')
-    done = subprocess.run(
-        [sys.executable, "-m", "tether.cli.main", "serve", "--config", str(path)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
+    done = tether_cli("serve", "--config", str(path))
     assert done.returncode == 2, done.stderr
     assert "gateway.admin_listen: 0.0.0.0:0 is not a loopback address" in done.stderr
     assert "listening on" not in done.stderr
@@ -586,26 +591,6 @@ def test_serve_on_a_unix_socket(tmp_path: Path) -> None:
     assert not path.exists()  # removed at exit
 
 
-@pytest.mark.parametrize(
-    ("configured", "index", "expected"),
-    [
-        ("127.0.0.1:9464", 0, "127.0.0.1:9464"),
-        ("127.0.0.1:9464", 3, "127.0.0.1:9467"),
-        ("[::1]:9464", 1, "[::1]:9465"),
-        ("127.0.0.1:0", 2, "127.0.0.1:0"),  # ephemeral: each worker its own anyway
-        ("unix:/run/t/admin.sock", 0, "unix:/run/t/admin.sock"),
-        ("unix:/run/t/admin.sock", 2, "unix:/run/t/admin.sock.2"),
-    ],
-)
-def test_each_worker_has_its_own_admin_address(configured: str, index: int, expected: str) -> None:
-    assert str(admin.worker_endpoint(parse_endpoint(configured), index)) == expected
-
-
-def test_a_worker_port_past_65535_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"gateway.admin_listen: worker 2 .* port 65536"):
-        admin.worker_endpoint(parse_endpoint("127.0.0.1:65534"), 2)
-
-
 def unix_get(path: Path, target: str) -> tuple[bytes, bytes]:
     sock = StdSocket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(TIMEOUT)
@@ -620,8 +605,8 @@ def unix_get(path: Path, target: str) -> tuple[bytes, bytes]:
 
 
 def test_workers_each_answer_for_themselves(tmp_path: Path) -> None:
-    """`tether serve --workers 2`: worker 0 on the configured socket, worker 1 on PATH.1;
-    each scrape names its own node."""
+    """`tether serve --workers 2`: each worker its own admin socket (admin-0.sock,
+    admin-1.sock: supervisor.worker_config); each scrape names its own node."""
     from tether.devmode import GatewayProcess
 
     path = tmp_path / "admin.sock"
@@ -630,7 +615,7 @@ def test_workers_each_answer_for_themselves(tmp_path: Path) -> None:
     gw = GatewayProcess(config, args=["--workers", "2"])
     gw.start()
     try:
-        paths = [path, tmp_path / "admin.sock.1"]
+        paths = [tmp_path / "admin-0.sock", tmp_path / "admin-1.sock"]
         assert wait_for(lambda: all(p.exists() for p in paths)), gw.log_text()
         nodes = set()
         for p in paths:

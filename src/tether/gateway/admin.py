@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 import h11
 
 from tether.endpoint import Endpoint
-from tether.errors import ConfigError
 from tether.gateway.metrics import collector_registry, not_ready
 
 if TYPE_CHECKING:
@@ -59,9 +58,9 @@ class AdminServer:
 
     def __init__(self, core: GatewayCore, endpoint: Endpoint) -> None:
         self.core = core
-        # As configured (this worker's own with --workers); the bound one after start().
-        worker = getattr(core, "worker", None)
-        self.endpoint = endpoint if worker is None else worker_endpoint(endpoint, worker.index)
+        # As configured (with --workers, the supervisor gave each worker its own:
+        # supervisor.worker_config); the bound one after start().
+        self.endpoint = endpoint
         self.sessions: set[AdminSession] = set()
         self.registry: CollectorRegistry = collector_registry(core)
         self._server: asyncio.Server | None = None
@@ -125,30 +124,6 @@ class AdminServer:
 
 
 _TEXT = "text/plain; charset=utf-8"
-
-
-def worker_endpoint(endpoint: Endpoint, index: int) -> Endpoint:
-    """Worker `index`'s admin address under ``tether serve --workers N``.
-
-    Each worker answers for itself (its sockets, its readiness), so each
-    listens on its own address rather than sharing one with SO_REUSEPORT,
-    where a scrape would reach whichever worker the kernel picked: worker 0
-    on the configured one, worker I on port + I (port 0 stays ephemeral),
-    or on PATH.I for a Unix socket.
-    """
-    if index == 0:
-        return endpoint
-    if endpoint.is_unix:
-        return Endpoint(path=f"{endpoint.path}.{index}")
-    if endpoint.port == 0:
-        return endpoint
-    if endpoint.port + index > 65535:
-        raise ConfigError(
-            "gateway.admin_listen",
-            f"worker {index} would listen on port {endpoint.port + index} (port + worker "
-            "index), past 65535: choose a lower port",
-        )
-    return Endpoint(host=endpoint.host, port=endpoint.port + index)
 
 
 class AdminSession(asyncio.Protocol):
@@ -329,5 +304,4 @@ __all__ = [
     "READ_TIMEOUT",
     "AdminServer",
     "AdminSession",
-    "worker_endpoint",
 ]

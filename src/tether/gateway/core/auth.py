@@ -298,7 +298,7 @@ class Guard:
         """The stream said who it is: no deadline, no cap from here on."""
         arrived = self.pending.pop(stream, None)
         if arrived is not None:  # accept -> hello authenticated (tether_handshake_seconds)
-            self.core.metrics.handshake(type(stream)).observe(self.clock() - arrived)
+            self.core.metrics.handshake[type(stream)](self.clock() - arrived)
 
     def gone(self, stream: Pending) -> None:
         """The stream closed before authenticating."""

@@ -206,6 +206,7 @@ class GatewayCore:
 
     def sweep(self) -> int:
         """Reclaim every socket idle past its timeout; returns how many."""
+        self.metrics.fold()  # the latency observations of the last second into buckets
         reclaimed = 0
         for record, idle in self.registry.idle():
             reason = (
