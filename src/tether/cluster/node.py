@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 import ssl
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -111,11 +112,7 @@ class ClusterNode:
         loop = self.core.loop
         self.links = LinkServer(loop, session, self._server_tls)
         bound = await self.links.start(self.config.link_listen)
-        advertise = self.config.advertise or bound
-        if not advertise.is_unix and advertise.host in ("0.0.0.0", "::"):
-            raise OSError(errno.EADDRNOTAVAIL,
-                f"cluster.link_listen {bound} is a wildcard address: set cluster.advertise to "
-                "the address other nodes reach this one on")
+        advertise = self.config.advertise or own_address(bound)
         self.membership = Membership(self.redis, self.config, advertise)
         self.membership.start(loop)
         self._spawn(self._keep_links())
@@ -386,6 +383,28 @@ class _Ask(asyncio.Protocol):
         if not self.answer.done():
             self.answer.set_exception(
                 ConnectionResetError(errno.ECONNRESET, "node link closed before the answer"))
+
+
+def own_address(bound: Endpoint) -> Endpoint:
+    """The link address to advertise when cluster.advertise is not set.
+
+    The bound address itself, unless it is a wildcard: then the address this
+    host's name resolves to (a Kubernetes pod's name resolves to its IP).
+    """
+    if bound.is_unix or bound.host not in ("0.0.0.0", "::"):
+        return bound
+    try:
+        host = socket.gethostbyname(socket.gethostname())
+    except OSError as exc:
+        raise OSError(errno.EADDRNOTAVAIL,
+            f"cluster.link_listen {bound} is a wildcard address and this host's name does not "
+            f"resolve ({exc}): set cluster.advertise") from exc
+    if host.startswith("127."):
+        raise OSError(errno.EADDRNOTAVAIL,
+            f"cluster.link_listen {bound} is a wildcard address and this host's name resolves "
+            f"to {host}, a loopback address: set cluster.advertise to the address other nodes "
+            "reach this one on")
+    return Endpoint(host=host, port=bound.port)
 
 
 def _refused(refusal: Refusal) -> bytes:
