@@ -253,6 +253,18 @@ class Ledger:
         log.info(
             "usage ledger: %s, flushed every %g s (node %r)", self.where, self.flush_interval, node
         )
+        # Opened now, on the ledger's thread: a wrong URL or path is in the
+        # log at start-up, not at the first flush with something to write.
+        self._executor.submit(self._open_early)
+
+    def _open_early(self) -> None:
+        try:
+            if self._store is None:
+                self._store = self._new_store()
+        except LedgerError as exc:
+            log.error(  # noqa: TRY400 - LedgerError says what failed and why
+                "%s; counts are kept in memory and the store is tried again at every flush", exc
+            )
 
     def _delay(self, now: float) -> float:
         # The next multiple of the interval, or the next minute if sooner, so
