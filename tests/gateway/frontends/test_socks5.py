@@ -73,6 +73,19 @@ class Env:
                  for s in server.sockets if s.family == socket.AF_INET6]
         return ports[-1]
 
+    def association(self, bound_port: int) -> Any:
+        """The record of the UDP association whose client socket is on `bound_port`.
+
+        (A previous test's socket may still be closing: each test finds its own.)
+        """
+        def find() -> list[Any]:
+            return [r for r in self.gateway.registry if isinstance(
+                getattr(r.on_finish, "__self__", None), Socks5Association
+            ) and r.on_finish.__self__.client_sock.getsockname()[1] == bound_port]
+
+        [record] = self.gw.call(find)
+        return record
+
     def records(self) -> list[Any]:
         gateway = self.gw.gateway
         assert gateway is not None
@@ -252,11 +265,15 @@ def test_connect_by_name_relays_early_data_and_writes_the_close_line(
         assert recv_exact(s, 5) == b"early"
         s.sendall(b"x" * 1000)
         assert recv_exact(s, 1000) == b"x" * 1000
-        [record] = env.records()
-        assert (record.app, record.transport, record.local[1]) == ("tests", "tcp", port)
-    assert wait_for(lambda: audit_lines(audit, "close"))
+        [record] = [r for r in env.records() if r.local[1] == port]
+        assert (record.app, record.transport) == ("tests", "tcp")
     [decision] = audit_lines(audit, "decision")
-    [close] = audit_lines(audit, "close")
+
+    def close_lines() -> list[dict[str, Any]]:  # this socket's (another may close meanwhile)
+        return [c for c in audit_lines(audit, "close") if c["descriptor"] == decision["descriptor"]]
+
+    assert wait_for(close_lines)
+    [close] = close_lines()
     assert (decision["host"], decision["outcome"]) == ("echo.test", "connected")
     assert (close["bytes_out"], close["bytes_in"], close["transport"]) == (1005, 1005, "tcp")
     assert close["descriptor"] == decision["descriptor"]
@@ -348,8 +365,7 @@ def test_ipv6_listener_udp_associate_reaches_an_ipv4_destination(env: Env) -> No
         udp.sendto(b"\x00\x00\x01" + socks5.encode_address("127.0.0.1", env.udp.port), (host, port))
 
         def counters() -> dict[str, int]:
-            [record] = env.records()
-            return dict(record.extra)
+            return dict(env.association(port).extra)
 
         assert wait_for(lambda: counters()["dropped"] == 1)
 
@@ -521,15 +537,19 @@ def test_pysocks_udp_associate_relays_meters_and_drops_denied_destinations(
         s.sendto(b"not allowed", ("127.0.0.1", env.udp_denied_port))
         s.sendto(b"pong!", ("127.0.0.1", env.udp.port))
         assert s.recvfrom(64)[0] == b"pong!"
+        record = env.association(StdSocket.getpeername(s)[1])  # PySocks sends to the reply's BND
 
         def counters() -> dict[str, int]:
-            [record] = env.records()
             return dict(record.extra)
 
         assert wait_for(lambda: counters()["dropped_denied"] == 1)
         assert counters()["datagrams_out"] == counters()["datagrams_in"] == 2
-    assert wait_for(lambda: audit_lines(audit, "close"))
-    [close] = audit_lines(audit, "close")
+
+    def close_lines() -> list[dict[str, Any]]:
+        return [c for c in audit_lines(audit, "close") if c["descriptor"] == record.descriptor[:8]]
+
+    assert wait_for(close_lines)
+    [close] = close_lines()
     assert (close["transport"], close["bytes_out"], close["bytes_in"]) == ("udp", 9, 9)
     assert close["reason"] == "closed by the app"
     decisions = audit_lines(audit, "decision")
@@ -545,9 +565,9 @@ def test_udp_datagrams_are_charged_to_the_apps_datagram_quota(env: Env) -> None:
         # datagrams_per_minute = 1 and the gateway's clock stands still: dropped.
         s.sendto(b"second", ("127.0.0.1", env.udp.port))
         s.sendto(b"third", ("127.0.0.1", env.udp.port))
+        record = env.association(StdSocket.getpeername(s)[1])
 
         def counters() -> dict[str, int]:
-            [record] = env.records()
             return dict(record.extra)
 
         assert wait_for(lambda: counters()["dropped_quota"] == 2)
@@ -571,18 +591,19 @@ def test_an_idle_association_is_reclaimed_and_its_stream_closed(
     with _pysocks(env, socket.SOCK_DGRAM) as s:
         s.sendto(b"hi", ("127.0.0.1", env.udp.port))
         assert s.recvfrom(8)[0] == b"hi"
-        [record] = env.records()
-        assert isinstance(record.on_finish.__self__, Socks5Association)  # type: ignore[union-attr]
+        record = env.association(StdSocket.getpeername(s)[1])
         env.clock.advance(IDLE + 1)
-        gateway = env.gw.gateway
-        assert gateway is not None
-        env.gw.call(gateway.sweep)
-        assert wait_for(lambda: not env.records())
+        env.gw.call(env.gateway.sweep)
+        assert wait_for(lambda: record not in env.records())
         control = s._proxyconn  # PySocks' TCP stream that holds the association
         control.settimeout(TIMEOUT)
         assert _closed(control)
-    assert wait_for(lambda: audit_lines(audit, "close"))
-    [close] = audit_lines(audit, "close")
+
+    def close_lines() -> list[dict[str, Any]]:
+        return [c for c in audit_lines(audit, "close") if c["descriptor"] == record.descriptor[:8]]
+
+    assert wait_for(close_lines)
+    [close] = close_lines()
     assert str(close["reason"]).startswith("reclaimed by the gateway after")
 
 
