@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import FakeClock, client_settings_for, recv_exact
+from support import FakeClock, client_settings_for, recv_exact, wait_for
 
 import tether.socket as tsock
 from tether.client import control
@@ -89,3 +89,30 @@ def test_socket_seconds_come_from_the_cores_clock_and_shutdown_flushes(
         5000, 5000, 1,
     )
     assert total.counters.socket_seconds == 42.0
+
+
+def test_an_unreachable_store_is_logged_at_start_and_the_loss_at_exit(
+    tmp_path: Path, echo_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Port 1 on loopback: nothing listens, every connect is refused at once.
+    data = {
+        "gateway": {"listen": ["127.0.0.1:0"]},
+        "resolver": {"mode": "static"},
+        "policy": {"allow": [f"127.0.0.1:{echo_port}"]},
+        "apps": {"a": {"key": "key-a"}},
+        "usage": {"url": "postgresql://postgres@127.0.0.1:1/test", "flush_interval": 60},
+    }
+    caplog.set_level(logging.INFO, logger="tether.usage")
+    gw = EmbeddedGateway(parse_config(data))
+    endpoint = gw.start()[0]
+    try:
+        assert wait_for(lambda: "cannot connect" in caplog.text), caplog.text
+        assert "tried again at every flush" in caplog.text
+        client_settings.configure(client_settings_for(str(endpoint), "a", "key-a"))
+        sock = tsock.create_connection(("127.0.0.1", echo_port), timeout=10)
+        sock.sendall(b"y" * 777)
+        assert recv_exact(sock, 777) == b"y" * 777
+        sock.close()
+    finally:
+        gw.stop(timeout=30)  # the final flush tries for SHUTDOWN_FLUSH_TIMEOUT
+    assert "rows could not be written before exit and are lost: 777 bytes out" in caplog.text
