@@ -55,13 +55,15 @@ class Cluster:
     cluster_extra: str = ""  # more [cluster] lines
     config_extra: str = ""  # more tables at the end of every node's config
     gateway_extra: str = ""  # more [gateway] lines
+    unix_links: bool = False  # node links over Unix sockets (the workers of one host), no TLS
     key: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     prefix: str = field(default_factory=lambda: f"tether-test-{secrets.token_hex(6)}:")
     nodes: list[Gateway] = field(default_factory=list)
 
-    def config(self, i: int, tls: dict[str, str], *, link: str = "127.0.0.1:0") -> str:
-        files = "\n".join(f'{k} = "{v}"' for k, v in tls.items())
+    def config(self, i: int, tls: dict[str, str]) -> str:
+        link = f"unix:{self.tmp}/link-n{i}.sock" if self.unix_links else "127.0.0.1:0"
+        files = "" if self.unix_links else "\n".join(f'{k} = "{v}"' for k, v in tls.items())
         return gateway_config(self.key, gateway=self.gateway_extra, extra=(
             f"\n[cluster]\nredis = \"{self.redis_url}\"\nnode_id = \"n{i}\"\n"
             f"link_listen = \"{link}\"\nkey = \"{self.secret}\"\nprefix = \"{self.prefix}\"\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from clustersupport import Cluster, running
@@ -65,3 +66,25 @@ def test_open_on_one_node_resume_on_another_both_ways(cluster: Cluster) -> None:
     # The resumes through nodes 2 and 3 were forwarded to node 1, which held the socket.
     assert "of node 'n1' through this node" in cluster.node(3).log_text()
     assert "of node 'n1' through this node" in cluster.node(2).log_text()
+
+
+def test_unix_links_between_the_workers_of_one_host(tmp_path: Path) -> None:
+    """Node links over Unix sockets (no TLS, no framing): a handoff both ways, a half-close."""
+    with running(tmp_path, size=2, unix_links=True) as cluster, Peer(echo) as peer:
+        link = tmp_path / "link-n1.sock"
+        assert link.stat().st_mode & 0o077 == 0  # the gateway's user's alone
+        through(cluster, 1)
+        sock = tsocket.socket()
+        sock.settimeout(10)
+        sock.connect(peer.address)
+        for i, node in enumerate([2, 1, 2]):
+            sock.sendall(b"hop %d" % i)
+            blob = pickle.dumps(sock)
+            through(cluster, node)
+            sock = pickle.loads(blob)
+            assert recv_exact(sock, 5) == b"hop %d" % i
+        # A half-close passes through the link: the echo peer sees EOF and closes.
+        sock.shutdown(tsocket.SHUT_WR)
+        assert sock.recv(1) == b""
+        sock.close()
+        assert "unix:" in cluster.node(2).log_text().split("through this node (")[1][:6]

@@ -1,0 +1,130 @@
+"""The cluster's pure parts: [cluster] config, handoff signatures, link frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tether.cluster.config import for_worker, parse_cluster
+from tether.cluster.link import END, EOF_FRAME, MAX_LINK_FRAME, Deframer, LinkProtocolError, frame
+from tether.cluster.signing import sign, verify
+from tether.config import parse_config
+from tether.errors import ConfigError
+
+KEY = "k" * 32
+BASE = {"redis": "redis://127.0.0.1:6379/0", "node_id": "n1",
+        "link_listen": "unix:/run/tether/n1.sock", "key": KEY}
+
+
+def test_no_cluster_table_no_cluster() -> None:
+    assert parse_config({}).cluster is None
+    assert parse_cluster(None) is None
+
+
+def test_defaults_and_their_numbers() -> None:
+    config = parse_cluster(BASE)
+    assert config is not None
+    assert (config.heartbeat_interval, config.heartbeat_ttl, config.redis_timeout) == (1, 3, 0.5)
+    assert (config.prefix, config.quota_fail, config.lease_fraction) == ("tether:", "closed", 0.1)
+    assert config.key == KEY.encode() and not config.tls
+    assert "k" * 32 not in repr(config)  # the key never reaches a log line
+
+
+@pytest.mark.parametrize(("change", "path", "words"), [
+    ({"redis": None}, "cluster.redis", "missing"),
+    ({"redis": "http://x"}, "cluster.redis", "redis://"),
+    ({"node_id": "a b"}, "cluster.node_id", "letters, digits"),
+    ({"link_listen": None}, "cluster.link_listen", "missing"),
+    ({"link_listen": "127.0.0.1:7341"}, "cluster.tls_cert", "mutual TLS"),
+    ({"advertise": "10.0.0.1:7341"}, "cluster.advertise", "same kind"),
+    ({"key": "short"}, "cluster.key", "at least 16"),
+    ({"key": None}, "cluster.key", "missing"),
+    ({"key_file": "/nonexistent/key"}, "cluster.key", "not both"),
+    ({"prefix": "a*"}, "cluster.prefix", "without"),
+    ({"heartbeat_ttl": 1.5}, "cluster.heartbeat_ttl", "twice"),
+    ({"redis_timeout": 0}, "cluster.redis_timeout", "positive"),
+    ({"quota_fail": "maybe"}, "cluster.quota_fail", "'closed', 'open'"),
+    ({"lease_fraction": 0}, "cluster.lease_fraction", "above 0"),
+    ({"tls_ca": "/nonexistent/ca.pem"}, "cluster.tls_ca", "no such file"),
+    ({"nodes": 3}, "cluster.nodes", "unknown setting"),
+])
+def test_bad_values_name_their_key(change: dict[str, Any], path: str, words: str) -> None:
+    table = {k: v for k, v in {**BASE, **change}.items() if v is not None}
+    with pytest.raises(ConfigError, match=words) as caught:
+        parse_cluster(table)
+    assert caught.value.path == path
+
+
+def test_key_from_a_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text("a-key-from-a-file-0123456789\n")
+    table = {k: v for k, v in BASE.items() if k != "key"}
+    config = parse_cluster({**table, "key_file": str(key_file)})
+    assert config is not None and config.key == b"a-key-from-a-file-0123456789"
+
+
+def test_a_worker_is_a_node_of_its_own() -> None:
+    config = parse_cluster(BASE)
+    assert config is not None
+    worker = for_worker(config, 2, "/run/tether/w/worker-2.sock")
+    assert worker.node_id == "n1-2" and worker.link_listen.path == "/run/tether/w/worker-2.sock"
+    tcp = parse_cluster({**BASE, "link_listen": "unix:/x", "advertise": "unix:/y"})
+    assert tcp is not None and for_worker(tcp, 1, "/w1").advertise is not None
+
+
+# -- signatures ----------------------------------------------------------------------
+
+
+texts = st.text(min_size=0, max_size=40)
+
+
+@given(texts, texts, texts)
+def test_a_signature_verifies_only_what_it_signed(descriptor: str, token: str, node: str) -> None:
+    key = b"s" * 32
+    signature = sign(key, descriptor, token, node)
+    assert len(signature) == 32
+    assert verify(key, descriptor, token, node, signature)
+    assert not verify(b"t" * 32, descriptor, token, node, signature)
+    assert not verify(key, descriptor + "x", token, node, signature)
+    assert not verify(key, descriptor, token, node + "x", signature)
+    # The fields are length-prefixed: moving a character across a boundary changes it.
+    if token:
+        assert not verify(key, descriptor + token[0], token[1:], node, signature)
+
+
+@given(st.binary(min_size=32, max_size=32), st.integers(0, 31))
+def test_a_changed_signature_fails(signature: bytes, i: int) -> None:
+    good = sign(b"s" * 32, "d", "t", "n")
+    bad = good[:i] + bytes([good[i] ^ 1]) + good[i + 1:]
+    assert not verify(b"s" * 32, "d", "t", "n", bad)
+    assert verify(b"s" * 32, "d", "t", "n", signature) == (signature == good)
+
+
+# -- link frames ---------------------------------------------------------------------
+
+
+@given(st.lists(st.binary(min_size=1, max_size=300), max_size=8), st.data())
+def test_frames_come_out_as_they_went_in_however_split(chunks: list[bytes], data: Any) -> None:
+    wire = b"".join(frame(c) for c in chunks) + EOF_FRAME
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=6)))
+    deframer = Deframer()
+    out: list[bytes | None] = []
+    for start, end in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+        out += deframer.feed(wire[start:end])
+    assert out == [*chunks, END]
+    assert deframer.ended
+
+
+def test_bad_frames_are_refused() -> None:
+    with pytest.raises(LinkProtocolError, match="over the limit"):
+        Deframer().feed((MAX_LINK_FRAME + 1).to_bytes(4, "big"))
+    with pytest.raises(LinkProtocolError, match="after the end-of-stream"):
+        Deframer().feed(EOF_FRAME + b"x")
+    deframer = Deframer()
+    deframer.feed(EOF_FRAME)
+    with pytest.raises(LinkProtocolError, match="after the end-of-stream"):
+        deframer.feed(frame(b"late"))
