@@ -30,12 +30,12 @@ from pathlib import Path as FsPath
 from typing import Any
 
 from bench.floor import FloorRelay
-from bench.gateway import TetherGateway
+from bench.gateway import QUOTA_APP, TetherGateway
 from bench.paths import Path, floor, tether
 from bench.procs import REPO_ROOT, Pinning, python, python_env, raise_fd_limit
 from bench.runner import Targets, use_tether_src
 
-PATHS = ("tether-tcp", "tether-unix", "floor")
+PATHS = ("tether-tcp", "tether-unix", "floor", "tether-quota")
 WARMUP = 20  # connections before either count: imports, caches, first-use paths
 SOCKET_TIMEOUT = 10.0
 
@@ -76,10 +76,11 @@ def _open(name: str, workdir: FsPath, ports: dict[str, int],
         relay = FloorRelay(workdir, pinning)
         relay.wait_ready(timeout=120.0)  # valgrind starts slowly
         return {"relay_port": relay.port}, relay.stop
-    gw = TetherGateway(workdir, ports.values(), pinning)
+    quota = name == "tether-quota"  # tether-tcp as an app with every quota set
+    gw = TetherGateway(workdir, ports.values(), pinning, quota=quota)
     gw.wait_ready(timeout=120.0)
-    addr = gw.tcp if name == "tether-tcp" else gw.unix
-    return {"gateway": addr, "app": gw.app, "key": gw.key}, gw.stop
+    addr = gw.unix if name == "tether-unix" else gw.tcp
+    return {"gateway": addr, "app": QUOTA_APP if quota else gw.app, "key": gw.key}, gw.stop
 
 
 def _path(name: str, target: dict[str, Any]) -> Path:
