@@ -6,16 +6,20 @@ dropped afterwards; nothing else in the database is touched.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import pg8000.native
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import require_service
+from support import FakeClock, require_service
 
+from tether.gateway.core.registry import Registry
+from tether.usage.ledger import Ledger
 from tether.usage.location import PostgresLocation, parse_url
 from tether.usage.model import Batch, Counters
 from tether.usage.store import LedgerError, PostgresStore, SQLiteStore, Store, Total, open_store
@@ -32,8 +36,6 @@ def pg_location() -> Iterator[PostgresLocation]:
     require_service(5432, "PostgreSQL")
     location = parse_url(PG_URL, schema=f"ledger_test_{secrets.token_hex(4)}")
     yield location
-    import pg8000.native
-
     db = pg8000.native.Connection("postgres", host="127.0.0.1", port=5432, database="test")
     try:
         db.run(f'DROP SCHEMA IF EXISTS "{location.schema}" CASCADE')
@@ -207,3 +209,47 @@ def test_any_order_of_retries_counts_each_batch_once(
 
 def _fixed(run: str, seq: int) -> Counters:
     return Counters(seq * 1000 + (7 if run == "r2" else 0), 0, 1, 0, 0, 0.5)
+
+
+def test_a_dropped_postgresql_connection_is_reopened_and_nothing_is_lost(
+    pg_location: PostgresLocation,
+) -> None:
+    registry = Registry(FakeClock())
+    wall = [float(D0 + 1)]  # one second past a minute: the ticker sleeps ~59 s, unused
+    ledger = Ledger(lambda: open_store(pg_location), registry, flush_interval=60.0,
+                    max_pending_rows=1000, where="test", wall=lambda: wall[0])
+    record = registry.add("a", ("127.0.0.1", 9), ("127.0.0.1", 1), "tcp", 600.0)
+    admin = pg8000.native.Connection("postgres", host="127.0.0.1", port=5432, database="test")
+
+    async def main() -> None:
+        ledger.start(asyncio.get_running_loop(), "n1")
+        try:
+            record.bytes_out = 100
+            wall[0] += 10
+            ledger.sample()
+            assert await ledger.flush()
+            # The server ends the ledger's own session (as a restart or a
+            # failover would); only that backend, found by its pid.
+            store = ledger._store
+            assert isinstance(store, PostgresStore)
+            (pid,) = store.db.run("SELECT pg_backend_pid()")[0]
+            admin.run("SELECT pg_terminate_backend(:pid)", pid=pid)
+            record.bytes_out += 50
+            wall[0] += 10
+            ledger.sample()
+            assert not await ledger.flush()  # the write fails: kept, and the store dropped
+            assert ledger.failures == 1 and ledger.pending_rows == 1
+            assert await ledger.flush()  # a new connection writes it
+        finally:
+            await ledger.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        admin.close()
+    reader = open_store(pg_location, create=False)
+    try:
+        (total,) = reader.totals()
+    finally:
+        reader.close()
+    assert total.counters.bytes_out == 150 and total.counters.connects == 1

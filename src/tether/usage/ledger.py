@@ -229,7 +229,7 @@ class Ledger:
             if self._store is None:
                 self._store = self._new_store()
             return self._store.apply(batch)
-        except LedgerError:
+        except Exception:
             # The connection may be broken: a new one for the retry.
             self._close_store()
             raise
