@@ -238,3 +238,55 @@ def test_udp_other_than_dns_goes_nowhere(setup: Setup) -> None:
             listener.recv(100)  # nothing arrived (and the namespace's 127.0.0.1 is not the host's)
     finally:
         listener.close()
+
+
+def test_user_namespace_path_leaves_the_command_no_power_over_the_rules(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """The unprivileged path (a user namespace for the setup, a nested one for the command).
+
+    Forced here for root with the `user_namespace` switch: the command's
+    traffic still goes through, and `nft flush ruleset` is refused to it.
+    """
+    require_program("curl", "curl")
+    from tether.cli.run import child_env
+    from tether.client.settings import Settings
+    from tether.endpoint import parse_endpoint
+    from tether.isolate.launch import Isolated
+
+    gw = setup.gateway
+    script = (f"curl -sS -m 30 http://{ALLOWED}:{setup.http_port}/ > {tmp_path}/curl 2>&1; "
+              f"nft flush ruleset > {tmp_path}/nft 2>&1; echo \"exit $?\" >> {tmp_path}/nft")
+    settings = Settings(gateway=parse_endpoint(gw.address), app=gw.app, key=gw.key)
+    isolated = Isolated(["sh", "-c", script], child_env(gw.address, gw.app, gw.key), settings,
+                        user_namespace=True)
+    isolated.start()
+    try:
+        status = isolated.wait()
+    finally:
+        isolated.stop()
+    assert status == 0
+    assert (tmp_path / "curl").read_text() == BODY
+    nft = (tmp_path / "nft").read_text()
+    assert "Operation not permitted" in nft and "exit 0" not in nft, nft
+
+
+def test_python_uses_a_unix_gateway_directly(setup: Setup, tmp_path: Path) -> None:
+    """With a gateway on a Unix socket, Python's drop-in gets that socket itself (no bridge)."""
+    key = secrets.token_urlsafe(16)
+    sock_path = tmp_path / "gw.sock"
+    gw = start_gateway(tmp_path, gateway_config(key), key, listen=f"unix:{sock_path}")
+    try:
+        code = (PYTHON_DROP_IN.replace('s = socket.socket()', 'print("gw", os.environ['
+                                       '"TETHER_GATEWAY"]); s = socket.socket()'))
+        done = subprocess.run(
+            [sys.executable, "-m", "tether.cli.main", "run", "--isolate", "--gateway",
+             f"unix:{sock_path}", "--app", gw.app, "--", sys.executable, "-c", code, ALLOWED,
+             str(setup.http_port)],
+            capture_output=True, text=True, env=dict(os.environ, TETHER_KEY=key),
+            timeout=RUN_TIMEOUT, check=False)
+    finally:
+        gw.process.stop()
+    assert done.returncode == 0, done.stderr
+    assert f"gw unix:{sock_path}" in done.stdout
+    assert f"python {BODY}" in done.stdout

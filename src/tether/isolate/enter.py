@@ -13,8 +13,8 @@ the kernel lets it make a user namespace):
    (127.0.0.1:53), and sends them back over the pair (SCM_RIGHTS). The
    agent, in ``tether run``'s own process and network namespace, serves
    them there: sockets keep the namespace they were made in;
-4. without root, enters a nested user namespace as the user's own uid,
-   so the command keeps no capability over the rules;
+4. when it made a user namespace (without root), enters a nested one as
+   the user's own uid, so the command keeps no capability over the rules;
 5. becomes the command (execvpe), so ``tether run`` waits for it directly.
 
 Any failure is sent back as ``{"error": text, "exit": status}``; ``tether
@@ -89,15 +89,18 @@ def make_sockets(agent_port: int, dns_port: int) -> list[socket.socket]:
     return made
 
 
-def setup(spec: dict[str, Any], uid: int, gid: int) -> list[socket.socket]:
-    """Steps 1-3; raises OSError subclasses that say what failed."""
+def setup(spec: dict[str, Any], uid: int, gid: int) -> tuple[int, list[socket.socket]]:
+    """Steps 1-3: the unshare flags used and the sockets; OSError subclasses say what failed."""
     agent_port = int(spec.get("agent_port", rules.AGENT_PORT))
-    namespace.enter_namespaces(uid=uid, gid=gid)
+    wanted = spec.get("user_namespace")
+    flags = namespace.enter_namespaces(
+        uid=uid, gid=gid, user_namespace=None if wanted is None else bool(wanted)
+    )
     namespace.private_mounts()
     namespace.network_setup(rules.ruleset(agent_port, rules.DNS_PORT))
     namespace.bind_resolv_conf(str(spec["resolv_conf"]))
     try:
-        return make_sockets(agent_port, rules.DNS_PORT)
+        return flags, make_sockets(agent_port, rules.DNS_PORT)
     except OSError as exc:
         raise namespace.IsolateSetupError(
             exc.errno or 0,
@@ -123,13 +126,13 @@ def main(argv: list[str]) -> int:
         print(f"tether run --isolate: no spec from tether run: {exc}", file=sys.stderr)
         return EXIT_SETUP
     try:
-        made = setup(spec, uid, gid)
+        flags, made = setup(spec, uid, gid)
     except OSError as exc:
         return fail(chan, str(exc.strerror or exc), EXIT_SETUP)
     cmd: list[str] = [str(a) for a in spec["argv"]]
     env: dict[str, str] = {str(k): str(v) for k, v in spec["env"].items()}
     try:
-        if uid != 0:
+        if flags & namespace.CLONE_NEWUSER:
             namespace.drop_to_user(uid, gid)
     except OSError as exc:
         return fail(chan, str(exc.strerror or exc), EXIT_SETUP)

@@ -70,10 +70,12 @@ class Isolated:
         *,
         helper: list[str] | None = None,
         log: Callable[[str], None] | None = None,
+        user_namespace: bool | None = None,
     ) -> None:
         self.cmd = cmd
         self.settings = settings
         self.helper = helper or HELPER
+        self.user_namespace = user_namespace  # None: only without root (namespace.py)
         self.dir = Path(tempfile.mkdtemp(prefix="tether-isolate-"))
         self.resolv_conf = self.dir / "resolv.conf"
         self.resolv_conf.write_text(rules.RESOLV_CONF)
@@ -103,6 +105,7 @@ class Isolated:
                 "env": self.env,
                 "resolv_conf": str(self.resolv_conf),
                 "agent_port": rules.AGENT_PORT,
+                "user_namespace": self.user_namespace,
             })
             parent.settimeout(START_TIMEOUT)
             message, fds, _flags, _addr = socket.recv_fds(parent, 1 << 16, 8)

@@ -121,16 +121,22 @@ def explain_refusal(flags: int, err: int, euid: int, sysctls: dict[str, str]) ->
 # -- the setup steps ------------------------------------------------------------------
 
 
-def unshare_flags(euid: int) -> int:
-    """Root needs no user namespace; anyone else gets one, where they are root."""
+def unshare_flags(euid: int, user_namespace: bool | None = None) -> int:
+    """Root needs no user namespace; anyone else gets one, where they are root.
+
+    `user_namespace` True makes one for root too (the tests run the
+    unprivileged path that way, on a machine where they are root).
+    """
     base = CLONE_NEWNET | CLONE_NEWNS
-    return base if euid == 0 else base | CLONE_NEWUSER
+    wanted = euid != 0 if user_namespace is None else user_namespace
+    return base | CLONE_NEWUSER if wanted else base
 
 
 def enter_namespaces(
     *,
     uid: int,
     gid: int,
+    user_namespace: bool | None = None,
     unshare: Callable[[int], None] | None = None,
     sysctls: Callable[[], dict[str, str]] | None = None,
 ) -> int:
@@ -142,7 +148,7 @@ def enter_namespaces(
     the capabilities the setup needs; :func:`drop_to_user` gives them up
     again before the command runs.
     """
-    flags = unshare_flags(uid)
+    flags = unshare_flags(uid, user_namespace)
     try:
         # Looked up at call time: a test's helper replaces these to simulate a refusal.
         (unshare or libc_unshare)(flags)
