@@ -674,3 +674,54 @@ def test_readyz_turns_503_when_sigterm_drains_a_real_gateway(tmp_path: Path) -> 
         client_settings.configure(None)
         control.close_all()
         gw.stop()
+
+
+def test_ledger_gauges_when_a_ledger_is_configured(tmp_path: Path) -> None:
+    """With [usage] (SQLite here), the ledger's lag and backlog are scraped; once a flush is
+    confirmed the lag is at most the flush interval (no sleeping: the flush is run now)."""
+    import asyncio
+
+    config = parse_config({
+        "gateway": {"listen": ["127.0.0.1:0"], "admin_listen": "127.0.0.1:0"},
+        "usage": {"path": str(tmp_path / "usage.db"), "flush_interval": 60},
+        "resolver": {"mode": "static"},
+        "policy": {"allow": ["127.0.0.1:*"]},
+        "apps": {"a": {"key": KEYS["a"]}},
+    })
+    gw = EmbeddedGateway(config)
+    gw.start()
+    try:
+        port = admin_port(gw)
+        before = Scrape(port)
+        assert before.value("tether_ledger_pending_rows") >= 0
+        assert before.value("tether_ledger_write_failures") == 0
+        assert before.value("tether_ledger_dropped_rows_total") == 0
+        ledger = core(gw).ledger
+        assert ledger is not None
+        assert before.value("tether_ledger_flush_lag_seconds") >= 0
+        # As if the gateway had run 1,000 s without a flush confirmed.
+        gw.call(lambda: setattr(ledger, "started", ledger.started - 1000))
+        assert Scrape(port).value("tether_ledger_flush_lag_seconds") >= 1000
+        # Something to write: a socket's bytes, sampled into a row, then flushed.
+        as_app(gw, "a")
+        with Peer(echo) as peer:
+            sock = ts.create_connection(peer.address, timeout=TIMEOUT)
+            sock.sendall(b"ledger")
+            assert recv_exact(sock, 6) == b"ledger"
+            sock.close()
+        gw.call(ledger.sample)
+        assert Scrape(port).value("tether_ledger_pending_rows") == 1
+        assert gw._loop is not None
+        flushed = asyncio.run_coroutine_threadsafe(ledger.flush(), gw._loop).result(TIMEOUT)
+        assert flushed
+        assert Scrape(port).value("tether_ledger_pending_rows") == 0
+        after = Scrape(port)
+        assert after.value("tether_ledger_write_failures") == 0
+        assert after.value("tether_ledger_flush_lag_seconds") < 60
+        assert after.value("tether_ledger_flush_lag_seconds") == pytest.approx(
+            gw.call(ledger.flush_lag), abs=5
+        )
+    finally:
+        client_settings.configure(None)
+        control.close_all()
+        gw.stop()
