@@ -19,6 +19,10 @@ from pathlib import Path
 from bench.procs import Child, Pinning, python, python_env, wait_until
 
 APP = "bench"
+# The one app may use the gateway's whole capacity: the per-app default cap is
+# half of it (core/gateway.py derive_caps), 4,500 sockets at 20,000 open files,
+# below the memory test's 5,000 idle connections. The gateway-wide cap still holds.
+APP_MAX_SOCKETS = 1_000_000
 # The app of the tether-quota path: the same key, every quota set, none binding.
 QUOTA_APP = "bench-quota"
 # Far above what a benchmark moves in a minute or a day (loopback bulk runs at
@@ -64,6 +68,7 @@ def config_text(
 
         [apps.{APP}]
         key = "{key}"
+        max_sockets = {APP_MAX_SOCKETS}
         """
     ) + quota_app
 
