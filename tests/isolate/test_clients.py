@@ -290,3 +290,38 @@ def test_python_uses_a_unix_gateway_directly(setup: Setup, tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     assert f"gw unix:{sock_path}" in done.stdout
     assert f"python {BODY}" in done.stdout
+
+
+HAND_OFF = textwrap.dedent("""\
+    import pickle, socket, sys
+    host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    s = socket.create_connection((host, port))
+    s.sendall(b"one,")
+    assert s.recv(4) == b"one,"
+    with open(path, "wb") as f:
+        f.write(pickle.dumps(s))   # the gateway holds the connection for the next process
+""")
+RESUME = textwrap.dedent("""\
+    import pickle, sys
+    with open(sys.argv[1], "rb") as f:
+        s = pickle.loads(f.read())
+    s.sendall(b"two")
+    data = b""
+    while len(data) < 3:
+        data += s.recv(3 - len(data))
+    print("resumed", data.decode(), s.getpeername()[1])
+""")
+
+
+def test_python_hands_a_socket_off_inside_the_namespace(setup: Setup, tmp_path: Path) -> None:
+    """The real-fd path inside: one Python process pickles its socket, another resumes it."""
+    from tcpservers import echo, serving
+
+    token = tmp_path / "socket.pickle"
+    with serving(echo) as server:
+        done = isolated(setup, ["sh", "-c",
+                                f'"$0" -c "$1" {ALLOWED} {server.port} {token} && '
+                                f'"$0" -c "$2" {token}',
+                                sys.executable, HAND_OFF, RESUME])
+    assert done.returncode == 0, done.stderr
+    assert f"resumed two {server.port}" in done.stdout, (done.stdout, done.stderr)
