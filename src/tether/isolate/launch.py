@@ -46,17 +46,15 @@ class IsolateError(OSError):
         self.status = status
 
 
-# Proxy variables would send programs to the gateway's proxy front-ends on
-# 127.0.0.1, which inside the namespace is the namespace's own loopback; the
-# transparent path already covers every program, so they are not passed in.
-PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
-
-
 def namespace_env(env: dict[str, str], gateway_for_python: str) -> dict[str, str]:
-    """The command's environment: the drop-in's gateway reachable from inside, no proxies."""
-    out = {k: v for k, v in env.items() if k.upper() not in PROXY_VARIABLES}
-    out[ENV_GATEWAY] = gateway_for_python
-    return out
+    """The command's environment, with the drop-in's gateway reachable from inside.
+
+    ``tether run`` adds no proxy variables under --isolate (every connection
+    is redirected to the gateway anyway); the user's own are left as they
+    are: a proxy they name is then reached through the gateway, like any
+    other destination.
+    """
+    return {**env, ENV_GATEWAY: gateway_for_python}
 
 
 class Isolated:
