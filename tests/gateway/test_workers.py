@@ -7,6 +7,7 @@ other keeps answering, SIGHUP reaches every worker, SIGTERM drains them all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import socket
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from served import Served
@@ -209,85 +211,74 @@ def _on_both_workers(served: Served, key: str, port: int) -> list[socket.socket]
     raise AssertionError(f"{SPREAD} sockets, all on one worker: {_listing(served, key)}")
 
 
-def test_handoffs_across_workers_in_both_directions(tmp_path: Path) -> None:
-    key = "k-workers-ring"
+@contextlib.contextmanager
+def sockets_on_both_workers(tmp_path: Path, key: str) -> Iterator[tuple[Served, list[Any]]]:
+    """Two workers and tether sockets to an echo peer, at least one held by each worker."""
     served = start(tmp_path, key)
     try:
         with serving(echo) as server:
             socks = _on_both_workers(served, key, server.port)
-            held = _listing(served, key)
-            assert set(held.values()) == {f"{socket.gethostname()}-0",
-                                          f"{socket.gethostname()}-1"}
-            for n in range(len(socks)):
-                sent = received = b""
-                for i in range(HANDOFFS):
-                    chunk = stream(b"ring%d" % n, i * 1000, 1000)
-                    socks[n].sendall(chunk)
-                    sent += chunk
-                    received += recv_exact(socks[n], len(chunk))
-                    socks[n] = pickle.loads(pickle.dumps(socks[n]))
-                    # A new control stream each time: the kernel picks its worker.
-                    control.close_all()
-                assert hashlib.sha256(received).digest() == hashlib.sha256(sent).digest()
-            # Some resumes reached the worker that did not hold the socket and
-            # were passed to the one that did (2**-HANDOFFS if none did).
-            served.wait_for(r"its resume passed to \S+ \(same host\)")
-            assert _listing(served, key) == held  # each socket still where it was opened
+            yield served, socks
             for sock in socks:
                 sock.close()
     finally:
         assert served.stop() == 0
+
+
+def test_handoffs_across_workers_in_both_directions(tmp_path: Path) -> None:
+    key = "k-workers-ring"
+    with sockets_on_both_workers(tmp_path, key) as (served, socks):
+        held = _listing(served, key)
+        assert set(held.values()) == {f"{socket.gethostname()}-0", f"{socket.gethostname()}-1"}
+        for n in range(len(socks)):
+            sent = received = b""
+            for i in range(HANDOFFS):
+                chunk = stream(b"ring%d" % n, i * 1000, 1000)
+                socks[n].sendall(chunk)
+                sent += chunk
+                received += recv_exact(socks[n], len(chunk))
+                socks[n] = pickle.loads(pickle.dumps(socks[n]))
+                # A new control stream each time: the kernel picks its worker.
+                control.close_all()
+            assert hashlib.sha256(received).digest() == hashlib.sha256(sent).digest()
+        # Some resumes reached the worker that did not hold the socket and
+        # were passed to the one that did (2**-HANDOFFS if none did).
+        served.wait_for(r"its resume passed to \S+ \(same host\)")
+        assert _listing(served, key) == held  # each socket still where it was opened
 
 
 def test_requests_reach_the_worker_holding_the_socket(tmp_path: Path) -> None:
-    key = "k-workers-requests"
-    served = start(tmp_path, key)
-    try:
-        with serving(echo) as server:
-            socks = _on_both_workers(served, key, server.port)
-            for sock in socks:
-                for value in (1, 0, 1, 0, 1, 0):
-                    control.close_all()  # the next request on a new stream, any worker
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, value)
-                    control.close_all()
-                    assert bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)) is bool(
-                        value)
-            for sock in socks:
-                sock.close()
-    finally:
-        assert served.stop() == 0
+    with sockets_on_both_workers(tmp_path, "k-workers-requests") as (_, socks):
+        for sock in socks:
+            for value in (1, 0, 1, 0, 1, 0):
+                control.close_all()  # the next request on a new stream, any worker
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, value)
+                control.close_all()
+                assert bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)) is bool(
+                    value)
 
 
 def test_a_killed_workers_handed_off_socket_fails_at_once_the_others_live_on(
     tmp_path: Path,
 ) -> None:
     key = "k-workers-kill"
-    served = start(tmp_path, key)
-    try:
-        with serving(echo) as server:
-            socks = _on_both_workers(served, key, server.port)
-            held = _listing(served, key)
-            base = socket.gethostname()
-            victim_node = f"{base}-0"
-            victims = [s for s in socks if held[descriptor(s)[:8]] == victim_node]
-            others = [s for s in socks if held[descriptor(s)[:8]] != victim_node]
-            blob = pickle.dumps(victims[0])
-            mark = len(served.log)
-            os.kill(worker_pid(served, 0), signal.SIGKILL)
-            served.wait_for(r"worker 0 \(pid \d+\) was killed by SIGKILL", after=mark)
-            # Its socket died with it: the resume is refused, whichever
-            # worker it reaches (the owner's link is gone, or the restarted
-            # worker does not have it), never after a timeout.
-            with pytest.raises(OSError, match=r"node|no socket"):
-                pickle.loads(blob)
-            for sock in others:
-                sock.sendall(b"still here")
-                assert recv_exact(sock, 10) == b"still here"
-                sock.close()
-            for sock in victims[1:]:
-                sock.close()
-    finally:
-        assert served.stop() == 0
+    with sockets_on_both_workers(tmp_path, key) as (served, socks):
+        held = _listing(served, key)
+        victim_node = f"{socket.gethostname()}-0"
+        victims = [s for s in socks if held[descriptor(s)[:8]] == victim_node]
+        others = [s for s in socks if held[descriptor(s)[:8]] != victim_node]
+        blob = pickle.dumps(victims[0])
+        mark = len(served.log)
+        os.kill(worker_pid(served, 0), signal.SIGKILL)
+        served.wait_for(r"worker 0 \(pid \d+\) was killed by SIGKILL", after=mark)
+        # Its socket died with it: the resume is refused, whichever worker it
+        # reaches (the owner's link is gone, or the restarted worker does not
+        # have it), never after a timeout.
+        with pytest.raises(OSError, match=r"node|no socket"):
+            pickle.loads(blob)
+        for sock in others:
+            sock.sendall(b"still here")
+            assert recv_exact(sock, 10) == b"still here"
 
 
 # -- the pure parts ----------------------------------------------------------------

@@ -169,10 +169,9 @@ class WorkerLinks:
     async def _list_everywhere(self, app: str, admin: bool, req: pb.Request) -> pb.Response:
         response = pb.Response(id=req.id)
         response.sockets.SetInParent()
-        local = inspect.list_sockets(self.core.registry, app, every_app=admin)
-        for info in local:
-            info.node = self.node_id
-        response.sockets.sockets.extend(local)
+        response.sockets.sockets.extend(
+            inspect.list_sockets(self.core.registry, app, every_app=admin, node=self.node_id)
+        )
         for node, answer in sorted((await self._ask_all(app, req)).items()):
             for info in answer.sockets.sockets:
                 info.node = info.node or node

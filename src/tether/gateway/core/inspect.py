@@ -44,8 +44,14 @@ def close_reason(registry: Registry, app: str, descriptor: str) -> str | Refusal
     return _unknown(app, descriptor)
 
 
-def list_sockets(registry: Registry, app: str, *, every_app: bool) -> list[pb.SocketInfo]:
-    """`app`'s live sockets (with `every_app`, all of them: the operator's view)."""
+def list_sockets(
+    registry: Registry, app: str, *, every_app: bool, node: str = ""
+) -> list[pb.SocketInfo]:
+    """`app`'s live sockets (with `every_app`, all of them: the operator's view).
+
+    `node`: this gateway's node id, named on each (a listing that gathers
+    several nodes' sockets); "" for a gateway alone.
+    """
     now = registry.clock()
     listed = []
     for record in registry:
@@ -62,6 +68,7 @@ def list_sockets(registry: Registry, app: str, *, every_app: bool) -> list[pb.So
             idle_seconds=max(0.0, now - record.last_active),
             age_seconds=max(0.0, now - record.created),
             transport=pb.TRANSPORT_TCP if record.transport == "tcp" else pb.TRANSPORT_UDP,
+            node=node,
         ))
     return listed
 
