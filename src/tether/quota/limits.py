@@ -70,20 +70,31 @@ class Limits:
     bytes_in_per_day: int | None = None
     datagrams_per_minute: int | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # Derived once (read on every connect): switched off, or some limit
+    # checked when a socket is opened (the book has something to say).
+    admission: bool = field(init=False, compare=False, repr=False)
+    # Some limit is counted per byte of a TCP socket (its relay must meter).
+    meters_streams: bool = field(init=False, compare=False, repr=False)
+    # Some limit is counted per datagram of a UDP association.
+    meters_datagrams: bool = field(init=False, compare=False, repr=False)
 
-    @property
-    def meters_streams(self) -> bool:
-        """Some limit is counted per byte of a TCP socket (the relay must meter)."""
-        return (
+    def __post_init__(self) -> None:
+        streams = (
             self.bytes_out_per_minute is not None
             or self.bytes_out_per_day is not None
             or self.bytes_in_per_day is not None
         )
-
-    @property
-    def meters_datagrams(self) -> bool:
-        """Some limit is counted per datagram of a UDP association."""
-        return self.meters_streams or self.datagrams_per_minute is not None
+        admission = (
+            not self.enabled
+            or self.connects_per_minute is not None
+            or self.bytes_out_per_day is not None
+            or self.bytes_in_per_day is not None
+        )
+        # A frozen dataclass: its own fields are set through object.
+        object.__setattr__(self, "admission", admission)
+        object.__setattr__(self, "meters_streams", streams)
+        datagrams = streams or self.datagrams_per_minute is not None
+        object.__setattr__(self, "meters_datagrams", datagrams)
 
     def source(self, limit: str) -> str:
         """The config key `limit` came from (``quota.LIMIT`` when it was not recorded)."""
@@ -315,7 +326,7 @@ def parse_quota(
 
 def limit_names() -> tuple[str, ...]:
     """Every limit's name, ``enabled`` first (the order of the docs)."""
-    return tuple(f.name for f in fields(Limits) if f.name != "sources")
+    return tuple(f.name for f in fields(Limits) if f.name in KEYS)
 
 
 __all__ = [

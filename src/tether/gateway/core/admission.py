@@ -56,9 +56,11 @@ async def admit(
     not counted against the socket caps.
     """
     started = perf_counter()  # the decision's latency (tether_decision_seconds)
-    off = core.quota.disabled(app)
-    if off is not None:
+    limits = core.quota.config.limits(app)  # one dict lookup; flags derived at parse time
+    if not limits.enabled:
         # Switched off: refused before the policy and before any lookup.
+        off = core.quota.disabled(app)
+        assert off is not None
         return quota_refusal(core, off, None, transport)
     decider = core.decider
     target = decider.normalize(host)
@@ -110,8 +112,7 @@ async def admit(
         cluster = core.cluster  # quotas counted across nodes: budget leased (tether.cluster)
         if cluster is not None and (unready := await cluster.quota.ready(core.quota, app)):
             return unready
-        over = core.quota.admit(app)
-        if over is not None:
+        if limits.admission and (over := core.quota.admit(app)) is not None:
             return quota_refusal(core, over, decision, transport)
     return decision, addresses
 
