@@ -288,6 +288,13 @@ def test_a_refused_connect_gets_reply_5(env: Env) -> None:
         assert _read_reply(s)[0] == socks5.CONNECTION_REFUSED
 
 
+def test_a_name_that_does_not_resolve_gets_reply_4(env: Env) -> None:
+    with _open(env) as s:
+        assert _login(s) == socks5.AUTH_OK
+        s.sendall(_connect_request("nowhere.test", env.echo_port))  # not in [resolver.hosts]
+        assert _read_reply(s)[0] == socks5.HOST_UNREACHABLE
+
+
 def test_bind_gets_reply_7(env: Env) -> None:
     with _open(env) as s:
         assert _login(s) == socks5.AUTH_OK
