@@ -142,6 +142,8 @@ PYTHON_DROP_IN = textwrap.dedent("""\
 CLIENTS = [
     Client("curl", "curl", lambda h, p: ["curl", "-sS", "-m", "30", f"http://{h}:{p}/"], _http,
            BODY),
+    Client("wget", "wget", lambda h, p: ["wget", "-q", "-O", "-", "-T", "30", "-t", "1",
+                                         f"http://{h}:{p}/"], _http, BODY),
     Client("node", "nodejs", lambda h, p: ["node", "-e", NODE_FETCH, f"http://{h}:{p}/"], _http,
            f"node {BODY}"),
     Client("java", "openjdk-17-jdk-headless", lambda h, p: ["java", JAVA, f"http://{h}:{p}/"],
@@ -325,3 +327,51 @@ def test_python_hands_a_socket_off_inside_the_namespace(setup: Setup, tmp_path: 
                                 sys.executable, HAND_OFF, RESUME])
     assert done.returncode == 0, done.stderr
     assert f"resumed two {server.port}" in done.stdout, (done.stdout, done.stderr)
+
+
+@pytest.fixture
+def git_daemon(tmp_path: Path) -> Iterator[int]:
+    """A `git daemon` on the host's loopback serving one repository with one commit."""
+    import socket
+
+    from support import StdSocket, wait_for
+
+    git = require_program("git", "git")
+    repo = tmp_path / "served" / "repo.git"
+    work = tmp_path / "work"
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@test",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@test", HOME=str(tmp_path))
+    for argv in (["init", "-q", "-b", "main", str(work)],
+                 ["-C", str(work), "commit", "-q", "--allow-empty", "-m", "isolate-commit"],
+                 ["clone", "-q", "--bare", str(work), str(repo)]):
+        subprocess.run([git, *argv], check=True, env=env, capture_output=True, timeout=60)
+    probe = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # git daemon binds it next (git daemon cannot report a port it chose)
+    daemon = subprocess.Popen(
+        [git, "daemon", f"--base-path={tmp_path / 'served'}", "--export-all", "--reuseaddr",
+         "--listen=127.0.0.1", f"--port={port}", str(tmp_path / "served")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from support import service_reachable
+
+        assert wait_for(lambda: service_reachable(port) is None), "git daemon did not start"
+        yield port
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+
+
+def test_git_clone_from_a_loopback_git_daemon(setup: Setup, git_daemon: int,
+                                              tmp_path: Path) -> None:
+    dest = tmp_path / "clone"
+    done = isolated(setup, ["sh", "-c", f"git clone -q git://{ALLOWED}:{git_daemon}/repo.git "
+                                        f"{dest} && git -C {dest} log --format=%s"])
+    assert done.returncode == 0, done.stderr
+    assert "isolate-commit" in done.stdout
+    assert decision(setup, ALLOWED, git_daemon, "connected")["app"] == "tests"
+    refused = isolated(setup, ["git", "clone", "-q", f"git://{DENIED}:{git_daemon}/repo.git",
+                               str(tmp_path / "denied")])
+    assert refused.returncode != 0
+    assert f"(rule: deny {DENIED})" in refused.stderr, refused.stderr
