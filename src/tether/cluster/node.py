@@ -307,10 +307,9 @@ class ClusterNode:
         assert self.membership is not None
         response = pb.Response(id=req.id)
         response.sockets.SetInParent()
-        local = inspect.list_sockets(self.core.registry, app, every_app=admin)
-        for info in local:
-            info.node = self.node_id
-        response.sockets.sockets.extend(local)
+        response.sockets.sockets.extend(
+            inspect.list_sockets(self.core.registry, app, every_app=admin, node=self.node_id)
+        )
         try:
             members = await self.membership.members()
         except StoreUnavailable as exc:
