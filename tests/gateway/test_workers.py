@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from served import Served
 from support import (
     APP,
@@ -38,7 +40,13 @@ import tether.socket as ts
 from tether.client import control
 from tether.client import settings as client_settings
 from tether.config import Config, parse_config
-from tether.gateway.supervisor import RESTART_FIRST, WorkerSpec, share_caps, worker_config
+from tether.gateway.supervisor import (
+    RESTART_FIRST,
+    WorkerSpec,
+    share,
+    share_caps,
+    worker_config,
+)
 
 MiB = 1024 * 1024
 # Connections whose audit lines are looked at to see both workers: the kernel
@@ -340,6 +348,14 @@ def test_each_worker_has_its_own_admin_listener(admin: str, index: int, expected
     config = worker_config(_config(f'[gateway]\nadmin_listen = "{admin}"\n'), spec)
     assert str(config.admin_listen) == expected
     assert [str(e) for e in config.socks5_listen] == ["127.0.0.1:41000"]
+
+
+@given(st.integers(min_value=1, max_value=10**12), st.integers(min_value=1, max_value=64))
+def test_a_share_is_the_limit_over_n_rounded_up(limit: int, count: int) -> None:
+    part = share(limit, count)
+    assert part is not None and part >= 1
+    # The workers together allow the limit, and at most count - 1 more.
+    assert limit <= part * count < limit + count
 
 
 @pytest.mark.parametrize("text", ["[gateway]\nworkers = 0\n", "[gateway]\nworkers = true\n"])
