@@ -7,14 +7,28 @@ loopback, the machine's Redis under a prefix of the test's own, deleted after).
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pg8000.native
 import pytest
 from clustersupport import Cluster, running
-from support import Peer, echo, recv_exact, tether_cli, use_gateway
+from support import (
+    Peer,
+    echo,
+    recv_exact,
+    require_service,
+    tether_cli,
+    use_gateway,
+    wait_for,
+)
+from tcpservers import echo as echo_h
+from tcpservers import serving
 
 import tether.socket as tsocket
 from tether.client import control
@@ -22,6 +36,8 @@ from tether.client import handoff as client_handoff
 from tether.client import settings as client_settings
 from tether.errors import NodeGone
 from tether.wire import pb
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture(autouse=True)
@@ -124,3 +140,34 @@ def test_the_admin_listing_shows_every_nodes_sockets_with_their_node(tmp_path: P
         assert sorted(line.split()[-1] for line in lines[1:]) == ["n1", "n3"]
         s1.close()
         s3.close()
+
+
+def test_tether_usage_adds_up_every_node(tmp_path: Path) -> None:
+    """Nodes sharing one [usage] url (PostgreSQL): `tether usage` sees the whole cluster."""
+    require_service(5432, "PostgreSQL")
+    schema = f"cluster_test_{secrets.token_hex(4)}"
+    usage = f'\n[usage]\nurl = "{PG_URL}"\nschema = "{schema}"\nflush_interval = 1\n'
+    try:
+        with running(tmp_path, size=2, config_extra=usage) as cluster, serving(echo_h) as server:
+            for i, size in ((1, 1000), (2, 2345)):
+                through(cluster, i)
+                with tsocket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                    sock.sendall(b"u" * size)
+                    assert recv_exact(sock, size) == b"u" * size
+
+            def totals(*extra: str) -> list[dict[str, Any]]:
+                shown = tether_cli("usage", "--ledger", PG_URL, "--schema", schema, "--json",
+                                   *extra)
+                assert shown.returncode == 0, shown.stderr
+                return [json.loads(line) for line in shown.stdout.splitlines()]
+
+            # Flushed within a second or two (flush_interval 1): both nodes' rows, added up.
+            assert wait_for(lambda: [r["bytes_out"] for r in totals()] == [3345], timeout=20), (
+                totals())
+            assert [r["bytes_out"] for r in totals("--node", "n2")] == [2345]
+    finally:
+        db = pg8000.native.Connection("postgres", host="127.0.0.1", port=5432, database="test")
+        try:
+            db.run(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            db.close()
