@@ -220,7 +220,6 @@ def test_redis_away_fails_closed_at_once_and_recovers(tmp_path: Path) -> None:
             assert "cluster quotas:" in node.log_text()
             # The node is back in the cluster: its heartbeat key is in the new Redis.
             assert wait_for(lambda: cluster.live() == {"n1"}, timeout=10)
-            assert "will look gone to the others" in node.log_text()
     finally:
         cluster.stop()
         server.stop()
