@@ -28,7 +28,7 @@ from bench import gateway as bench_gateway
 from bench.gateway import TetherGateway
 from bench.paths import tether
 from bench.procs import Pinning, raise_fd_limit
-from bench.runner import Targets
+from bench.runner import Targets, constant
 
 SCRAPE_INTERVAL = 1.0  # seconds; Prometheus's default is 60 s, so this is 60 times harsher
 BULK_LIMIT = 120.0  # seconds one transfer may take
@@ -41,11 +41,13 @@ def _with_admin(text: str) -> str:
 def start(workdir: FsPath, ports: list[int], pinning: Pinning, admin: bool) -> TetherGateway:
     original = bench_gateway.config_text
     if admin:
-        bench_gateway.config_text = lambda *a: _with_admin(original(*a))  # type: ignore[assignment]
+        bench_gateway.config_text = lambda *a, **kw: _with_admin(
+            original(*a, **kw)
+        )
     try:
         gw = TetherGateway(workdir, ports, pinning, name="admin" if admin else "plain")
     finally:
-        bench_gateway.config_text = original  # type: ignore[assignment]
+        bench_gateway.config_text = original
     gw.wait_ready()
     return gw
 
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     size = args.bulk_mib << 20
     results: dict[str, dict[str, list[float]]] = {
-        v: {"connrate": [], "download": [], "upload": []} for v in ("off", "on")
+        v: {"connrate": [], "gateway_cpu": [], "download": [], "upload": []} for v in ("off", "on")
     }
     with tempfile.TemporaryDirectory(prefix="tether-metrics-cost-") as tmp:
         targets = Targets(pinning)
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             scraper = Scraper(admin_port(gateways["on"]))
             scraper.start()
             paths = {
-                v: tether(f"tether-tcp ({v})", gw.tcp, gw.app, gw.key, lambda gw=gw: gw.pid)
+                v: tether(f"tether-tcp ({v})", gw.tcp, gw.app, gw.key, constant(gw.pid))
                 for v, gw in gateways.items()
             }
             for rep in range(args.reps):
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     down = bulk.download(paths[v], targets.ports["source"], size, BULK_LIMIT)
                     up = bulk.upload(paths[v], targets.ports["sink"], size, BULK_LIMIT)
                     results[v]["connrate"].append(rate["per_s"])
+                    results[v]["gateway_cpu"].append(rate["proxy_cpu_us"] or 0.0)
                     results[v]["download"].append(down["mb_s"])
                     results[v]["upload"].append(up["mb_s"])
                     print(f"rep {rep + 1} admin {v:3}: {rate['per_s']:7.0f} conn/s "
@@ -135,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
           f"admin on: {scraper.scrapes if scraper else 0} scrapes, one per "
           f"{SCRAPE_INTERVAL:g} s)")
     summary: dict[str, Any] = {}
-    for workload, unit in (("connrate", "conn/s"), ("download", "MB/s"), ("upload", "MB/s")):
+    # The gateway's CPU per connection moves less with the machine's load than the rate.
+    for workload, unit in (("connrate", "conn/s"), ("gateway_cpu", "us/conn"),
+                           ("download", "MB/s"), ("upload", "MB/s")):
         off = statistics.median(results["off"][workload])
         on = statistics.median(results["on"][workload])
         summary[workload] = (off, on)
-        print(f"  {workload:9} off {off:8.0f} {unit:6}  on {on:8.0f} {unit:6}  "
+        print(f"  {workload:11} off {off:8.0f} {unit:7}  on {on:8.0f} {unit:7}  "
               f"({(on - off) / off * 100:+.1f}%; spread off {_spread(results['off'][workload])}, "
               f"on {_spread(results['on'][workload])})")
     return 0
