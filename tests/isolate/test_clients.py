@@ -262,9 +262,9 @@ def test_user_namespace_path_leaves_the_command_no_power_over_the_rules(
     settings = Settings(gateway=parse_endpoint(gw.address), app=gw.app, key=gw.key)
     isolated = Isolated(["sh", "-c", script], child_env(gw.address, gw.app, gw.key), settings,
                         user_namespace=True)
-    isolated.start()
+    proc = isolated.start()
     try:
-        status = isolated.wait()
+        status = proc.wait(RUN_TIMEOUT)
     finally:
         isolated.stop()
     assert status == 0

@@ -197,6 +197,15 @@ def run(args: argparse.Namespace) -> int:
         if dev is not None:
             dev.stop()
         return 127
+    try:
+        return wait_forwarding(proc)
+    finally:
+        if dev is not None:
+            dev.stop()
+
+
+def wait_forwarding(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for the command, passing SIGINT/SIGTERM on to it; its exit status as a shell's."""
 
     def forward(signum: int, _frame: object) -> None:
         proc.send_signal(signum)
@@ -207,8 +216,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        if dev is not None:
-            dev.stop()
     return status if status >= 0 else 128 - status
 
 
@@ -218,14 +225,21 @@ def _run_isolated(
     """``--isolate``: the command in its own network namespace (tether.isolate)."""
     from tether.client.settings import Settings
     from tether.endpoint import parse_endpoint
-    from tether.isolate.launch import run_isolated
+    from tether.isolate.launch import Isolated, IsolateError
 
+    isolated = None
     try:
         settings = Settings(gateway=parse_endpoint(gateway), app=app, key=key)
-        return run_isolated(cmd, child_env(gateway, app, key), settings)
+        isolated = Isolated(cmd, child_env(gateway, app, key), settings)
+        return wait_forwarding(isolated.start())
     except ValueError as exc:
         print(f"tether run: {exc}", file=sys.stderr)
         return 2
+    except IsolateError as exc:
+        print(exc, file=sys.stderr)
+        return exc.status
     finally:
+        if isolated is not None:
+            isolated.stop()
         if dev is not None:
             dev.stop()

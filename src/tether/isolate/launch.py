@@ -8,8 +8,8 @@ The order matters and is the whole protocol with enter.py:
    command, its environment, the resolv.conf) and answers with the
    namespace's sockets or an error in words;
 3. the agent serves the sockets on a loop in a thread of this process;
-4. the helper has become the command: wait for it, forward SIGINT/SIGTERM,
-   then stop the agent and remove the directory.
+4. the helper has become the command: ``tether run`` waits for it
+   (forwarding SIGINT/SIGTERM), then stops the agent and removes the directory.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -176,22 +175,6 @@ class Isolated:
         await self._stop.wait()
         await self.agent.close()
 
-    def wait(self) -> int:
-        """Wait for the command, forwarding SIGINT/SIGTERM to it; its exit status."""
-        assert self.proc is not None
-        proc = self.proc
-
-        def forward(signum: int, _frame: object) -> None:
-            proc.send_signal(signum)
-
-        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            status = proc.wait()
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
-        return status if status >= 0 else 128 - status
-
     def stop(self) -> None:
         if self.loop is not None and self._stop is not None and not self.loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop already ended
@@ -209,17 +192,3 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     except ImportError:
         return asyncio.new_event_loop
     return uvloop.new_event_loop
-
-
-def run_isolated(cmd: list[str], env: dict[str, str], settings: Settings) -> int:
-    """``tether run --isolate``: the command's exit status, or the setup's failure status."""
-    isolated = Isolated(cmd, env, settings)
-    try:
-        isolated.start()
-    except IsolateError as exc:
-        print(str(exc), file=sys.stderr)
-        return exc.status
-    try:
-        return isolated.wait()
-    finally:
-        isolated.stop()

@@ -14,12 +14,13 @@ to a process with more than one thread (``tether run`` has several).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CLONE_NEWNS = 0x00020000  # <linux/sched.h>
@@ -161,19 +162,25 @@ def enter_namespaces(
     return flags
 
 
+@contextlib.contextmanager
+def _step(what: str) -> Iterator[None]:
+    """An OSError inside becomes IsolateSetupError: "tether run --isolate: WHAT: why"."""
+    try:
+        yield
+    except OSError as exc:
+        raise IsolateSetupError(
+            exc.errno or errno.EPERM, f"tether run --isolate: {what}: {exc.strerror or exc}"
+        ) from exc
+
+
 def _map_ids(*, inner_uid: int, inner_gid: int, outer_uid: int, outer_gid: int, what: str) -> None:
     """Write this process's uid/gid maps (one id each) in its new user namespace."""
-    try:
+    with _step(f"cannot write {what} user namespace id maps (uid {inner_uid} -> {outer_uid}, "
+               f"gid {inner_gid} -> {outer_gid})"):
         # "deny" first: an unprivileged gid_map is refused otherwise (user_namespaces(7)).
         Path("/proc/self/setgroups").write_text("deny")
         Path("/proc/self/uid_map").write_text(f"{inner_uid} {outer_uid} 1")
         Path("/proc/self/gid_map").write_text(f"{inner_gid} {outer_gid} 1")
-    except OSError as exc:
-        raise IsolateSetupError(
-            exc.errno or errno.EPERM,
-            f"tether run --isolate: cannot write {what} user namespace id maps (uid {inner_uid} "
-            f"-> {outer_uid}, gid {inner_gid} -> {outer_gid}): {exc.strerror or exc}",
-        ) from exc
 
 
 def drop_to_user(uid: int, gid: int, *, unshare: Callable[[int], None] = libc_unshare) -> None:
@@ -184,26 +191,16 @@ def drop_to_user(uid: int, gid: int, *, unshare: Callable[[int], None] = libc_un
     capabilities, and the network namespace (owned by the first user
     namespace) is out of its reach: it cannot change the rules.
     """
-    try:
+    with _step("unshare(CLONE_NEWUSER) for the command (to drop the setup's capabilities) "
+               "was refused"):
         unshare(CLONE_NEWUSER)
-    except OSError as exc:
-        raise IsolateSetupError(
-            exc.errno or errno.EPERM,
-            f"tether run --isolate: unshare(CLONE_NEWUSER) for the command (to drop the setup's "
-            f"capabilities) was refused: {exc.strerror or exc}",
-        ) from exc
     _map_ids(inner_uid=uid, inner_gid=gid, outer_uid=0, outer_gid=0, what="the command's")
 
 
 def private_mounts(mount: Callable[[str | None, str, int], None] = libc_mount) -> None:
     """Stop mounts made here from propagating to the host (systemd makes / shared)."""
-    try:
+    with _step("mount(/, MS_REC|MS_PRIVATE) failed"):
         mount(None, "/", MS_REC | MS_PRIVATE)
-    except OSError as exc:
-        raise IsolateSetupError(
-            exc.errno or errno.EPERM,
-            f"tether run --isolate: mount(/, MS_REC|MS_PRIVATE) failed: {exc.strerror or exc}",
-        ) from exc
 
 
 def bind_resolv_conf(
@@ -211,13 +208,8 @@ def bind_resolv_conf(
     mount: Callable[[str | None, str, int], None] = libc_mount,
 ) -> None:
     """Bind the namespace's resolv.conf (nameserver 127.0.0.1) over the system's."""
-    try:
+    with _step(f"cannot bind {source} over {target}"):
         mount(source, target, MS_BIND)
-    except OSError as exc:
-        raise IsolateSetupError(
-            exc.errno or errno.EPERM,
-            f"tether run --isolate: cannot bind {source} over {target}: {exc.strerror or exc}",
-        ) from exc
 
 
 def tool(name: str, package: str) -> str:
