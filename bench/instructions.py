@@ -31,11 +31,11 @@ from typing import Any
 
 from bench.floor import FloorRelay
 from bench.gateway import QUOTA_APP, TetherGateway
-from bench.paths import Path, floor, tether
+from bench.paths import TETHER_SOCKS5, Path, floor, pysocks, tether
 from bench.procs import REPO_ROOT, Pinning, python, python_env, raise_fd_limit
 from bench.runner import Targets, use_tether_src
 
-PATHS = ("tether-tcp", "tether-unix", "floor", "tether-quota")
+PATHS = ("tether-tcp", "tether-unix", "floor", "tether-quota", TETHER_SOCKS5)
 WARMUP = 20  # connections before either count: imports, caches, first-use paths
 SOCKET_TIMEOUT = 10.0
 
@@ -79,13 +79,16 @@ def _open(name: str, workdir: FsPath, ports: dict[str, int],
     quota = name == "tether-quota"  # tether-tcp as an app with every quota set
     gw = TetherGateway(workdir, ports.values(), pinning, quota=quota)
     gw.wait_ready(timeout=120.0)
-    addr = gw.unix if name == "tether-unix" else gw.tcp
+    addr = gw.unix if name == "tether-unix" else gw.socks5 if name == TETHER_SOCKS5 else gw.tcp
     return {"gateway": addr, "app": QUOTA_APP if quota else gw.app, "key": gw.key}, gw.stop
 
 
 def _path(name: str, target: dict[str, Any]) -> Path:
     if name == "floor":
         return floor(target["relay_port"], lambda: None)
+    if name == TETHER_SOCKS5:  # PySocks with the app's name and key (RFC 1929)
+        port = int(target["gateway"].rsplit(":", 1)[1])
+        return pysocks(name, port, lambda: None, username=target["app"], password=target["key"])
     return tether(name, target["gateway"], target["app"], target["key"], lambda: None)
 
 
