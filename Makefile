@@ -35,6 +35,7 @@ pytest: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.isolate $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
