@@ -6,10 +6,14 @@ loopback, the machine's Redis under a prefix of the test's own, deleted after).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pickle
+import re
 import secrets
+import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +21,11 @@ from typing import Any
 
 import pg8000.native
 import pytest
+import trustme
 from clustersupport import Cluster, running
 from support import (
     Peer,
+    StdSocket,
     echo,
     recv_exact,
     require_service,
@@ -34,8 +40,9 @@ import tether.socket as tsocket
 from tether.client import control
 from tether.client import handoff as client_handoff
 from tether.client import settings as client_settings
+from tether.cluster.link import Deframer, frame
 from tether.errors import NodeGone
-from tether.wire import pb
+from tether.wire import NEED_DATA, Connection, Role, encode_frame, pb
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -171,3 +178,63 @@ def test_tether_usage_adds_up_every_node(tmp_path: Path) -> None:
             db.run(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         finally:
             db.close()
+
+
+def test_only_nodes_may_open_links(tmp_path: Path) -> None:
+    """The link listener wants a certificate of the cluster's CA; anything else gets nothing."""
+    with running(tmp_path, size=1) as cluster:
+        node = cluster.node(1)
+        found = re.search(r"links on (\S+):(\d+)", node.log_text())
+        assert found is not None
+        address = (found.group(1), int(found.group(2)))
+        hello = (b"TTHR" + encode_frame(pb.ClientHello(protocol_version=1, app="tests"))
+                 + encode_frame(pb.Request(id=1, list_sockets=pb.ListSockets())))
+        # In clear: not TLS, so no answer but the end of the stream.
+        with StdSocket(socket.AF_INET, socket.SOCK_STREAM) as plain:
+            plain.settimeout(10)
+            plain.connect(address)
+            plain.sendall(hello)
+            reply = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := plain.recv(4096):
+                    reply += chunk
+            # Nothing, or a TLS alert record (type 21): never a Tether answer.
+            assert reply == b"" or reply[0] == 21, reply
+        # TLS with a certificate of another CA (and with none): the handshake fails.
+        other = trustme.CA()
+        for client_cert in (other.issue_cert("tether-node"), None):
+            ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+            ctx.check_hostname = False
+            if client_cert is not None:
+                client_cert.configure_cert(ctx)
+            with StdSocket(socket.AF_INET, socket.SOCK_STREAM) as raw:
+                raw.settimeout(10)
+                raw.connect(address)
+                with (
+                    pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)),
+                    ctx.wrap_socket(raw) as tls,
+                ):
+                    tls.sendall(hello)
+                    # TLS 1.3: the server's refusal of our certificate arrives after
+                    # the client's side of the handshake is done; reading shows it.
+                    if not tls.recv(100):
+                        raise ConnectionResetError("closed without an answer")
+        # A node's own certificate does get an answer: the same request on a real link.
+        ours = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        ours.check_hostname = False
+        ours.load_cert_chain(str(tmp_path / "node.pem"), str(tmp_path / "node.key"))
+        with StdSocket(socket.AF_INET, socket.SOCK_STREAM) as raw:
+            raw.settimeout(10)
+            raw.connect(address)
+            with ours.wrap_socket(raw) as tls:
+                tls.sendall(frame(hello))  # a TLS link carries link frames
+                wire, deframer = Connection(Role.CLIENT), Deframer()
+                wire.send(pb.ClientHello(protocol_version=1, app="tests"))
+                wire.send(pb.Request(id=1, list_sockets=pb.ListSockets()))
+                events: list[object] = []
+                while not any(isinstance(e, pb.Response) for e in events):
+                    for chunk in deframer.feed(tls.recv(4096)):
+                        wire.receive_data(chunk or b"")
+                    while (event := wire.next_event()) is not NEED_DATA:
+                        events.append(event)
+                assert isinstance(events[0], pb.ServerHello) and not events[0].HasField("error")

@@ -128,3 +128,38 @@ def test_bad_frames_are_refused() -> None:
     deframer.feed(EOF_FRAME)
     with pytest.raises(LinkProtocolError, match="after the end-of-stream"):
         deframer.feed(frame(b"late"))
+
+
+# -- the handoff token keeps the node and signature ---------------------------------
+
+
+def test_a_signed_token_carries_the_node_and_signature_and_old_ones_still_read() -> None:
+    import hashlib
+    import hmac
+    import socket
+    import struct
+
+    from tether.client import handoff
+    from tether.client.settings import Settings
+    from tether.client.sock import HandoffState
+    from tether.endpoint import parse_endpoint
+
+    settings = Settings(gateway=parse_endpoint("127.0.0.1:1"), app="a", key="key-a")
+    state = HandoffState("d" * 22, "t" * 22, socket.AF_INET, socket.SOCK_STREAM, 0, None,
+                         ("127.0.0.1", 80), ("127.0.0.1", 5000), tail=b"tail", node="n3",
+                         signature=b"\x01" * 32)
+    back = handoff.state_from_bytes(handoff.state_to_bytes(state, settings), settings)
+    assert (back.node, back.signature, back.tail) == ("n3", b"\x01" * 32, b"tail")
+    assert back.resume_request().node == "n3"
+    # A token from before the cluster fields: the same body without them, still read.
+    token = handoff.state_to_bytes(
+        HandoffState(**{**state.__dict__, "node": "", "signature": b""}), settings)
+    header = handoff._HEADER
+    body = token[header.size:-32]
+    old_body = body[:-4]  # an empty node (2 bytes) and an empty signature (2 bytes) dropped
+    key = handoff._token_key(settings)
+    signed = struct.pack(">4sBI", handoff.TOKEN_MAGIC, handoff.TOKEN_VERSION, len(old_body))
+    signed += old_body
+    old = signed + hmac.new(key, signed, hashlib.sha256).digest()
+    back = handoff.state_from_bytes(old, settings)
+    assert (back.node, back.signature, back.tail) == ("", b"", b"tail")
