@@ -375,3 +375,9 @@ def test_git_clone_from_a_loopback_git_daemon(setup: Setup, git_daemon: int,
                                str(tmp_path / "denied")])
     assert refused.returncode != 0
     assert f"(rule: deny {DENIED})" in refused.stderr, refused.stderr
+
+
+def test_a_missing_command_is_127_with_its_name(setup: Setup) -> None:
+    done = isolated(setup, ["/nonexistent/isolate-test-command"])
+    assert done.returncode == 127
+    assert "cannot start '/nonexistent/isolate-test-command'" in done.stderr
