@@ -32,12 +32,16 @@ from typing import Any
 
 from bench.gateway import APP, config_text
 from bench.procs import Child, Pinning, cpu_seconds, descendants, python, python_env, wait_until
+from bench.rtt import percentile
 
 # Clients started at once: two per core keeps two workers busy while each
 # client waits for its answers (a connection is a round trip to the gateway).
 DEFAULT_CLIENTS = 4
 DEFAULT_SECONDS = 8.0
 QUICK_SECONDS = 3.0
+# Handoffs of one socket with two workers: about half are passed on, so 500
+# gives each kind a p99 of a few samples.
+DEFAULT_HANDOFFS = 500
 START_TIMEOUT = 60.0
 CLIENT_TIMEOUT = 10.0
 
@@ -226,6 +230,64 @@ def measure(workdir: Path, ports: dict[str, int], clients: int = DEFAULT_CLIENTS
             "ratio": summary["2"]["per_s"] / summary["1"]["per_s"], "cpus": os.cpu_count()}
 
 
+def handoffs(workdir: Path, ports: dict[str, int], count: int) -> dict[str, Any]:
+    """Handoff latency with two workers: a resume reaching the owner vs one passed to it.
+
+    One socket to the ``echo`` target; each sample sends a byte (left in
+    flight), then times ``pickle.loads(pickle.dumps(sock))`` and the echo's
+    ``recv(1)``. The resume's stream reaches a worker the kernel picks: the
+    owner, or its sibling, which passes the stream over (SCM_RIGHTS). Which
+    one it was is read from the workers' log (the sibling's "passed to"
+    line comes before the owner's "resumed by"), so the two are reported
+    apart: p50/p99 in ms.
+    """
+    import pickle
+
+    import tether.socket as tsocket
+    from tether.client.settings import Settings, configure
+    from tether.endpoint import parse_endpoint
+
+    gw = Gateway(workdir, list(ports.values()), 2)
+    samples: list[float] = []
+    try:
+        gw.wait_ready()
+        configure(Settings(gateway=parse_endpoint(gw.tcp), app=APP, key=gw.key))
+        sock = tsocket.create_connection(("127.0.0.1", ports["echo"]), timeout=CLIENT_TIMEOUT)
+        try:
+            for _ in range(count):
+                sock.sendall(b"h")
+                t0 = time.perf_counter()
+                sock = pickle.loads(pickle.dumps(sock))
+                if sock.recv(1) != b"h":
+                    raise RuntimeError("handoff: the echo did not come back")
+                samples.append(time.perf_counter() - t0)
+        finally:
+            sock.close()
+            configure(None)
+    finally:
+        gw.stop()
+    passed = []
+    pending = False
+    for line in gw.log_path.read_text().splitlines():
+        if "its resume passed to" in line:
+            pending = True
+        elif " resumed by app " in line:
+            passed.append(pending)
+            pending = False
+    if len(passed) != len(samples):
+        raise RuntimeError(f"handoff: {len(samples)} resumes, {len(passed)} in the workers' log")
+
+    def stats(values: list[float]) -> dict[str, float]:
+        ordered = sorted(values)
+        return {"count": len(ordered),
+                "p50_ms": percentile(ordered, 50) * 1e3, "p99_ms": percentile(ordered, 99) * 1e3}
+
+    return {
+        "owner": stats([t for t, p in zip(samples, passed, strict=True) if not p]),
+        "passed": stats([t for t, p in zip(samples, passed, strict=True) if p]),
+    }
+
+
 def render(result: dict[str, Any]) -> str:
     """The rows for the suite's table: each worker count's rate and CPU, and the ratio."""
     med = result["median"]
@@ -238,6 +300,14 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"tether serve --workers {workers} | {m['per_s']:,.0f} | "
                      f"{m['gateway_cpu_us']:.0f} µs | {m['client_cpu_us']:.0f} µs")
     lines.append(f"2 workers / 1 worker | {result['ratio']:.2f}x | | ")
+    hand = result.get("handoffs")
+    if hand:
+        lines.append("")
+        lines.append("handoff, 2 workers | resumes | p50 | p99")
+        for kind, label in (("owner", "resume reached the owner"),
+                            ("passed", "passed to the owner (SCM_RIGHTS)")):
+            h = hand[kind]
+            lines.append(f"{label} | {h['count']} | {h['p50_ms']:.2f} ms | {h['p99_ms']:.2f} ms")
     return "\n".join(lines)
 
 
@@ -251,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=DEFAULT_CLIENTS)
     p.add_argument("--seconds", type=float, default=DEFAULT_SECONDS)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--handoffs", type=int, default=DEFAULT_HANDOFFS,
+                   help="handoffs of one socket with two workers (0: none)")
     p.add_argument("--client", dest="mode", choices=("tether", "raw"), default="tether",
                    help="tether: tether.socket, as an app connects; raw: pre-encoded frames on "
                    "a plain socket, so the clients take less of the machine's CPU")
@@ -264,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = measure(Path(tmp), targets.ports, opts.clients, opts.seconds, opts.reps,
                              opts.mode)
+            if opts.handoffs:
+                result["handoffs"] = handoffs(Path(tmp), targets.ports, opts.handoffs)
         finally:
             targets.stop()
     print(render(result))

@@ -292,9 +292,10 @@ class _Pass:
             transport.abort()
             return
         try:
-            # The descriptor with the first byte: a few bytes always fit in an
-            # empty socket buffer, so this send does not wait.
-            socket.send_fds(self.sock, [replay[:1]], [fd])
+            # The descriptor with all of it: a new Unix socket's buffer (over
+            # 200 KiB) takes a hello, a Resume and a read's tail at once, so
+            # this does not wait; what does not fit follows (_rest).
+            sent = socket.send_fds(self.sock, [replay], [fd])
         except OSError as exc:
             log.warning("worker links: %s did not take socket %s's stream: %s",
                         req.node, req.descriptor[:8], exc)
@@ -307,7 +308,10 @@ class _Pass:
         # (the kernel keeps the connection while the owner's descriptor is open).
         transport.set_protocol(asyncio.Protocol())
         transport.close()
-        self.links.core.loop.create_task(self._rest(replay[1:]))
+        if sent < len(replay):
+            self.links.core.loop.create_task(self._rest(replay[sent:]))
+        else:
+            self.sock.close()  # the owner reads the end of what was passed
         log.info("socket %s of app %r: its resume passed to %s (same host)",
                  req.descriptor[:8], self.app, req.node)
 
@@ -333,30 +337,34 @@ class _Received:
         links.core.loop.add_reader(conn, self._readable)
 
     def _readable(self) -> None:
-        try:
-            chunk, fds, _flags, _addr = socket.recv_fds(self.conn, 65536, 1)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            log.warning("worker links: a passed stream broke off: %s", exc)
-            self._end()
-            return
-        for fd in fds:
-            if self.fd < 0:
-                self.fd = fd
-            else:
-                os.close(fd)
-        self.data += chunk
-        if len(self.data) > MAX_PASSED:
-            log.warning("worker links: a passed stream came with over %d bytes; dropped",
-                        MAX_PASSED)
-            self._end()
-        elif not chunk:
-            fd, self.fd = self.fd, -1
-            data = bytes(self.data)
-            self._end()
-            if fd >= 0:
-                self.links.took(fd, data)
+        # Usually all of it is there at once, end included: read until it is not.
+        while True:
+            try:
+                chunk, fds, _flags, _addr = socket.recv_fds(self.conn, 65536, 1)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("worker links: a passed stream broke off: %s", exc)
+                self._end()
+                return
+            for fd in fds:
+                if self.fd < 0:
+                    self.fd = fd
+                else:
+                    os.close(fd)
+            self.data += chunk
+            if len(self.data) > MAX_PASSED:
+                log.warning("worker links: a passed stream came with over %d bytes; dropped",
+                            MAX_PASSED)
+                self._end()
+                return
+            if not chunk:
+                fd, self.fd = self.fd, -1
+                data = bytes(self.data)
+                self._end()
+                if fd >= 0:
+                    self.links.took(fd, data)
+                return
 
     def _end(self) -> None:
         self.links.core.loop.remove_reader(self.conn)
