@@ -582,6 +582,29 @@ def test_udp_datagrams_are_charged_to_the_apps_datagram_quota(env: Env) -> None:
     assert b"second" not in [data for data, _ in env.udp.received]
 
 
+def test_an_association_decides_at_most_max_destinations(env: Env) -> None:
+    from tether.gateway.udp import MAX_DESTINATIONS
+
+    extra = 6
+    with _pysocks(env, socket.SOCK_DGRAM) as s:
+        s.sendto(b"ok", ("127.0.0.1", env.udp.port))
+        assert s.recvfrom(8)[0] == b"ok"
+        # Loopback ports no rule allows: each new one is one decision (denied), up
+        # to the cap; past it the datagram is dropped without one.
+        ports = [p for p in range(20000, 20200) if p != env.udp.port][:MAX_DESTINATIONS + extra]
+        for port in ports:
+            s.sendto(b"x", ("127.0.0.1", port))
+        record = env.association(StdSocket.getpeername(s)[1])
+
+        def counters() -> dict[str, int]:
+            return dict(record.extra)
+
+        assert wait_for(lambda: counters()["dropped_denied"] + counters()["dropped"] == len(ports))
+        # The allowed destination is one of the MAX_DESTINATIONS decided.
+        assert counters()["dropped_denied"] == MAX_DESTINATIONS - 1
+        assert counters()["dropped"] == extra + 1
+
+
 def test_the_tether_hello_offers_the_socks5_url(env: Env) -> None:
     from tether.cli.run import offered_proxies
     from tether.client.settings import Settings
