@@ -27,6 +27,7 @@ from served import Served
 from support import (
     APP,
     Gateway,
+    Peer,
     descriptor,
     gateway_config,
     list_sockets,
@@ -254,6 +255,36 @@ def test_handoffs_across_workers_in_both_directions(tmp_path: Path) -> None:
         # were passed to the one that did (2**-HANDOFFS if none did).
         served.wait_for(r"its resume passed to \S+ \(same host\)")
         assert _listing(served, key) == held  # each socket still where it was opened
+
+
+def test_unread_megabytes_survive_handoffs_across_workers(tmp_path: Path) -> None:
+    """A tail of MiBs: the resume's stream carries it; passed on, more than one send holds."""
+    key = "k-workers-tail"
+    size = 6 * MiB
+    data = stream(b"tail", 0, size)
+
+    def peer(conn: socket.socket) -> None:
+        conn.sendall(data)
+        assert recv_exact(conn, 4) == b"done"
+
+    served = start(tmp_path, key)
+    try:
+        with Peer(peer) as p:
+            sock = ts.create_connection(("127.0.0.1", p.port), timeout=30)
+            got = bytearray()
+            # 24 handoffs: a resume reaches the other worker about half the
+            # time (none of 24 doing so: 2**-24).
+            for cut in (1, 65_536, 300_001, 1, 2_000_000, 7, *([1] * 9), *([50_000] * 9)):
+                got += recv_exact(sock, cut)
+                sock = pickle.loads(pickle.dumps(sock))  # MiBs unread travel with it
+                control.close_all()
+            got += recv_exact(sock, size - len(got))
+            assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+            sock.sendall(b"done")
+            sock.close()
+        served.wait_for(r"its resume passed to \S+ \(same host\)")
+    finally:
+        assert served.stop() == 0
 
 
 def test_requests_reach_the_worker_holding_the_socket(tmp_path: Path) -> None:
