@@ -35,9 +35,9 @@ def certificates(tmp: Path) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
-def delete_prefix(prefix: str, url: str = REDIS_URL) -> int:
+def delete_prefix(prefix: str, url: str = REDIS_URL, password: str | None = None) -> int:
     """Delete every key under `prefix` (and nothing else); how many."""
-    client = redis.Redis.from_url(url, socket_timeout=5)
+    client = redis.Redis.from_url(url, socket_timeout=5, password=password)
     try:
         keys = list(client.scan_iter(match=f"{prefix}*", count=500))
         if keys:
@@ -52,6 +52,8 @@ class Cluster:
     tmp: Path
     size: int = 3
     redis_url: str = REDIS_URL
+    redis_password: str | None = None  # the test's own redis-server's (the machine's has none)
+    view_url: str = ""  # where the test itself reads that Redis, if not at redis_url
     cluster_extra: str = ""  # more [cluster] lines
     config_extra: str = ""  # more tables at the end of every node's config
     gateway_extra: str = ""  # more [gateway] lines
@@ -86,7 +88,8 @@ class Cluster:
         return self
 
     def live(self) -> set[str]:
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        client = redis.Redis.from_url(self.view_url or self.redis_url, socket_timeout=5,
+                                      password=self.redis_password)
         try:
             return {k.decode()[len(self.prefix) + 5:]
                     for k in client.scan_iter(match=f"{self.prefix}node:*")}
@@ -115,7 +118,7 @@ class Cluster:
             delete_prefix(self.prefix, self.redis_url)
         else:  # a test's own redis-server, which the test may have stopped
             with contextlib.suppress(redis.ConnectionError):
-                delete_prefix(self.prefix, self.redis_url)
+                delete_prefix(self.prefix, self.view_url or self.redis_url, self.redis_password)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import trustme
 from clustersupport import REDIS_PORT, REDIS_URL, Cluster, delete_prefix, running
 from support import (
     FakeClock,
@@ -149,9 +150,11 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server of this test's own on a loopback port (never the machine's)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *options: str, password: str | None = None) -> None:
         self.port = free_port()
         self.tmp = tmp
+        self.options = [*options, *(["--requirepass", password] if password else [])]
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -160,14 +163,15 @@ class RedisServer:
             pytest.skip("redis-server is not installed (apt-get install redis-server)")
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.tmp)],
+             "--appendonly", "no", "--dir", str(self.tmp), *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         assert wait_for(self._answers, timeout=10)
 
     def _answers(self) -> bool:
         try:
-            return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
+            client = redis.Redis(port=self.port, socket_timeout=1, password=self.password)
+            return bool(client.ping())
         except redis.RedisError:
             return False
 
@@ -220,6 +224,58 @@ def test_redis_away_fails_closed_at_once_and_recovers(tmp_path: Path) -> None:
             assert "cluster quotas:" in node.log_text()
             # The node is back in the cluster: its heartbeat key is in the new Redis.
             assert wait_for(lambda: cluster.live() == {"n1"}, timeout=10)
+    finally:
+        cluster.stop()
+        server.stop()
+
+
+def test_redis_auth_from_a_password_file(tmp_path: Path) -> None:
+    password = secrets.token_urlsafe(16)
+    server = RedisServer(tmp_path, password=password)
+    (tmp_path / "redis-password").write_text(password + "\n")
+    cluster = Cluster(tmp_path, size=1, redis_url=f"redis://127.0.0.1:{server.port}/0",
+                      redis_password=password,
+                      cluster_extra=f'redis_password_file = "{tmp_path / "redis-password"}"\n')
+    server.start()
+    try:
+        cluster.start()  # waits until the node's heartbeat key is there: AUTH worked
+        client = redis.Redis(port=server.port, password=password, socket_timeout=5)
+        value = client.get(f"{cluster.prefix}node:n1")
+        assert value is not None and b"link" in value
+        client.close()
+        assert password not in cluster.node(1).log_text()
+    finally:
+        cluster.stop()
+        server.stop()
+
+
+def test_redis_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    client_cert = ca.issue_cert("tether-node")
+    files = {name: tmp_path / f"redis-{name}.pem" for name in
+             ("ca", "server", "server-key", "client", "client-key")}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server_cert.cert_chain_pems[0].write_to_path(str(files["server"]))
+    server_cert.private_key_pem.write_to_path(str(files["server-key"]))
+    client_cert.cert_chain_pems[0].write_to_path(str(files["client"]))
+    client_cert.private_key_pem.write_to_path(str(files["client-key"]))
+    server = RedisServer(tmp_path, "--tls-cert-file", str(files["server"]),
+                         "--tls-key-file", str(files["server-key"]),
+                         "--tls-ca-cert-file", str(files["ca"]), "--tls-auth-clients", "yes")
+    # The plain port stays for the test's own checks; the node speaks TLS on the other.
+    tls_port = free_port()
+    server.options += ["--tls-port", str(tls_port)]
+    cluster = Cluster(tmp_path, size=1, redis_url=f"rediss://127.0.0.1:{tls_port}/0",
+                      view_url=f"redis://127.0.0.1:{server.port}/0",  # the test's view: plain
+                      cluster_extra=(
+                          f'redis_tls_ca = "{files["ca"]}"\n'
+                          f'redis_tls_cert = "{files["client"]}"\n'
+                          f'redis_tls_key = "{files["client-key"]}"\n'))
+    server.start()
+    try:
+        cluster.start()  # the node's heartbeat key arrived over TLS
+        assert cluster.live() == {"n1"}
     finally:
         cluster.stop()
         server.stop()
