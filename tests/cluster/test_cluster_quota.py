@@ -26,6 +26,7 @@ import redis
 import trustme
 from clustersupport import REDIS_PORT, REDIS_URL, Cluster, delete_prefix, running
 from support import (
+    REQUIRE_SERVICES,
     FakeClock,
     StdSocket,
     echo,
@@ -160,7 +161,10 @@ class RedisServer:
     def start(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
-            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+            message = "redis-server is not installed (apt-get install redis-server)"
+            if REQUIRE_SERVICES:
+                pytest.fail(f"{message}; TETHER_REQUIRE_SERVICES is set")
+            pytest.skip(message)
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.tmp), *self.options],
