@@ -125,7 +125,10 @@ class WorkerLinks:
         if req.node in self.spec.peers or req.node == self.node_id:
             if signing.verify(self.key, req.descriptor, req.token, req.node, req.signature):
                 return None
-            why = "does not carry this gateway's signature (forged or changed)"
+            # The key is new each run: a handoff from before a restart (whose
+            # socket is gone with that run) does not verify either.
+            why = ("does not carry this gateway's signature (forged, or made before the "
+                   "gateway restarted, its sockets gone)")
         else:
             why = "names no worker of this gateway"
         log.warning("worker links: app %r sent a Resume naming %r that %s; refused unread",
