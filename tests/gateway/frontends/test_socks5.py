@@ -109,6 +109,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 "socks5_listen": ["127.0.0.1:0", f"unix:{tmp}/socks.sock", "[::1]:0"],
                 "idle_timeout": IDLE,
                 "admin_key": ADMIN_KEY,
+                # Failed logins answered within a loop turn or two, locked out
+                # after a few ("tests" fails twice in this module, on purpose).
+                "auth_max_delay": 0.01,
+                "auth_failure_limit": 5,
             },
             "resolver": {"mode": "static", "hosts": {
                 "www.test": ["127.0.0.1"], "echo.test": ["127.0.0.1"],
@@ -122,6 +126,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 "tests": {"key": KEY, "policy": {"deny": ["blocked.test"]}},
                 "local": {"uids": [os.getuid()]},
                 "limited": {"key": KEY, "quota": {"datagrams_per_minute": 1}},
+                "lockme": {"key": KEY},
             },
         })
         clock = FakeClock()
@@ -217,6 +222,20 @@ def test_a_wrong_key_gets_rfc1929_failure_and_the_stream_closes(env: Env) -> Non
     with _open(env) as s:
         assert _login(s, key="not-the-key") == socks5.AUTH_FAILED
         assert _closed(s)
+
+
+def test_failed_logins_lock_the_app_out_from_that_peer_even_with_the_right_key(
+    env: Env,
+) -> None:
+    limit = env.gateway.config.auth_failure_limit
+    for _ in range(limit):
+        with _open(env) as s:
+            assert _login(s, app="lockme", key="guess") == socks5.AUTH_FAILED
+    with _open(env) as s:
+        assert _login(s, app="lockme") == socks5.AUTH_FAILED
+    assert env.gw.call(lambda: env.gateway.guard.locked("lockme", "127.0.0.1")) > 0
+    with _open(env) as s:  # another app from the same peer is not locked out
+        assert _login(s) == socks5.AUTH_OK
 
 
 def test_no_authentication_over_tcp_is_not_acceptable(env: Env) -> None:

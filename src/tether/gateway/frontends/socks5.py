@@ -256,15 +256,11 @@ class Socks5Session(asyncio.Protocol):
             self._authenticated(app)
             self._write(self.machine.auth_status(True))
             return
-        if locked:
-            # The key is not looked at: a lockout that let the right key in
-            # would let guessing go on.
-            delay = core.config.auth_max_delay
-            log.info("SOCKS5 stream %s: app %r is locked out for %.0f s more "
-                     "(gateway.auth_failure_limit)", self.peername, app, locked)
-        else:
-            # No line per failure: the guard's summary counts them per app and peer.
-            delay = guard.failed(app, self.peer_key())
+        # Locked out: the key was not looked at (a lockout that let the right
+        # key in would let guessing go on). No line per failure or locked
+        # attempt: the guard's summary counts them per app and peer, as for
+        # the native hello.
+        delay = core.config.auth_max_delay if locked else guard.failed(app, self.peer_key())
         data = self.machine.auth_status(False)
         self._switched = True  # serve nothing more on this stream
         if delay > 0 and self.transport is not None:
