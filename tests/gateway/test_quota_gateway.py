@@ -100,6 +100,14 @@ class Env:
         self.opened.append(sock)
         return sock
 
+    def udp(self, app: str) -> socket.socket:
+        """A UDP socket of `app` (its association opens at the first send)."""
+        self.use(app)
+        sock = tsock.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.settimeout(TIMEOUT)
+        self.opened.append(sock)
+        return sock
+
     def advance(self, seconds: float) -> None:
         assert self.clock is not None
         self.clock.now += seconds
@@ -292,49 +300,45 @@ def test_bytes_in_per_day_delivers_up_to_the_limit_then_the_reason(env: Env) -> 
         server.stop()
 
 
-def test_datagrams_over_the_minute_are_dropped_and_counted(env: Env) -> None:
+@pytest.fixture
+def udp_peer() -> Iterator[UdpPeer]:
     peer = UdpPeer()
-    try:
-        env.use("udp")
-        udp = tsock.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.settimeout(TIMEOUT)
-        for i in range(5):
-            udp.sendto(b"d%d" % i, peer.address)
-        # The burst of 3 passes, the other 2 are dropped at the gateway.
-        replies = {udp.recvfrom(64)[0] for _ in range(3)}
-        assert replies == {b"d0", b"d1", b"d2"}
-        assert wait_for(lambda: len(peer.received) == 3)
-        # One refills every 20 s (fake time).
-        env.advance(20)
-        udp.sendto(b"later", peer.address)
-        assert udp.recvfrom(64)[0] == b"later"
-        udp.close()
-        close = env.wait_audit(event="close", app="udp", transport="udp")
-        assert (close["datagrams_out"], close["dropped_quota"]) == (4, 2)
-        assert env.usage("udp")[1][("udp", "datagrams_per_minute")] == 2
-    finally:
-        peer.close()
+    yield peer
+    peer.close()
 
 
-def test_a_udp_socket_at_its_daily_bytes_is_closed_with_the_reason(env: Env) -> None:
-    peer = UdpPeer()
-    try:
-        env.use("udpday")
-        udp = tsock.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.settimeout(TIMEOUT)
-        udp.sendto(b"x" * 60, peer.address)
-        assert udp.recvfrom(100)[0] == b"x" * 60
-        udp.sendto(b"y" * 60, peer.address)  # 120 > 100: not sent; the association ends
-        close = env.wait_audit(event="close", app="udpday", transport="udp")
-        assert close["bytes_out"] == 60 and close["reason"].startswith("closed by its quota")
-        with pytest.raises(ConnectionResetError) as info:
-            udp.sendto(b"z", peer.address)
-        assert "closed by its quota: app 'udpday' reached its bytes_out_per_day quota" in str(
-            info.value)
-        assert [d for d, _ in peer.received] == [b"x" * 60]
-        udp.close()
-    finally:
-        peer.close()
+def test_datagrams_over_the_minute_are_dropped_and_counted(env: Env, udp_peer: UdpPeer) -> None:
+    udp = env.udp("udp")
+    for i in range(5):
+        udp.sendto(b"d%d" % i, udp_peer.address)
+    # The burst of 3 passes, the other 2 are dropped at the gateway.
+    replies = {udp.recvfrom(64)[0] for _ in range(3)}
+    assert replies == {b"d0", b"d1", b"d2"}
+    assert wait_for(lambda: len(udp_peer.received) == 3)
+    # One refills every 20 s (fake time).
+    env.advance(20)
+    udp.sendto(b"later", udp_peer.address)
+    assert udp.recvfrom(64)[0] == b"later"
+    udp.close()
+    close = env.wait_audit(event="close", app="udp", transport="udp")
+    assert (close["datagrams_out"], close["dropped_quota"]) == (4, 2)
+    assert env.usage("udp")[1][("udp", "datagrams_per_minute")] == 2
+
+
+def test_a_udp_socket_at_its_daily_bytes_is_closed_with_the_reason(
+    env: Env, udp_peer: UdpPeer
+) -> None:
+    udp = env.udp("udpday")
+    udp.sendto(b"x" * 60, udp_peer.address)
+    assert udp.recvfrom(100)[0] == b"x" * 60
+    udp.sendto(b"y" * 60, udp_peer.address)  # 120 > 100: not sent; the association ends
+    close = env.wait_audit(event="close", app="udpday", transport="udp")
+    assert close["bytes_out"] == 60 and close["reason"].startswith("closed by its quota")
+    with pytest.raises(ConnectionResetError) as info:
+        udp.sendto(b"z", udp_peer.address)
+    assert "closed by its quota: app 'udpday' reached its bytes_out_per_day quota" in str(
+        info.value)
+    assert [d for d, _ in udp_peer.received] == [b"x" * 60]
 
 
 # -- the throttle: real clocks ----------------------------------------------------------
