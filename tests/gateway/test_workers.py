@@ -390,6 +390,41 @@ def test_a_share_is_the_limit_over_n_rounded_up(limit: int, count: int) -> None:
     assert limit <= part * count < limit + count
 
 
+@pytest.mark.parametrize(
+    ("node", "signed_by", "refused"),
+    [
+        ("h-0", "h-0", None),  # this worker's own
+        ("h-2", "h-2", None),  # a sibling's: passed there
+        ("h-2", "h-0", "does not carry this gateway's signature"),  # node name changed
+        ("h-7", "h-7", "names no worker of this gateway"),
+        ("other-host", "other-host", "names no worker of this gateway"),
+    ],
+)
+def test_a_resume_names_a_worker_signed_with_this_runs_key(
+    node: str, signed_by: str, refused: str | None
+) -> None:
+    from tether.cluster import signing
+    from tether.gateway.core.gateway import GatewayCore
+    from tether.gateway.workerlink import WorkerLinks
+    from tether.wire import pb
+
+    spec = WorkerSpec(index=0, count=3, base="h", runtime_dir="/nonexistent", supervisor=1)
+    key = b"k" * 32
+    links = WorkerLinks(GatewayCore(parse_config({})), spec, key)
+    handoff = pb.Handoff(token="t0k3n")
+    links.sign_handoff(handoff, "d35cr1pt0r")
+    assert handoff.node == "h-0"
+    assert signing.verify(key, "d35cr1pt0r", "t0k3n", "h-0", handoff.signature)
+    req = pb.Resume(descriptor="d35cr1pt0r", token="t0k3n", node=node,
+                    signature=signing.sign(key, "d35cr1pt0r", "t0k3n", signed_by))
+    refusal = links.check_resume("tests", req)
+    if refused is None:
+        assert refusal is None
+    else:
+        assert refusal is not None and refusal.code == pb.Error.PERMISSION_DENIED
+        assert refused in refusal.message
+
+
 @pytest.mark.parametrize("text", ["[gateway]\nworkers = 0\n", "[gateway]\nworkers = true\n"])
 def test_bad_workers_count_names_the_key(text: str) -> None:
     from tether.errors import ConfigError
