@@ -725,3 +725,62 @@ def test_ledger_gauges_when_a_ledger_is_configured(tmp_path: Path) -> None:
         client_settings.configure(None)
         control.close_all()
         gw.stop()
+
+
+def test_preauth_refusals_and_handshake_time_with_an_injected_clock() -> None:
+    """A wrong key and a silent stream past the handshake deadline are counted by reason;
+    a hello that arrives 0.25 s (of the gateway's clock) after its accept is observed in
+    the 0.25 s bucket. The clock is moved by the test, the guard's timer run early."""
+    from support import FakeClock
+
+    from tether.wire import PROTOCOL_VERSION, Connection, Role, pb
+
+    clock = FakeClock()
+    config = parse_config({
+        "gateway": {"listen": ["127.0.0.1:0"], "admin_listen": "127.0.0.1:0",
+                    "handshake_timeout": 5},
+        "apps": {"a": {"key": KEYS["a"]}},
+    })
+    gw = EmbeddedGateway(config, clock=clock)
+    endpoint = gw.start()[0]
+    guard = core(gw).guard
+    try:
+        port = admin_port(gw)
+        before = Scrape(port)
+        for reason in ("auth_failed", "locked_out", "timed_out", "evicted"):
+            assert before.value("tether_preauth_refusals_total", reason=reason) == 0
+
+        def hello(key: str) -> socket.socket:
+            assert wait_for(lambda: not guard.pending)  # the stream before is gone
+            sock = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(TIMEOUT)
+            sock.connect((endpoint.host, endpoint.port))
+            assert wait_for(lambda: len(guard.pending) == 1)
+            clock.advance(0.25)
+            wire = Connection(Role.CLIENT)
+            sock.sendall(wire.send(pb.ClientHello(
+                protocol_version=PROTOCOL_VERSION, app="a", key=key
+            )))
+            return sock
+
+        with hello("not-the-key") as bad:
+            assert bad.recv(65536)  # the refusal
+        with hello(KEYS["a"]) as good:
+            assert good.recv(65536)  # the ServerHello
+            with StdSocket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+                silent.connect((endpoint.host, endpoint.port))
+                assert wait_for(lambda: len(guard.pending) == 1)
+                clock.advance(5.1)
+                gw.call(guard.tick)
+                assert wait_for(lambda: not guard.pending)
+        after = Scrape(port)
+        assert after.value("tether_preauth_refusals_total", reason="auth_failed") == 1
+        assert after.value("tether_preauth_refusals_total", reason="timed_out") == 1
+        assert after.value("tether_preauth_refusals_total", reason="evicted") == 0
+        # Only the hello that authenticated is a handshake: 0.25 s, le="0.25" and above.
+        assert after.value("tether_handshake_seconds_count", frontend="tether") == 1
+        assert after.value("tether_handshake_seconds_sum", frontend="tether") == 0.25
+        assert after.value("tether_handshake_seconds_bucket", frontend="tether", le="0.1") == 0
+        assert after.value("tether_handshake_seconds_bucket", frontend="tether", le="0.25") == 1
+    finally:
+        gw.stop()

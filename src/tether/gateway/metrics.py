@@ -276,6 +276,17 @@ class GatewayCollector:
                 value=ledger.dropped_rows,
             )
 
+        preauth = CounterMetricFamily(
+            "tether_preauth_refusals",
+            "Streams and hellos refused before authenticating, by reason: auth_failed (a "
+            "wrong key or app), locked_out (an app and peer locked out after failures), "
+            "timed_out (no hello within gateway.handshake_timeout), evicted (over a pre-auth cap)",
+            labels=["reason"],
+        )
+        for reason, n in core.guard.totals.items():
+            preauth.add_metric([reason], n)
+        yield preauth
+
         streams = GaugeMetricFamily(
             "tether_streams",
             "App streams not relaying a socket, by stage: unauthenticated (before the "

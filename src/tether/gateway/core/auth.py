@@ -168,6 +168,9 @@ class Guard:
         # so a new stream's check is one comparison.
         self.cap = self.limit()
         self.peer_cap = core.config.preauth_limit_per_peer
+        # Cumulative, for the metrics (tether_preauth_refusals_total): streams
+        # and hellos refused by kind, never reset (the window's counts are).
+        self.totals = dict.fromkeys(("auth_failed", "locked_out", "timed_out", "evicted"), 0)
         self._reset_window(None)
 
     def _reset_window(self, start: float | None) -> None:
@@ -212,7 +215,7 @@ class Guard:
     def _evict_oldest(self) -> None:
         oldest = next(iter(self.pending))
         del self.pending[oldest]
-        self._count_event()
+        self._count_event("evicted")
         self.evicted += 1
         limit = self.cap
         oldest.end_preauth(_limit_refusal(
@@ -237,7 +240,7 @@ class Guard:
             expired.append(stream)
         for stream in expired:
             del pending[stream]
-            self._count_event()
+            self._count_event("timed_out")
             peer = _key(self.timed_out, stream.peer_key())
             self.timed_out[peer] = self.timed_out.get(peer, 0) + 1
             timeout = config.handshake_timeout
@@ -262,7 +265,7 @@ class Guard:
             for streams in by_peer.values():
                 for stream in streams[: max(0, len(streams) - per_peer)]:
                     del pending[stream]
-                    self._count_event()
+                    self._count_event("evicted")
                     self.evicted += 1
                     stream.end_preauth(_limit_refusal(
                         f"tether: this address holds {per_peer} connections that "
@@ -315,14 +318,14 @@ class Guard:
         if left <= 0:
             del self.lockouts[(app, peer)]
             return 0.0
-        self._count_event()
+        self._count_event("locked_out")
         self.refused_locked += 1
         return left
 
     def failed(self, app: str, peer: str) -> float:
         """Count a failed authentication; how long its answer waits."""
         config = self.core.config
-        self._count_event()
+        self._count_event("auth_failed")
         pair = (app, peer)
         if pair not in self.failed_pair and len(self.failed_pair) >= MAX_TRACKED:
             pair = (OVERFLOW, peer) if peer in self.failed_peer else (OVERFLOW, OVERFLOW)
@@ -345,8 +348,9 @@ class Guard:
         grown = DELAY_BASE * 2.0 ** min(failures_before - 1, 30)
         return min(self.core.config.auth_max_delay, grown)
 
-    def _count_event(self) -> None:
+    def _count_event(self, kind: str) -> None:
         """An event for the window's summary; opens a window if none is."""
+        self.totals[kind] += 1
         if self.window_end is None:
             window = self.core.config.auth_failure_window
             self.window_end = self.clock() + window
