@@ -784,3 +784,32 @@ def test_preauth_refusals_and_handshake_time_with_an_injected_clock() -> None:
         assert after.value("tether_handshake_seconds_bucket", frontend="tether", le="0.25") == 1
     finally:
         gw.stop()
+
+
+def test_udp_datagrams_live_and_closed(gateway: EmbeddedGateway) -> None:
+    from udpsupport import UdpPeer
+
+    port = admin_port(gateway)
+    assert not Scrape(port).samples("tether_udp_datagrams_total")  # no UDP yet: no series
+    as_app(gateway, "a")
+    peer = UdpPeer()
+    try:
+        sock = ts.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.settimeout(TIMEOUT)
+        for i in range(3):
+            sock.sendto(b"datagram %d" % i, peer.address)
+            assert sock.recvfrom(100)[0] == b"datagram %d" % i
+        live = Scrape(port)
+        assert live.value("tether_sockets", app="a", transport="udp", state="attached") == 1
+        assert live.value("tether_udp_datagrams_total", app="a", direction="out") == 3
+        assert live.value("tether_udp_datagrams_total", app="a", direction="in") == 3
+        assert live.value("tether_sent_bytes_total", app="a") == 3 * 10
+        sock.close()
+        assert wait_for(lambda: len(core(gateway).registry) == 0)
+    finally:
+        peer.close()
+    closed = Scrape(port)
+    assert closed.value("tether_udp_datagrams_total", app="a", direction="out") == 3
+    assert closed.value("tether_udp_datagrams_total", app="a", direction="in") == 3
+    assert closed.value("tether_udp_dropped_datagrams_total", app="a", reason="unsolicited") == 0
+    assert closed.value("tether_udp_dropped_datagrams_total", app="a", reason="other") == 0

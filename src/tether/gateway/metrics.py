@@ -29,7 +29,7 @@ from tether import __version__
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
-    from prometheus_client.core import Metric
+    from prometheus_client.core import CounterMetricFamily, Metric
 
     from tether.gateway.core.gateway import GatewayCore
 
@@ -227,6 +227,7 @@ class GatewayCollector:
         yield sent
         yield received
         yield seconds
+        yield from _udp(core, CounterMetricFamily)
         quota = CounterMetricFamily(
             "tether_quota_refusals",
             "Connects and lookups a quota refused and datagrams it dropped, by app and limit",
@@ -340,6 +341,38 @@ class GatewayCollector:
                 "node": core.node_id,
             },
         )
+
+
+def _udp(core: GatewayCore, counter: type[CounterMetricFamily]) -> Iterator[Metric]:
+    """UDP datagrams relayed and dropped per app: closed associations' and live ones'."""
+    totals: dict[str, dict[str, int]] = {
+        app: dict(usage.udp) for app, usage in core.registry.usage.items() if usage.udp
+    }
+    for record in core.registry:
+        if record.extra:
+            counts = totals.setdefault(record.app, {})
+            for key, n in record.extra.items():
+                counts[key] = counts.get(key, 0) + n
+    datagrams = counter(
+        "tether_udp_datagrams",
+        "UDP datagrams relayed, by app and direction (out: the app's, to its destinations)",
+        labels=["app", "direction"],
+    )
+    dropped = counter(
+        "tether_udp_dropped_datagrams",
+        "UDP datagrams dropped, by app and reason: unsolicited (from a source the app never "
+        "sent to), quota, denied (SOCKS5: a destination the policy denies), other (a full "
+        "send buffer; SOCKS5: a malformed or fragmented datagram)",
+        labels=["app", "reason"],
+    )
+    for app, counts in sorted(totals.items()):
+        datagrams.add_metric([app, "out"], counts.get("datagrams_out", 0))
+        datagrams.add_metric([app, "in"], counts.get("datagrams_in", 0))
+        for key, n in sorted(counts.items()):
+            if key.startswith("dropped"):
+                dropped.add_metric([app, key.removeprefix("dropped").lstrip("_") or "other"], n)
+    yield datagrams
+    yield dropped
 
 
 def not_ready(core: GatewayCore) -> str | None:

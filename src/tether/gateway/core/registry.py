@@ -16,7 +16,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -82,6 +82,9 @@ class AppUsage:
     # outbound connect failed or timed out (core/dial.py).
     limit_refusals: int = 0
     connects_failed: int = 0
+    # Closed UDP associations' counters (SocketRecord.extra: datagrams in and
+    # out, drops by reason), summed per key, for the metrics.
+    udp: dict[str, int] = field(default_factory=dict)
 
 
 # slots: the relay updates the counters on every chunk, and 5,000 idle
@@ -241,6 +244,9 @@ class Registry:
         }
         if record.extra:
             line.update(record.extra)
+            totals = usage.udp
+            for key, n in record.extra.items():
+                totals[key] = totals.get(key, 0) + n
         line["reason"] = record.closed_reason
         audit.emit(line)
 
