@@ -8,27 +8,18 @@ the client is ``tether.socket`` configured directly (no install()).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import FakeClock, client_settings_for, recv_exact, wait_for
 
 import tether.socket as tsock
-from tether.client import control
 from tether.client import settings as client_settings
 from tether.config import parse_config
 from tether.gateway.core.gateway import GatewayCore
 from tether.gateway.embedded import EmbeddedGateway
 from tether.usage.ledger import Ledger
 from tether.usage.store import open_store
-
-
-@pytest.fixture(autouse=True)
-def _reset_settings() -> Iterator[None]:
-    yield
-    control.close_all()
-    client_settings.configure(None)
 
 
 def config(tmp_path: Path, usage: bool = True, echo_port: int = 9) -> object:

@@ -25,20 +25,11 @@ from udpsupport import UdpPeer
 
 import tether
 import tether.socket as ts
-from tether.client import control
-from tether.client import settings as client_settings
 from tether.usage.location import PostgresLocation, parse_url
 from tether.usage.model import Counters
 from tether.usage.store import LedgerError, open_store
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture(autouse=True)
-def _reset_settings() -> Iterator[None]:
-    yield
-    control.close_all()
-    client_settings.configure(None)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

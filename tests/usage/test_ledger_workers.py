@@ -11,27 +11,16 @@ import json
 import os
 import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from served import Served
 from support import recv_exact, use_gateway
 from support import wait_for as wait_until
 
 import tether.socket as ts
-from tether.client import control
-from tether.client import settings as client_settings
 from tether.usage.store import open_store
 
 CONNECTIONS = 40
-
-
-@pytest.fixture(autouse=True)
-def _reset_settings() -> Iterator[None]:
-    yield
-    control.close_all()
-    client_settings.configure(None)
 
 
 def test_two_workers_write_one_ledger_that_matches_the_audit_log(
