@@ -28,11 +28,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.gateway import APP, config_text
 from bench.procs import Child, Pinning, cpu_seconds, descendants, python, python_env, wait_until
 from bench.rtt import percentile
+
+if TYPE_CHECKING:  # tether is imported late: --tether-src may point elsewhere
+    from tether.endpoint import Endpoint
 
 # Clients started at once: two per core keeps two workers busy while each
 # client waits for its answers (a connection is a round trip to the gateway).
@@ -58,7 +61,7 @@ def _tether_once(port: int) -> bool:
         return bool(s.recv(1) == b"!")
 
 
-def _raw_once(gateway: tuple[str, int], request: bytes) -> bool:
+def _raw_once(gateway: Endpoint, request: bytes) -> bool:
     """One connection as pre-encoded frames on a plain socket: the gateway's work, little else.
 
     The hello and Connect are one write; the answer frames, the target's
@@ -66,7 +69,9 @@ def _raw_once(gateway: tuple[str, int], request: bytes) -> bool:
     """
     import socket
 
-    with socket.create_connection(gateway, timeout=CLIENT_TIMEOUT) as s:
+    with socket.socket(gateway.family, socket.SOCK_STREAM) as s:
+        s.settimeout(CLIENT_TIMEOUT)
+        s.connect(gateway.sockaddr)
         s.sendall(request)
         data = b""
         while chunk := s.recv(4096):
@@ -87,7 +92,7 @@ def client(gateway: str, key: str, port: int, seconds: float, mode: str) -> dict
     request = PREAMBLE + encode_frame(pb.ClientHello(protocol_version=1, app=APP, key=key))
     request += encode_frame(pb.Connect(transport=pb.TRANSPORT_TCP, host="127.0.0.1", port=port))
     once = (partial(_tether_once, port) if mode == "tether"
-            else partial(_raw_once, (endpoint.host, endpoint.port), request))
+            else partial(_raw_once, endpoint, request))
     for _ in range(20):  # warm: imports, the first connections' allocations
         once()
     print("ready", flush=True)
@@ -125,6 +130,7 @@ class Gateway:
         self.child = Child(name, argv, pinning=Pinning("none"), env=python_env(),
                            stderr=self._log)
         self.tcp = ""
+        self.unix = f"unix:{workdir / f'{name}.sock'}"
 
     def wait_ready(self) -> None:
         pattern = r"workers ready on (\S+?)," if self.workers > 1 else r"listening on (\d\S+)"
@@ -144,14 +150,15 @@ class Gateway:
 
 
 def run_once(workdir: Path, ports: dict[str, int], workers: int, clients: int,
-             seconds: float, mode: str = "tether") -> dict[str, Any]:
+             seconds: float, mode: str = "tether", via: str = "tcp") -> dict[str, Any]:
     gw = Gateway(workdir, list(ports.values()), workers)
     procs: list[subprocess.Popen[str]] = []
     try:
         gw.wait_ready()
         for _ in range(clients):
             procs.append(subprocess.Popen(
-                [python(), "-m", "bench.workers", "--client", gw.tcp, gw.key,
+                [python(), "-m", "bench.workers", "--client", gw.tcp if via == "tcp" else gw.unix,
+                 gw.key,
                  str(ports["greet"]), str(seconds), mode],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=python_env(),
             ))
@@ -195,7 +202,7 @@ def run_once(workdir: Path, ports: dict[str, int], workers: int, clients: int,
 
 def measure(workdir: Path, ports: dict[str, int], clients: int = DEFAULT_CLIENTS,
             seconds: float = DEFAULT_SECONDS, reps: int = 3,
-            mode: str = "tether") -> dict[str, Any]:
+            mode: str = "tether", via: str = "tcp") -> dict[str, Any]:
     """Both worker counts, interleaved `reps` times; medians and the ratio of the rates.
 
     Every CPU is allowed for the processes started here, whatever this
@@ -208,9 +215,9 @@ def measure(workdir: Path, ports: dict[str, int], clients: int = DEFAULT_CLIENTS
     try:
         for rep in range(reps):
             for workers in ((1, 2) if rep % 2 == 0 else (2, 1)):
-                result = run_once(workdir, ports, workers, clients, seconds, mode)
+                result = run_once(workdir, ports, workers, clients, seconds, mode, via)
                 runs[workers].append(result)
-                print(f"  {mode} workers={workers} clients={clients}: "
+                print(f"  {mode} via {via} workers={workers} clients={clients}: "
                       f"{result['per_s']:,.0f} conn/s, "
                       f"gateway {result['gateway_cpu_us']:.0f} µs CPU/conn, "
                       f"clients {result['client_cpu_us']:.0f} µs CPU/conn, "
@@ -226,7 +233,7 @@ def measure(workdir: Path, ports: dict[str, int], clients: int = DEFAULT_CLIENTS
         str(w): {k: median(w, k) for k in ("per_s", "gateway_cpu_us", "client_cpu_us")}
         for w in runs
     }
-    return {"runs": runs, "median": summary, "mode": mode, "clients": clients,
+    return {"runs": runs, "median": summary, "mode": mode, "via": via, "clients": clients,
             "ratio": summary["2"]["per_s"] / summary["1"]["per_s"], "cpus": os.cpu_count()}
 
 
@@ -292,7 +299,8 @@ def render(result: dict[str, Any]) -> str:
     """The rows for the suite's table: each worker count's rate and CPU, and the ratio."""
     med = result["median"]
     lines = [
-        f"gateway workers ({result['clients']} parallel {result['mode']} clients, "
+        f"gateway workers ({result['clients']} parallel {result['mode']} clients over "
+        f"{result.get('via', 'tcp')}, "
         f"{result['cpus']} CPUs, medians) | conn/s | gateway CPU/conn | clients CPU/conn",
     ]
     for workers in ("1", "2"):
@@ -326,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client", dest="mode", choices=("tether", "raw"), default="tether",
                    help="tether: tether.socket, as an app connects; raw: pre-encoded frames on "
                    "a plain socket, so the clients take less of the machine's CPU")
+    p.add_argument("--via", choices=("tcp", "unix"), default="tcp",
+                   help="the clients reach the gateway on its TCP or its Unix listener")
     opts = p.parse_args(args)
     import tempfile
 
@@ -335,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = Targets(Pinning("none"))
         try:
             result = measure(Path(tmp), targets.ports, opts.clients, opts.seconds, opts.reps,
-                             opts.mode)
+                             opts.mode, opts.via)
             if opts.handoffs:
                 result["handoffs"] = handoffs(Path(tmp), targets.ports, opts.handoffs)
         finally:
