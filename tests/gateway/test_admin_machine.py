@@ -172,3 +172,18 @@ def test_an_unfinished_head_is_refused_past_the_limit_in_any_pieces(
     transport, answers = run(server, [head[i:i + size] for i in range(0, len(head), size)])
     assert [a.status_code for a in answers] == [431]
     assert transport.closing
+
+
+def test_a_failing_collector_is_a_500_not_a_dead_connection(
+    server: AdminServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken:
+        def collect(self) -> list[object]:
+            raise RuntimeError("collector bug")
+
+    broken = AdminServer(server.core, Endpoint(host="127.0.0.1", port=0))
+    broken.registry.register(Broken())  # type: ignore[arg-type]
+    transport, answers = run(broken, [REQUESTS["/metrics"][0] + REQUESTS["/healthz"][0]])
+    assert [a.status_code for a in answers] == [500, 200]
+    assert b"collecting the metrics failed: RuntimeError('collector bug')" in transport.written
+    assert any("/metrics failed" in r.getMessage() for r in caplog.records)

@@ -4,8 +4,8 @@ Off unless ``[gateway] admin_listen`` names an address (loopback, a Unix
 socket, or elsewhere with ``admin_allow_remote``). It runs on the gateway's
 own event loop, so a scrape reads the registry between two relay events,
 never while one changes it; HTTP/1.1 is parsed by h11 (sans-I/O). A
-scraper cannot hurt the gateway: a request's head is bounded
-(MAX_REQUEST_HEAD), bodies are refused, a connection that has not sent a
+scraper cannot hurt the gateway: what is buffered of an unfinished request
+head is bounded (MAX_REQUEST_HEAD), bodies are refused, a connection that has not sent a
 complete request within READ_TIMEOUT is closed, one that does not read its
 answers stops being read, and at most MAX_CONNECTIONS are open at once.
 
@@ -114,7 +114,11 @@ class AdminServer:
             from prometheus_client.exposition import choose_encoder
 
             encoder, content_type = choose_encoder(accept)
-            return 200, content_type, encoder(self.registry)
+            try:
+                return 200, content_type, encoder(self.registry)
+            except Exception as exc:  # a collector's bug: the scraper is told, the loop lives
+                log.exception("admin: /metrics failed")
+                return 500, _TEXT, f"collecting the metrics failed: {exc!r}\n".encode()
         if path == "/healthz":
             return 200, _TEXT, b"ok\n"
         reason = not_ready(self.core)
