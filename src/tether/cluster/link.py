@@ -9,9 +9,10 @@ to the node that holds the socket, for the socket's whole life.
 asyncio's TLS transport cannot half-close (``can_write_eof()`` is False),
 and a handoff needs it: the holder shuts down its sending side and reads
 the rest. So over TLS the bytes travel in frames (:class:`Deframer`, a
-4-byte length, 0 meaning end of stream), and the owner turns the link back
-into a plain stream through a socketpair whose other end is an ordinary
-``TetherSession``; a Unix link is the plain stream itself.
+4-byte length, 0 meaning end of stream): the forwarding node's
+:class:`Splice` frames the app's bytes, and on the owner a
+:class:`LinkTransport` unframes them for an ordinary ``TetherSession`` (and
+the ``Link`` it hands the stream to). A Unix link is the plain stream itself.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import ssl
 import struct
+from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from tether.endpoint import Endpoint
 
@@ -151,9 +152,6 @@ class _Side(asyncio.Protocol):
             self.held.extend(chunks)
             if self.transport is not None:
                 self.transport.pause_reading()
-            if self.splice.on_first_data is not None:
-                callback, self.splice.on_first_data = self.splice.on_first_data, None
-                callback()
             return
         for chunk in chunks:
             other.send(chunk)
@@ -220,9 +218,6 @@ class Splice:
         self.plain = _Side(self, framed=False)
         self.link = _Side(self, framed=framed)
         self.plain.other, self.link.other = self.link, self.plain
-        # Called once when the link side has bytes and no plain side yet (the
-        # owner then opens the local stream: a pooled link costs nothing idle).
-        self.on_first_data: Callable[[], None] | None = None
         # Bytes for the plain side when the link closes having sent none (the
         # forwarding node's refusal: the owner went away in between).
         self.on_silent_loss: Callable[[], bytes] | None = None
@@ -306,13 +301,185 @@ class _Lazy(asyncio.Protocol):
         return False  # closed unused (a pool emptied at shutdown)
 
 
+class LinkTransport(asyncio.Transport):
+    """A TLS node link seen as a plain stream transport: link frames under, bytes above.
+
+    The owner serves a link's stream with the same ``TetherSession`` and
+    ``Link`` as an app's own, which need what a stream transport does and
+    asyncio's TLS transport does not: ``write_eof`` (a handoff's
+    half-close), here the end-of-stream frame. Chunks are handed to the
+    protocol one at a time and held while it has paused reading (a session
+    pauses at each request), as a socket's transport would.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tls: asyncio.Transport) -> None:
+        super().__init__()
+        self._loop = loop
+        self._tls = tls
+        self._protocol: asyncio.BaseProtocol | None = None
+        self._pending: deque[bytes | None] = deque()
+        self._paused = False
+        self._eof_sent = False
+        self._closing = False
+        self._lost = False
+        self._draining = False
+
+    # -- what the protocol above calls -------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if data and not self._eof_sent and not self._closing:
+            self._tls.write(frame(bytes(data)))
+
+    def write_eof(self) -> None:
+        if not self._eof_sent and not self._closing:
+            self._eof_sent = True
+            self._tls.write(EOF_FRAME)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self.write_eof()  # after what is queued: the other node ends its side cleanly
+        self._closing = True
+        self._pending.clear()
+        self._tls.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._pending.clear()
+        self._tls.abort()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._tls.is_closing()
+
+    def pause_reading(self) -> None:
+        self._paused = True
+        self._tls.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._pending:
+            self._loop.call_soon(self._drain)
+        elif not self._closing:
+            self._tls.resume_reading()
+
+    def is_reading(self) -> bool:
+        return not self._paused
+
+    def get_write_buffer_size(self) -> int:
+        return self._tls.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._tls.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._tls.get_write_buffer_limits()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self._protocol is not None
+        return self._protocol
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self._tls.get_extra_info(name, default)
+
+    # -- what the TLS side delivers ---------------------------------------------------
+
+    def _received(self, chunks: list[bytes | None]) -> None:
+        self._pending.extend(chunks)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Hand the held chunks up, one at a time, while the protocol reads."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._pending and not self._paused and not self._closing:
+                chunk = self._pending.popleft()
+                protocol = self._protocol  # read each time: a session hands the stream on
+                if chunk is END:
+                    if not cast(asyncio.Protocol, protocol).eof_received():
+                        self.close()
+                else:
+                    cast(asyncio.Protocol, protocol).data_received(chunk)
+        finally:
+            self._draining = False
+        if not self._pending and not self._paused and not self._closing:
+            self._tls.resume_reading()
+
+    def _lost_link(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._closing = True
+        if self._protocol is not None:
+            self._protocol.connection_lost(exc)
+
+
+class _Unframe(asyncio.Protocol):
+    """The protocol on an accepted TLS link: a LinkTransport's, served by a session
+    from its first byte on (an idle pooled link is no stream yet)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 session: Callable[[], asyncio.Protocol]) -> None:
+        self.loop = loop
+        self.session = session
+        self.deframer = Deframer()
+        self.stream: LinkTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.stream = LinkTransport(self.loop, cast(asyncio.Transport, transport))
+
+    def data_received(self, data: bytes) -> None:
+        stream = self.stream
+        assert stream is not None
+        try:
+            chunks = self.deframer.feed(data)
+        except LinkProtocolError as exc:
+            log.warning("%s; closing it", exc)
+            stream.abort()
+            return
+        if stream._protocol is None and chunks:
+            protocol = self.session()
+            stream.set_protocol(protocol)
+            protocol.connection_made(stream)
+        stream._received(chunks)
+        if stream._pending:
+            stream._tls.pause_reading()  # held: no more until the session reads on
+
+    def eof_received(self) -> bool:
+        # A TLS link ends with its end-of-stream frame first: this one broke.
+        if not self.deframer.ended and self.stream is not None:
+            self.stream.abort()
+        return False
+
+    def pause_writing(self) -> None:
+        if self.stream is not None and self.stream._protocol is not None:
+            self.stream._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.stream is not None and self.stream._protocol is not None:
+            self.stream._protocol.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.stream is not None:
+            self.stream._lost_link(exc)
+
+
 class LinkServer:
     """This node's link listener: each accepted link becomes a Tether stream of this node.
 
     `session` makes the protocol an accepted stream is served by (a
     ``TetherSession`` that trusts the node's word for the app: the linking
-    node authenticated it). Over TLS, each link is unframed into one end of
-    a socketpair whose other end is that session.
+    node authenticated it), from the stream's first byte: a Unix link's
+    own transport, or a TLS link's :class:`LinkTransport`.
     """
 
     def __init__(
@@ -325,8 +492,7 @@ class LinkServer:
         self.session = session
         self.tls = tls
         self.server: asyncio.Server | None = None
-        self.splices: set[Splice] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.links: set[_Unframe] = set()
 
     async def start(self, endpoint: Endpoint) -> Endpoint:
         """Listen; returns the bound address."""
@@ -343,40 +509,17 @@ class LinkServer:
                 os.umask(old)
             return endpoint
         self.server = await self.loop.create_server(
-            self._accepted, endpoint.host, endpoint.port, ssl=self.tls, reuse_address=True,
-            ssl_handshake_timeout=LINK_HANDSHAKE_TIMEOUT,
+            lambda: _Unframe(self.loop, self.session), endpoint.host, endpoint.port,
+            ssl=self.tls, reuse_address=True, ssl_handshake_timeout=LINK_HANDSHAKE_TIMEOUT,
         )
         host, port = self.server.sockets[0].getsockname()[:2]
         return Endpoint(host=host, port=port)
 
-    def _accepted(self) -> asyncio.Protocol:
-        splice = Splice(framed=True)
-        self.splices.add(splice)
-        splice.on_end = lambda: self.splices.discard(splice)
-        splice.on_first_data = lambda: self._start_bridge(splice)
-        return splice.link
-
-    def _start_bridge(self, splice: Splice) -> None:
-        task = self.loop.create_task(self._bridge(splice))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _bridge(self, splice: Splice) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await self.loop.connect_accepted_socket(self.session, theirs)
-            await self.loop.create_unix_connection(lambda: splice.plain, sock=ours)
-        except OSError as exc:
-            log.warning("node link: cannot open a local stream for it: %s", exc)
-            ours.close()
-            theirs.close()
-            splice.abort()
-
     def close(self) -> None:
+        # The links' streams are the core's to end (sessions in core.streams,
+        # relayed sockets in the registry): closing the listener is enough.
         if self.server is not None:
             self.server.close()
-        for splice in list(self.splices):
-            splice.abort()
 
 
 # A link's TLS handshake: two round trips on a LAN (milliseconds); 5 s

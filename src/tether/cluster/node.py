@@ -283,7 +283,10 @@ class ClusterNode:
         """The answer to `req` when another node must give it; None: this node answers.
 
         A request about a socket this node forwards goes to the socket's
-        owner; a listing adds every other node's sockets (each named by node).
+        owner; about a socket this node knows nothing of, to every node (the
+        workers of one host share the app's streams: its control stream may
+        reach a sibling of the owner); a listing adds every other node's
+        sockets (each named by node).
         """
         op = req.WhichOneof("op")
         if op == "list_sockets":
@@ -291,9 +294,14 @@ class ClusterNode:
         if op not in _SOCKET_OPS:
             return None
         descriptor = getattr(req, op).descriptor
-        owner = self.forwarded.get(descriptor)
-        if owner is None or self.core.registry.get(app, descriptor) is not None:
+        registry = self.core.registry
+        if registry.get(app, descriptor) is not None:
             return None
+        owner = self.forwarded.get(descriptor)
+        if owner is None:
+            if registry.tombstone(app, descriptor) is not None:
+                return None  # closed here: this node says why
+            return await self._ask_everyone(app, req)
         address = await self._address(owner)
         if isinstance(address, Refusal):
             return pb.Response(id=req.id, error=wire_error(address))
@@ -303,27 +311,41 @@ class ClusterNode:
             return pb.Response(id=req.id, error=wire_error(
                 node_gone(owner, f"its link at {address} did not answer: {_why(exc)}")))
 
-    async def _list_everywhere(self, app: str, admin: bool, req: pb.Request) -> pb.Response:
+    async def _ask_everyone(self, app: str, req: pb.Request) -> pb.Response | None:
+        """The answer of the node that knows the socket `req` names; None if none does."""
+        for answer in (await self._ask_others(app, req)).values():
+            if not answer.HasField("error") or answer.error.code != pb.Error.NOT_FOUND:
+                return answer
+        return None  # nobody has it: this node's own "no socket" answer
+
+    async def _ask_others(self, app: str, req: pb.Request) -> dict[str, pb.Response]:
+        """`req` asked of every other live node at once, as `app`: the answers given."""
         assert self.membership is not None
-        response = pb.Response(id=req.id)
-        response.sockets.SetInParent()
-        response.sockets.sockets.extend(
-            inspect.list_sockets(self.core.registry, app, every_app=admin, node=self.node_id)
-        )
         try:
             members = await self.membership.members()
         except StoreUnavailable as exc:
-            log.warning("cluster: listing sockets from the last known nodes: %s", exc)
+            log.warning("cluster: asking the last known nodes: %s", exc)
             members = dict(self.membership.known)
         others = [(n, a) for n, a in sorted(members.items()) if n != self.node_id]
         answers = await asyncio.gather(
             *(self._ask(address, app, req) for _, address in others), return_exceptions=True
         )
+        found = {}
         for (node, address), answer in zip(others, answers, strict=True):
             if isinstance(answer, BaseException):
-                log.warning("cluster: node %r (%s) did not list its sockets: %s", node, address,
+                log.warning("cluster: node %r (%s) did not answer: %s", node, address,
                             _why(answer))
-                continue
+            else:
+                found[node] = answer
+        return found
+
+    async def _list_everywhere(self, app: str, admin: bool, req: pb.Request) -> pb.Response:
+        response = pb.Response(id=req.id)
+        response.sockets.SetInParent()
+        response.sockets.sockets.extend(
+            inspect.list_sockets(self.core.registry, app, every_app=admin, node=self.node_id)
+        )
+        for node, answer in sorted((await self._ask_others(app, req)).items()):
             for info in answer.sockets.sockets:
                 info.node = info.node or node
                 response.sockets.sockets.append(info)
