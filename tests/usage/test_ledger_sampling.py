@@ -149,14 +149,15 @@ def test_every_counter_is_sampled_from_closed_and_live_sockets() -> None:
     closed.finish("closed by the app")  # open 4 s
     clock.advance(3.0)  # the live one: 7 s so far
     usage = registry.app_usage("a")
-    usage.connects_denied += 2
+    usage.connects_denied += 2  # the policy
+    usage.limit_refusals += 1  # a socket cap: a denied connect too
     usage.quota_refusals += 1
-    assert cumulative(registry) == {"a": Counters(11, 22, 2, 2, 1, 11.0)}
+    assert cumulative(registry) == {"a": Counters(11, 22, 2, 3, 1, 11.0)}
     wall.now = T0 + 10
     ledger.sample()
     batch = ledger.take_batch()
     assert batch is not None
-    assert batch.rows == {("a", minute_of(T0)): Counters(11, 22, 2, 2, 1, 11.0)}
+    assert batch.rows == {("a", minute_of(T0)): Counters(11, 22, 2, 3, 1, 11.0)}
     # A closing socket moves its counts from "live" to the app's totals: no delta.
     live.finish("closed by the peer")
     wall.now = T0 + 20

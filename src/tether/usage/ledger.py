@@ -72,7 +72,8 @@ def cumulative(registry: Registry) -> dict[str, Counters]:
             bytes_out=usage.bytes_out + int(out),
             bytes_in=usage.bytes_in + int(in_),
             connects=usage.sockets_opened,
-            denied_connects=usage.connects_denied,
+            # Refused by the policy or by a socket cap (a quota's are quota_refusals).
+            denied_connects=usage.connects_denied + usage.limit_refusals,
             quota_refusals=usage.quota_refusals,
             socket_seconds=usage.socket_seconds + seconds,
         )

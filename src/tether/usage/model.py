@@ -16,7 +16,7 @@ class Counters(NamedTuple):
     bytes_out: int = 0  # app -> internet: what is billed
     bytes_in: int = 0
     connects: int = 0  # sockets opened: TCP sockets and UDP associations
-    denied_connects: int = 0  # connects the egress policy denied
+    denied_connects: int = 0  # connects the egress policy or a socket cap refused
     quota_refusals: int = 0  # requests a quota refused ([quota], core/admission.py)
     socket_seconds: float = 0.0  # seconds sockets were open
 
