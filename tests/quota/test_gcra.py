@@ -24,14 +24,22 @@ schedules = st.lists(
 )
 
 
+def wait_of(tat: float, now: float, cost: float, interval: float, period: float) -> float:
+    return gcra.step(tat, now, cost, interval, period)[1]
+
+
+def tat_after(tat: float, now: float, cost: float, interval: float) -> float:
+    return gcra.step(tat, now, cost, interval, PERIOD)[0]
+
+
 def run(limit: int, schedule: list[tuple[float, int]]) -> list[tuple[float, int]]:
     """The (time, cost) requests that conformed, charging only those."""
     interval = PERIOD / limit
     tat, now, admitted = 0.0, 0.0, []
     for gap, cost in schedule:
         now += gap
-        if gcra.conform(tat, now, cost, interval, PERIOD) == 0.0:
-            tat = gcra.advance(tat, now, cost, interval)
+        if wait_of(tat, now, cost, interval, PERIOD) == 0.0:
+            tat = tat_after(tat, now, cost, interval)
             admitted.append((now, cost))
     return admitted
 
@@ -55,12 +63,12 @@ def test_an_idle_counter_lets_the_whole_limit_through_at_once(
 @pytest.mark.parametrize(("limit", "wait"), [(3, 20.0), (60, 1.0), (6000, 0.01)])
 def test_after_the_burst_one_unit_refills_every_interval(limit: int, wait: float) -> None:
     interval = PERIOD / limit
-    tat = gcra.advance(0.0, 0.0, limit, interval)  # the whole burst at t=0
-    assert gcra.conform(tat, 0.0, 1, interval, PERIOD) == pytest.approx(wait)
-    assert gcra.conform(tat, wait, 1, interval, PERIOD) == 0.0
+    tat = tat_after(0.0, 0.0, limit, interval)  # the whole burst at t=0
+    assert wait_of(tat, 0.0, 1, interval, PERIOD) == pytest.approx(wait)
+    assert wait_of(tat, wait, 1, interval, PERIOD) == 0.0
     # Refills stop at the limit: after a long idle, still one burst.
-    assert gcra.conform(tat, 1e6, limit, interval, PERIOD) == 0.0
-    assert gcra.conform(tat, 1e6, limit + 1, interval, PERIOD) > 0.0
+    assert wait_of(tat, 1e6, limit, interval, PERIOD) == 0.0
+    assert wait_of(tat, 1e6, limit + 1, interval, PERIOD) > 0.0
 
 
 @given(limit=limits, schedule=schedules)
@@ -86,15 +94,15 @@ def test_no_window_admits_more_than_the_burst_plus_the_rate(
 def test_the_wait_is_exact(limit: int, tat: float, now: float, cost: int) -> None:
     """Refused with a wait w: at now + w it conforms, and a little earlier it did not."""
     interval = PERIOD / limit
-    wait = gcra.conform(tat, now, cost, interval, PERIOD)
+    wait = wait_of(tat, now, cost, interval, PERIOD)
     if cost > limit:
         assert wait > 0.0
         return
     if wait == 0.0:
         return
     later = now + wait
-    assert gcra.conform(tat, math.nextafter(later, math.inf), cost, interval, PERIOD) <= 1e-6
-    assert gcra.conform(tat, later - max(1e-6, wait / 2), cost, interval, PERIOD) > 0.0
+    assert wait_of(tat, math.nextafter(later, math.inf), cost, interval, PERIOD) <= 1e-6
+    assert wait_of(tat, later - max(1e-6, wait / 2), cost, interval, PERIOD) > 0.0
 
 
 @given(
@@ -110,8 +118,8 @@ def test_a_throttled_sender_never_runs_ahead_of_the_rate(limit: int, chunks: lis
     interval = PERIOD / limit
     tat, now, sent = 0.0, 0.0, 0
     for n in chunks:
-        wait = gcra.conform(tat, now, n, interval, PERIOD)
-        tat = gcra.advance(tat, now, n, interval)
+        wait = wait_of(tat, now, n, interval, PERIOD)
+        tat = tat_after(tat, now, n, interval)
         sent += n
         assert sent <= limit + now * limit / PERIOD + n + 1e-6 * sent
         # The delay is the time until the budget is back to the burst line.

@@ -97,10 +97,9 @@ class LocalStore:
         self, app: str, limit: str, cost: float, interval: float, now: float, *, force: bool
     ) -> float:
         key = (app, limit)
-        tat = self._tats.get(key, now)
-        wait = gcra.conform(tat, now, cost, interval, SECONDS_PER_MINUTE)
+        tat, wait = gcra.step(self._tats.get(key, now), now, cost, interval, SECONDS_PER_MINUTE)
         if wait == 0.0 or force:
-            self._tats[key] = gcra.advance(tat, now, cost, interval)
+            self._tats[key] = tat
         return wait
 
     def spend(self, app: str, limit: str, amount: int, cap: int, day: float, *, whole: bool) -> int:
@@ -317,12 +316,14 @@ class QuotaBook:
         limits = self.config.limits(app)
         if not limits.enabled:
             return Exceeded(app, "enabled", 0, "", 0.0, limits.source("enabled"))
-        for limit in ("bytes_out_per_day", "bytes_in_per_day"):
-            cap: int | None = getattr(limits, limit)
-            if cap is not None:
-                used = self.store.spent(app, limit, self.day()[0])
-                if used >= cap:
-                    return self.daily(app, limit, used)
+        out, into = limits.bytes_out_per_day, limits.bytes_in_per_day
+        if out is not None or into is not None:
+            day = self.day()[0]
+            spent = self.store.spent
+            if out is not None and (used := spent(app, "bytes_out_per_day", day)) >= out:
+                return self.daily(app, "bytes_out_per_day", used)
+            if into is not None and (used := spent(app, "bytes_in_per_day", day)) >= into:
+                return self.daily(app, "bytes_in_per_day", used)
         count = limits.connects_per_minute
         if count is not None:
             wait = self.store.rate(

@@ -15,25 +15,26 @@ A limit of `limit` units per `period` seconds gives every unit an
 TAT to ``max(TAT, now) + n * T``; the request conforms while the new TAT is
 no more than `period` ahead of `now`, so an idle counter lets a burst of
 `limit` units through at once and then refills one unit every ``T``.
-These are pure functions of the numbers given: the clock is the caller's.
+One pure function of the numbers given (:func:`step`): the clock is the caller's.
 """
 
 from __future__ import annotations
 
 
-def conform(tat: float, now: float, cost: float, interval: float, period: float) -> float:
-    """The wait before `cost` conforms (0.0: it does now), for the TAT `tat`.
+def step(
+    tat: float, now: float, cost: float, interval: float, period: float
+) -> tuple[float, float]:
+    """Charge `cost` units at `now` against the TAT `tat`: (the new TAT, the wait).
 
-    On 0.0 the caller stores :func:`advance`'s new TAT; otherwise the TAT
-    stays as it was (a refused request costs nothing).
+    The wait is 0.0 when the cost conforms. A caller that refuses a request
+    that does not conform keeps the old TAT (a refused request costs
+    nothing); one that lets it through anyway (bytes already relayed)
+    stores the new TAT, and the wait is then how long until the budget is
+    back to its burst line.
     """
-    wait = max(tat, now) + cost * interval - period - now
-    return wait if wait > 0.0 else 0.0
+    new = (tat if tat > now else now) + cost * interval
+    wait = new - period - now
+    return new, (wait if wait > 0.0 else 0.0)
 
 
-def advance(tat: float, now: float, cost: float, interval: float) -> float:
-    """The TAT after charging `cost` units at `now`."""
-    return (tat if tat > now else now) + cost * interval
-
-
-__all__ = ["advance", "conform"]
+__all__ = ["step"]
