@@ -283,3 +283,37 @@ def test_redis_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
     finally:
         cluster.stop()
         server.stop()
+
+
+def test_a_steady_stream_of_connects_makes_no_redis_round_trip(tmp_path: Path) -> None:
+    """Budget is leased in chunks ahead of need: 200 connects, a lease or two, not 200."""
+    server = RedisServer(tmp_path)
+    limit = 6000  # a minute's: chunks of 600
+    quota = f"\n[apps.tests.quota]\nconnects_per_minute = {limit}\n"
+    cluster = Cluster(tmp_path, size=1, redis_url=f"redis://127.0.0.1:{server.port}/0",
+                      config_extra=quota)
+    server.start()
+    try:
+        cluster.start()
+        node = cluster.node(1)
+        client = redis.Redis(port=server.port, socket_timeout=5)
+
+        def leases() -> int:
+            stats = client.info("commandstats")
+            return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0))
+                       for c in ("evalsha", "eval"))
+
+        use_gateway(node.address, node.app, node.key)
+        with serving(echo) as target:
+            before = leases()
+            for _ in range(200):
+                with tsocket.socket() as sock:
+                    sock.settimeout(10)
+                    sock.connect(("127.0.0.1", target.port))
+            after = leases()
+        # One lease for the window (and one more if the test crossed a minute).
+        assert after - before <= 2, after - before
+        client.close()
+    finally:
+        cluster.stop()
+        server.stop()

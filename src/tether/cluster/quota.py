@@ -225,9 +225,10 @@ class LeasedStore:
         cap = book.limits(app).connects_per_minute
         if cap is None:
             return None
-        budget = self.refill(app, "connects_per_minute", cap, None)
+        budget = self._budget(app, "connects_per_minute", None)
         if budget.units >= 1 or budget.exhausted:
-            return None
+            return None  # steady state (the next chunk is asked for at half a chunk: rate())
+        self.refill(app, "connects_per_minute", cap, None)  # nothing in hand: lease now
         if budget.fetching is not None:
             await asyncio.shield(budget.fetching)
             budget = self._budget(app, "connects_per_minute", None)
