@@ -6,8 +6,8 @@ per-app :class:`~tether.gateway.core.registry.AppUsage`, the caps, the
 quota book and the usage ledger. Nothing is added to the relay's per-chunk
 path. The two latency histograms are the exception: a handshake and a
 decision are observed where they happen, once per connection, by
-:class:`Histogram` (a bisect and two additions, no lock: the gateway's loop
-is its only writer and the scrape runs on the same loop).
+:class:`Histogram` (an array append, no lock: the gateway's loop is its
+only writer and the scrape runs on the same loop).
 
 :class:`GatewayCollector` reads the core on the loop's thread (the admin
 listener calls it from the loop), so nothing reads the registry while the
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from tether.gateway.core.gateway import GatewayCore
 
 # Upper bounds, in seconds, of the latency histograms' buckets. A connect
-# costs the gateway 0.5-0.8 ms of CPU on the reference machine (1,300-2,000
-# connections/s, bench/README.md), so the smallest bucket is 100 us; the
+# costs the gateway ~0.3 ms of CPU on the reference machine (bench/README.md,
+# connection rate), so the smallest bucket is 100 us; the
 # largest is gateway.handshake_timeout's default (5 s), past which a hello
 # no longer counts, and about the longest an upstream lookup takes (2
 # attempts of 2 s, tether.resolver.upstream).
