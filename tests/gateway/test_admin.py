@@ -813,3 +813,43 @@ def test_udp_datagrams_live_and_closed(gateway: EmbeddedGateway) -> None:
     assert closed.value("tether_udp_datagrams_total", app="a", direction="in") == 3
     assert closed.value("tether_udp_dropped_datagrams_total", app="a", reason="unsolicited") == 0
     assert closed.value("tether_udp_dropped_datagrams_total", app="a", reason="other") == 0
+
+
+def test_a_socket_slowed_by_its_byte_quota_is_counted_while_it_is() -> None:
+    """An app over bytes_out_per_minute is not read from (slowed, not broken): the scrape
+    shows its socket as throttled while the gateway holds back."""
+    config = parse_config({
+        "gateway": {"listen": ["127.0.0.1:0"], "admin_listen": "127.0.0.1:0"},
+        "resolver": {"mode": "static"},
+        "policy": {"allow": ["127.0.0.1:*"]},
+        "apps": {"a": {"key": KEYS["a"], "quota": {"bytes_out_per_minute": "64KiB"}}},
+    })
+    gw = EmbeddedGateway(config)
+    gw.start()
+
+    def drain(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    try:
+        port = admin_port(gw)
+        assert not Scrape(port).samples("tether_throttled_sockets")
+        as_app(gw, "a")
+        with Peer(drain) as peer:
+            sock = ts.create_connection(peer.address, timeout=TIMEOUT)
+            sock.setblocking(False)
+            sent = 0
+            with contextlib.suppress(BlockingIOError):
+                while sent < 64 * 1024 * 1024:  # far past the burst; the kernel fills first
+                    sent += sock.send(b"x" * 65536)
+            assert wait_for(lambda: bool(Scrape(port).samples("tether_throttled_sockets")))
+            assert Scrape(port).value("tether_throttled_sockets", app="a") == 1
+            # The app's close waits behind its unsent bytes (the gateway reads them at the
+            # quota's pace); stopping the gateway ends the peer's connection now.
+            gw.stop()
+            sock.close()
+    finally:
+        client_settings.configure(None)
+        control.close_all()
+        gw.stop()

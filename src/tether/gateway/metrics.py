@@ -174,11 +174,15 @@ class GatewayCollector:
         core = self.core
         registry = core.registry
 
-        # Live sockets by (app, transport, state).
+        # Live sockets by (app, transport, state); those slowed by a byte quota now.
         live: dict[tuple[str, str, str], int] = {}
+        throttled: dict[str, int] = {}
         for record in registry:
             key = (record.app, record.transport, str(record.state))
             live[key] = live.get(key, 0) + 1
+            link = record.link
+            if link is not None and link.throttled is not None:
+                throttled[record.app] = throttled.get(record.app, 0) + 1
         sockets = GaugeMetricFamily(
             "tether_sockets",
             "Live sockets (TCP sockets and UDP associations) by app, transport and state",
@@ -187,6 +191,15 @@ class GatewayCollector:
         for (app, transport, state), n in sorted(live.items()):
             sockets.add_metric([app, transport, state], n)
         yield sockets
+        slowed = GaugeMetricFamily(
+            "tether_throttled_sockets",
+            "Live sockets the gateway is not reading from right now because the app is over "
+            "its bytes_out_per_minute burst (slowed, not broken: docs/quotas.md)",
+            labels=["app"],
+        )
+        for app, n in sorted(throttled.items()):
+            slowed.add_metric([app], n)
+        yield slowed
 
         # Per app: closed sockets' totals plus the live ones' so far, as the
         # usage ledger reads them. Every configured app has its series from
