@@ -175,14 +175,20 @@ class GatewayCollector:
         registry = core.registry
 
         # Live sockets by (app, transport, state); those slowed by a byte quota now.
+        # UDP associations' datagram counters: closed ones' per app, plus the live ones'.
         live: dict[tuple[str, str, str], int] = {}
         throttled: dict[str, int] = {}
+        udp = {app: dict(usage.udp) for app, usage in registry.usage.items() if usage.udp}
         for record in registry:
             key = (record.app, record.transport, str(record.state))
             live[key] = live.get(key, 0) + 1
             link = record.link
             if link is not None and link.throttled is not None:
                 throttled[record.app] = throttled.get(record.app, 0) + 1
+            if record.extra:
+                counts = udp.setdefault(record.app, {})
+                for name, n in record.extra.items():
+                    counts[name] = counts.get(name, 0) + n
         sockets = GaugeMetricFamily(
             "tether_sockets",
             "Live sockets (TCP sockets and UDP associations) by app, transport and state",
@@ -240,7 +246,7 @@ class GatewayCollector:
         yield sent
         yield received
         yield seconds
-        yield from _udp(core, CounterMetricFamily)
+        yield from _udp(udp, CounterMetricFamily)
         quota = CounterMetricFamily(
             "tether_quota_refusals",
             "Connects and lookups a quota refused and datagrams it dropped, by app and limit",
@@ -356,16 +362,10 @@ class GatewayCollector:
         )
 
 
-def _udp(core: GatewayCore, counter: type[CounterMetricFamily]) -> Iterator[Metric]:
-    """UDP datagrams relayed and dropped per app: closed associations' and live ones'."""
-    totals: dict[str, dict[str, int]] = {
-        app: dict(usage.udp) for app, usage in core.registry.usage.items() if usage.udp
-    }
-    for record in core.registry:
-        if record.extra:
-            counts = totals.setdefault(record.app, {})
-            for key, n in record.extra.items():
-                counts[key] = counts.get(key, 0) + n
+def _udp(
+    totals: Mapping[str, Mapping[str, int]], counter: type[CounterMetricFamily]
+) -> Iterator[Metric]:
+    """UDP datagrams relayed and dropped per app, from their counters summed per app."""
     datagrams = counter(
         "tether_udp_datagrams",
         "UDP datagrams relayed, by app and direction (out: the app's, to its destinations)",
