@@ -853,3 +853,31 @@ def test_a_socket_slowed_by_its_byte_quota_is_counted_while_it_is() -> None:
         client_settings.configure(None)
         control.close_all()
         gw.stop()
+
+
+def test_a_socks5_handshake_is_observed_under_its_front_end() -> None:
+    """The SOCKS5 front-end authenticates through the same guard: its handshake is counted
+    under frontend="socks5", not mixed with Tether hellos."""
+    config = parse_config({
+        "gateway": {"listen": ["127.0.0.1:0"], "admin_listen": "127.0.0.1:0",
+                    "socks5_listen": ["127.0.0.1:0"]},
+        "apps": {"a": {"key": KEYS["a"]}},
+    })
+    gw = EmbeddedGateway(config)
+    gw.start()
+    try:
+        proxy = core(gw).socks5_proxy  # socks5h://127.0.0.1:PORT
+        host, _, proxy_port = proxy.rpartition("/")[2].rpartition(":")
+        with StdSocket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect((host, int(proxy_port)))
+            sock.sendall(b"\x05\x01\x02")  # RFC 1928: version 5, one method: username/password
+            assert recv_exact(sock, 2) == b"\x05\x02"
+            user, password = b"a", KEYS["a"].encode()
+            sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
+            assert recv_exact(sock, 2) == b"\x01\x00"  # RFC 1929: success
+        scrape = Scrape(admin_port(gw))
+        assert scrape.value("tether_handshake_seconds_count", frontend="socks5") == 1
+        assert scrape.value("tether_handshake_seconds_count", frontend="tether") == 0
+    finally:
+        gw.stop()
