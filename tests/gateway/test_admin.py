@@ -361,6 +361,11 @@ def test_openmetrics_when_asked(gateway: EmbeddedGateway) -> None:
     assert response.status == 200
     assert response.getheader("Content-Type", "").startswith("application/openmetrics-text")
     assert body.endswith("# EOF\n")
+    # OpenMetrics is the stricter format (counters' _total, info metrics, units): it parses.
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
+
+    names = {f.name for f in parse_om(body)}
+    assert {"tether_connects", "tether_build", "tether_handshake_seconds"} <= names
 
 
 # -- health -------------------------------------------------------------------------
