@@ -88,3 +88,21 @@ def test_unix_links_between_the_workers_of_one_host(tmp_path: Path) -> None:
         assert sock.recv(1) == b""
         sock.close()
         assert "unix:" in cluster.node(2).log_text().split("through this node (")[1][:6]
+
+
+def test_a_forwarded_socket_reclaimed_idle_says_why(tmp_path: Path) -> None:
+    """The owner reclaims an idle socket resumed through another node: the app is told why."""
+    with running(tmp_path, size=2, gateway_extra="idle_timeout = 1") as cluster, \
+            Peer(echo) as peer:
+        through(cluster, 1)
+        sock = tsocket.socket()
+        sock.settimeout(10)
+        sock.connect(peer.address)
+        blob = pickle.dumps(sock)
+        through(cluster, 2)
+        sock = pickle.loads(blob)
+        # Idle past 1 s: the owner's sweep resets it; the reset crosses the link as a
+        # reset, and the reason comes from the owner through node 2.
+        with pytest.raises(ConnectionResetError, match="reclaimed by the gateway"):
+            sock.recv(1)
+        sock.close()

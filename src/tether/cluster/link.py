@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import struct
 from collections import deque
@@ -36,6 +37,7 @@ log = logging.getLogger("tether.cluster")
 MAX_LINK_FRAME = 16 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
 EOF_FRAME: Final = _LENGTH.pack(0)
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 END: Final = None  # what Deframer.feed yields for the end of the stream
 
 
@@ -202,6 +204,11 @@ class _Side(asyncio.Protocol):
             if exc is None:
                 other.transport.close()
             else:
+                # A reset passed on as a reset (a reclaimed socket: the app asks why).
+                sock = other.transport.get_extra_info("socket")
+                if sock is not None and sock.family != socket.AF_UNIX:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
                 other.transport.abort()
         self.splice.lost()
 
