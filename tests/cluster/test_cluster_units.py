@@ -163,3 +163,16 @@ def test_a_signed_token_carries_the_node_and_signature_and_old_ones_still_read()
     old = signed + hmac.new(key, signed, hashlib.sha256).digest()
     back = handoff.state_from_bytes(old, settings)
     assert (back.node, back.signature, back.tail) == ("", b"", b"tail")
+
+
+def test_without_a_cluster_no_redis_is_imported() -> None:
+    """A gateway without [cluster] does not need redis-py (the `cluster` extra)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tether.gateway.server, tether.cli.main; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'redis' "
+            "or m in ('tether.cluster.node', 'tether.cluster.membership')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
