@@ -176,3 +176,108 @@ def test_without_a_cluster_no_redis_is_imported() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- the owner's view of a TLS link: LinkTransport -----------------------------------
+
+
+class _FakeTLS:
+    """What LinkTransport uses of a TLS transport, recorded."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.reading = True
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+class _Loop:
+    def __init__(self) -> None:
+        self.ready: list[Any] = []
+
+    def call_soon(self, callback: Any, *args: Any) -> None:
+        self.ready.append((callback, args))
+
+    def run(self) -> None:
+        while self.ready:
+            callback, args = self.ready.pop(0)
+            callback(*args)
+
+
+class _Reader:
+    """A protocol that pauses reading now and then, as a session does at each request."""
+
+    def __init__(self, pauses: list[bool]) -> None:
+        self.got = bytearray()
+        self.eof = False
+        self.pauses = pauses
+        self.transport: Any = None
+        self.while_paused = 0
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if not self.transport.is_reading():
+            self.while_paused += 1
+        self.got += data
+        if self.pauses and self.pauses.pop(0):
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+@given(st.lists(st.binary(min_size=1, max_size=50), max_size=12), st.data())
+def test_a_link_transport_hands_up_what_was_framed_in_order_never_while_paused(
+    chunks: list[bytes], data: Any
+) -> None:
+    from tether.cluster.link import LinkTransport, _Unframe
+
+    loop = _Loop()
+    tls = _FakeTLS()
+    reader = _Reader(data.draw(st.lists(st.booleans(), max_size=30)))
+    unframe = _Unframe(loop, lambda: reader)  # type: ignore[arg-type]
+    unframe.connection_made(tls)  # type: ignore[arg-type]
+    wire = b"".join(frame(c) for c in chunks) + EOF_FRAME
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=6)))
+    for start, end in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+        unframe.data_received(wire[start:end])
+        loop.run()
+        while reader.transport is not None and not reader.transport.is_reading():
+            reader.transport.resume_reading()  # the session reads on
+            loop.run()
+    assert bytes(reader.got) == b"".join(chunks)
+    assert reader.eof == (reader.transport is not None)
+    assert reader.while_paused == 0
+    stream = unframe.stream
+    assert isinstance(stream, LinkTransport)
+    # Written back: frames; a half-close is the end-of-stream frame, once.
+    stream.write(b"answer")
+    stream.write_eof()
+    stream.write_eof()
+    stream.write(b"late")
+    assert Deframer().feed(bytes(tls.written)) == [b"answer", END]
