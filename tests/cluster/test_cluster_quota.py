@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import shutil
 import socket
@@ -20,6 +21,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -186,71 +188,72 @@ class RedisServer:
             self.proc = None
 
 
+@contextlib.contextmanager
+def one_node_on(server: RedisServer, url: str = "", **options: Any) -> Iterator[Cluster]:
+    """`server` started, and a one-node cluster using it (at `url`, default its plain port)."""
+    cluster = Cluster(server.tmp, size=1, redis_url=url or f"redis://127.0.0.1:{server.port}/0",
+                      **options)
+    server.start()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        server.stop()
+
+
 def test_redis_away_fails_closed_at_once_and_recovers(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)
     quota = (f"\n[apps.tests.quota]\nconnects_per_minute = {LIMIT}\n"
              "\n[apps.free]\nkey = \"free-key-for-the-redis-test\"\n")
-    cluster = Cluster(tmp_path, size=1, redis_url=f"redis://127.0.0.1:{server.port}/0",
-                      config_extra=quota)
-    server.start()
-    try:
-        cluster.start()
+    with one_node_on(server, config_extra=quota) as cluster, serving(echo) as target:
         node = cluster.node(1)
-        with serving(echo) as target:
-            def connect_as(app: str, key: str) -> None:
-                use_gateway(node.address, app, key)
-                with tsocket.socket() as sock:
-                    sock.settimeout(10)
-                    sock.connect(("127.0.0.1", target.port))
 
-            connect_as("tests", node.key)  # leased while Redis is there
-            server.stop()
-            # Spend what the node holds, then: refused, at once, saying why.
-            started = time.monotonic()
-            with pytest.raises(ConnectionRefusedError, match=r"Redis (failed|did not answer)"
-                               ) as caught:
-                for _ in range(LIMIT):
-                    connect_as("tests", node.key)
-            assert "cluster.quota_fail" in str(caught.value)
-            assert "connects_per_minute" in str(caught.value)
-            assert time.monotonic() - started < 5.0  # no hang: bounded by redis_timeout (0.5 s)
-            connect_as("free", "free-key-for-the-redis-test")  # no quota: not Redis's to refuse
-            server.start()
-            # Back: within the retry pause (1 s) and a beat, the quota'd app connects again.
-            def works() -> bool:
-                try:
-                    connect_as("tests", node.key)
-                except ConnectionRefusedError:
-                    return False
-                return True
+        def connect_as(app: str, key: str) -> None:
+            use_gateway(node.address, app, key)
+            with tsocket.socket() as sock:
+                sock.settimeout(10)
+                sock.connect(("127.0.0.1", target.port))
 
-            assert wait_for(works, timeout=10)
-            assert "cluster quotas:" in node.log_text()
-            # The node is back in the cluster: its heartbeat key is in the new Redis.
-            assert wait_for(lambda: cluster.live() == {"n1"}, timeout=10)
-    finally:
-        cluster.stop()
+        def works() -> bool:
+            try:
+                connect_as("tests", node.key)
+            except ConnectionRefusedError:
+                return False
+            return True
+
+        connect_as("tests", node.key)  # leased while Redis is there
         server.stop()
+        # Spend what the node holds, then: refused, at once, saying why.
+        started = time.monotonic()
+        with pytest.raises(ConnectionRefusedError, match=r"Redis (failed|did not answer)"
+                           ) as caught:
+            for _ in range(LIMIT):
+                connect_as("tests", node.key)
+        assert "cluster.quota_fail" in str(caught.value)
+        assert "connects_per_minute" in str(caught.value)
+        assert time.monotonic() - started < 5.0  # no hang: bounded by redis_timeout (0.5 s)
+        connect_as("free", "free-key-for-the-redis-test")  # no quota: not Redis's to refuse
+        server.start()
+        # Back: within the retry pause (1 s) and a beat, the quota'd app connects again.
+        assert wait_for(works, timeout=10)
+        assert "cluster quotas:" in node.log_text()
+        # The node is back in the cluster: its heartbeat key is in the new Redis.
+        assert wait_for(lambda: cluster.live() == {"n1"}, timeout=10)
 
 
 def test_redis_auth_from_a_password_file(tmp_path: Path) -> None:
     password = secrets.token_urlsafe(16)
     server = RedisServer(tmp_path, password=password)
     (tmp_path / "redis-password").write_text(password + "\n")
-    cluster = Cluster(tmp_path, size=1, redis_url=f"redis://127.0.0.1:{server.port}/0",
-                      redis_password=password,
-                      cluster_extra=f'redis_password_file = "{tmp_path / "redis-password"}"\n')
-    server.start()
-    try:
-        cluster.start()  # waits until the node's heartbeat key is there: AUTH worked
+    extra = f'redis_password_file = "{tmp_path / "redis-password"}"\n'
+    # start() waits until the node's heartbeat key is there: AUTH worked.
+    with one_node_on(server, redis_password=password, cluster_extra=extra) as cluster:
         client = redis.Redis(port=server.port, password=password, socket_timeout=5)
         value = client.get(f"{cluster.prefix}node:n1")
-        assert value is not None and b"link" in value
         client.close()
+        assert value is not None and b"link" in value
         assert password not in cluster.node(1).log_text()
-    finally:
-        cluster.stop()
-        server.stop()
 
 
 def test_redis_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
@@ -264,25 +267,17 @@ def test_redis_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
     server_cert.private_key_pem.write_to_path(str(files["server-key"]))
     client_cert.cert_chain_pems[0].write_to_path(str(files["client"]))
     client_cert.private_key_pem.write_to_path(str(files["client-key"]))
-    server = RedisServer(tmp_path, "--tls-cert-file", str(files["server"]),
+    # The plain port stays for the test's own look; the node speaks TLS on the other.
+    tls_port = free_port()
+    server = RedisServer(tmp_path, "--tls-port", str(tls_port),
+                         "--tls-cert-file", str(files["server"]),
                          "--tls-key-file", str(files["server-key"]),
                          "--tls-ca-cert-file", str(files["ca"]), "--tls-auth-clients", "yes")
-    # The plain port stays for the test's own checks; the node speaks TLS on the other.
-    tls_port = free_port()
-    server.options += ["--tls-port", str(tls_port)]
-    cluster = Cluster(tmp_path, size=1, redis_url=f"rediss://127.0.0.1:{tls_port}/0",
-                      view_url=f"redis://127.0.0.1:{server.port}/0",  # the test's view: plain
-                      cluster_extra=(
-                          f'redis_tls_ca = "{files["ca"]}"\n'
-                          f'redis_tls_cert = "{files["client"]}"\n'
-                          f'redis_tls_key = "{files["client-key"]}"\n'))
-    server.start()
-    try:
-        cluster.start()  # the node's heartbeat key arrived over TLS
-        assert cluster.live() == {"n1"}
-    finally:
-        cluster.stop()
-        server.stop()
+    extra = (f'redis_tls_ca = "{files["ca"]}"\nredis_tls_cert = "{files["client"]}"\n'
+             f'redis_tls_key = "{files["client-key"]}"\n')
+    with one_node_on(server, f"rediss://127.0.0.1:{tls_port}/0", cluster_extra=extra,
+                     view_url=f"redis://127.0.0.1:{server.port}/0") as cluster:
+        assert cluster.live() == {"n1"}  # its heartbeat key arrived over TLS
 
 
 def test_a_steady_stream_of_connects_makes_no_redis_round_trip(tmp_path: Path) -> None:
@@ -290,11 +285,7 @@ def test_a_steady_stream_of_connects_makes_no_redis_round_trip(tmp_path: Path) -
     server = RedisServer(tmp_path)
     limit = 6000  # a minute's: chunks of 600
     quota = f"\n[apps.tests.quota]\nconnects_per_minute = {limit}\n"
-    cluster = Cluster(tmp_path, size=1, redis_url=f"redis://127.0.0.1:{server.port}/0",
-                      config_extra=quota)
-    server.start()
-    try:
-        cluster.start()
+    with one_node_on(server, config_extra=quota) as cluster, serving(echo) as target:
         node = cluster.node(1)
         client = redis.Redis(port=server.port, socket_timeout=5)
 
@@ -304,16 +295,12 @@ def test_a_steady_stream_of_connects_makes_no_redis_round_trip(tmp_path: Path) -
                        for c in ("evalsha", "eval"))
 
         use_gateway(node.address, node.app, node.key)
-        with serving(echo) as target:
-            before = leases()
-            for _ in range(200):
-                with tsocket.socket() as sock:
-                    sock.settimeout(10)
-                    sock.connect(("127.0.0.1", target.port))
-            after = leases()
+        before = leases()
+        for _ in range(200):
+            with tsocket.socket() as sock:
+                sock.settimeout(10)
+                sock.connect(("127.0.0.1", target.port))
+        after = leases()
+        client.close()
         # One lease for the window (and one more if the test crossed a minute).
         assert after - before <= 2, after - before
-        client.close()
-    finally:
-        cluster.stop()
-        server.stop()
