@@ -185,7 +185,7 @@ class LeasedStore:
         try:
             grant, window, left, granted = await bounded(
                 self._lease(keys=[self._base(app, limit)], args=args),
-                self.config.redis_timeout, f"a lease of {app!r}'s {limit}",
+                self.config.redis_timeout, f"a lease for {limit} of app {app!r}",
             )
         except StoreUnavailable as exc:
             self._failed(exc)
