@@ -28,6 +28,7 @@ from pathlib import Path as FsPath
 from typing import Any
 
 from bench import aio, bulk, connrate, handoff, memory, procs, proxies, report, rtt
+from bench import cluster as gateway_cluster
 from bench import workers as gateway_workers
 from bench.floor import FloorRelay
 from bench.gateway import QUOTA_APP, TetherGateway
@@ -49,7 +50,7 @@ from bench.paths import (
 from bench.procs import REPO_ROOT, Child, Pinning, descendants, python, python_env, raise_fd_limit
 
 WORKLOADS = ["download", "upload", "rtt", "connrate", "handoff", "memory", *aio.WORKLOADS,
-             "workers"]
+             "workers", "cluster"]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 README = REPO_ROOT / "bench" / "README.md"
 
@@ -161,6 +162,8 @@ class Suite:
         self.handoff_note = ""
         # `tether serve` vs `--workers 2` with parallel clients (bench/workers.py)
         self.workers_result: dict[str, Any] | None = None
+        # a handoff resumed through another cluster node (bench/cluster.py)
+        self.cluster_result: dict[str, Any] | None = None
         self.versions: dict[str, str] = {"dante": "-", "microsocks": "-"}
 
     # -- setup ----------------------------------------------------------------
@@ -321,7 +324,7 @@ class Suite:
             # A different path goes first each repetition, so drift spreads evenly.
             order = names[rep % len(names):] + names[:rep % len(names)] if names else []
             for workload in args.workload_list:
-                if workload in ("memory", "workers") or workload in aio.WORKLOADS:
+                if workload in ("memory", "workers", "cluster") or workload in aio.WORKLOADS:
                     continue
                 for name in order:
                     path = self.paths[name]
@@ -336,6 +339,9 @@ class Suite:
                 self.workdir, self.targets.ports, reps=args.reps,
                 seconds=gateway_workers.QUICK_SECONDS if args.quick
                 else gateway_workers.DEFAULT_SECONDS)
+        if "cluster" in args.workload_list:
+            say("cluster: handoffs resumed through another node (TLS and Unix links)")
+            self.cluster_result = gateway_cluster.measure(args.handoffs)
         if "memory" in args.workload_list:
             self.run_memory()
 
@@ -590,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     if suite.workers_result is not None:
         results["workers"] = suite.workers_result
         table += "\n\n" + gateway_workers.render(suite.workers_result)
+    if suite.cluster_result is not None:
+        results["cluster"] = suite.cluster_result
+        table += "\n\n" + gateway_cluster.render(suite.cluster_result)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = report.write_json(results, args.results, stamp)
     say("")
