@@ -101,6 +101,8 @@ class ClusterNode:
         self.links: LinkServer | None = None
         self.membership: Membership | None = None
         self.forwarded: OrderedDict[str, str] = OrderedDict()  # descriptor -> owner node
+        # A worker of `tether serve --workers N`: its siblings' ids start with this.
+        self.siblings = ""
         self.quota = LeasedStore(self.redis, config, core.loop, clock=core.registry.clock)
         self.splices: set[Splice] = set()
         self.pools: dict[Endpoint, list[Splice]] = {}
@@ -299,9 +301,9 @@ class ClusterNode:
             return None
         owner = self.forwarded.get(descriptor)
         if owner is None:
-            if registry.tombstone(app, descriptor) is not None:
-                return None  # closed here: this node says why
-            return await self._ask_everyone(app, req)
+            if registry.tombstone(app, descriptor) is not None or not self.siblings:
+                return None  # closed here (this node says why), or no node could know it
+            return await self._ask_siblings(app, req)
         address = await self._address(owner)
         if isinstance(address, Refusal):
             return pb.Response(id=req.id, error=wire_error(address))
@@ -311,22 +313,31 @@ class ClusterNode:
             return pb.Response(id=req.id, error=wire_error(
                 node_gone(owner, f"its link at {address} did not answer: {_why(exc)}")))
 
-    async def _ask_everyone(self, app: str, req: pb.Request) -> pb.Response | None:
-        """The answer of the node that knows the socket `req` names; None if none does."""
-        for answer in (await self._ask_others(app, req)).values():
+    async def _ask_siblings(self, app: str, req: pb.Request) -> pb.Response | None:
+        """The answer of the sibling worker that knows the socket `req` names; None if none.
+
+        Only the workers of one host share an app's streams (the kernel spreads
+        them), so only they are asked: an app that names descriptors at random
+        cannot make its node ask every host of the cluster.
+        """
+        for answer in (await self._ask_others(app, req, self.siblings)).values():
             if not answer.HasField("error") or answer.error.code != pb.Error.NOT_FOUND:
                 return answer
         return None  # nobody has it: this node's own "no socket" answer
 
-    async def _ask_others(self, app: str, req: pb.Request) -> dict[str, pb.Response]:
-        """`req` asked of every other live node at once, as `app`: the answers given."""
+    async def _ask_others(
+        self, app: str, req: pb.Request, prefix: str = ""
+    ) -> dict[str, pb.Response]:
+        """`req` asked of every other live node (whose id starts with `prefix`) at once,
+        as `app`: the answers given."""
         assert self.membership is not None
         try:
             members = await self.membership.members()
         except StoreUnavailable as exc:
             log.warning("cluster: asking the last known nodes: %s", exc)
             members = dict(self.membership.known)
-        others = [(n, a) for n, a in sorted(members.items()) if n != self.node_id]
+        others = [(n, a) for n, a in sorted(members.items())
+                  if n != self.node_id and n.startswith(prefix)]
         answers = await asyncio.gather(
             *(self._ask(address, app, req) for _, address in others), return_exceptions=True
         )
@@ -451,6 +462,8 @@ async def start_node(core: GatewayCore, session: Callable[[], asyncio.Protocol])
     if worker is not None:
         config = for_worker(config, worker.index, worker.link_path(worker.index))
     node = ClusterNode(core, config)
+    if worker is not None:
+        node.siblings = config.node_id.rpartition("-")[0] + "-"
     core.node_id = config.node_id
     await node.start(session)
     # The quotas hold across the cluster: the book's counters become leases.
