@@ -103,7 +103,9 @@ def test_a_forged_handoff_is_refused_without_a_lookup(tmp_path: Path) -> None:
         forged = [
             dataclasses.replace(state, node="n2"),  # pointed at another node
             dataclasses.replace(state, signature=bytes(32)),
-            dataclasses.replace(state, token="A" + state.token[1:]),
+            # Another first character (the same one would be no change at all).
+            dataclasses.replace(state, token=("B" if state.token[0] == "A" else "A")
+                                + state.token[1:]),
         ]
         for bad in forged:
             with pytest.raises(PermissionError, match="does not carry this cluster's signature"):

@@ -363,12 +363,19 @@ class ClusterNode:
         return response
 
     async def _ask(self, address: Endpoint, app: str, req: pb.Request) -> pb.Response:
-        """One request on a new link to the node at `address`, as `app`; its Response."""
+        """One request on a link to the node at `address` (an idle one if there is), as
+        `app`; its Response."""
         loop = self.core.loop
         wire = Connection(Role.CLIENT)
         ask = _Ask(loop, wire, framed=not address.is_unix)
-        transport = await dial(loop, address, lambda: ask,
-                               None if address.is_unix else self.client_tls, LINK_CONNECT_TIMEOUT)
+        idle = self._take(address)
+        transport = idle.link.transport if idle is not None else None
+        if transport is not None:
+            transport.set_protocol(ask)  # the pooled link is this request's now
+        else:
+            transport = await dial(loop, address, lambda: ask,
+                                   None if address.is_unix else self.client_tls,
+                                   LINK_CONNECT_TIMEOUT)
         try:
             payload = wire.send(pb.ClientHello(protocol_version=PROTOCOL_VERSION, app=app,
                                                client_version=f"node {self.node_id}"))
