@@ -38,6 +38,8 @@ NODE_GONE = (
 
 # code, errno sent, message sent, rule sent, target -> class (exactly), errno, text (strerror
 # or, for the classes that have none, str())
+DRAINING = ("tether: gateway h-1 is draining (shutting down) and accepts no new connections; "
+            "retry on another gateway")
 TABLE: list[tuple[int, int, str, str, str, type[BaseException], int | None, str]] = [
     (E.CODE_UNSPECIFIED, 0, "", "", "", OSError, errno.EIO,
      f"tether: gateway {GW} failed the request"),
@@ -83,6 +85,9 @@ TABLE: list[tuple[int, int, str, str, str, type[BaseException], int | None, str]
     (E.NODE_GONE, errno.EHOSTDOWN, NODE_GONE, "", "", NodeGone, errno.ECONNRESET, NODE_GONE),
     (E.QUOTA, errno.EDQUOT, QUOTA, "connects_per_minute", "127.0.0.1:80", QuotaExceeded,
      errno.EDQUOT, QUOTA),
+    # A draining gateway: refused, retry elsewhere (docs/workers.md).
+    (E.UNAVAILABLE, errno.ECONNREFUSED, DRAINING, "", "127.0.0.1:80", ConnectionRefusedError,
+     errno.ECONNREFUSED, DRAINING),
 ]
 
 
