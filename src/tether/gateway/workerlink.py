@@ -147,7 +147,7 @@ class WorkerLinks:
                 await self.core.loop.sock_connect(sock, path)
         except (OSError, TimeoutError) as exc:
             sock.close()
-            return node_gone(req.node, f"its worker does not answer at {path}: {_why(exc)}")
+            return node_gone(req.node, f"its worker does not answer at {path}: {inspect.why(exc)}")
         return _Pass(self, sock, app, req)
 
     # -- requests --------------------------------------------------------------------
@@ -163,37 +163,18 @@ class WorkerLinks:
         registry = self.core.registry
         if registry.get(app, descriptor) is not None or registry.tombstone(app, descriptor):
             return None
-        answers = await self._ask_all(app, req)
-        for answer in answers.values():
-            if not answer.HasField("error") or answer.error.code != pb.Error.NOT_FOUND:
-                return answer  # the sibling that holds (or held) the socket
-        return None  # nobody has it: this worker's own "no socket" answer
+        # Nobody has it: None, this worker's own "no socket" answer.
+        return inspect.holders_answer((await self._ask_all(app, req)).values())
 
     async def _list_everywhere(self, app: str, admin: bool, req: pb.Request) -> pb.Response:
-        response = pb.Response(id=req.id)
-        response.sockets.SetInParent()
-        response.sockets.sockets.extend(
-            inspect.list_sockets(self.core.registry, app, every_app=admin, node=self.node_id)
-        )
-        for node, answer in sorted((await self._ask_all(app, req)).items()):
-            for info in answer.sockets.sockets:
-                info.node = info.node or node
-                response.sockets.sockets.append(info)
-        return response
+        local = inspect.list_sockets(self.core.registry, app, every_app=admin, node=self.node_id)
+        return inspect.gathered(req.id, local, await self._ask_all(app, req))
 
     async def _ask_all(self, app: str, req: pb.Request) -> dict[str, pb.Response]:
         """`req` asked of every sibling at once, as `app`; the answers of those that gave one."""
-        peers = sorted(self.spec.peers.items())
-        answers = await asyncio.gather(
-            *(self._ask(path, app, req) for _, path in peers), return_exceptions=True
-        )
-        found = {}
-        for (node, path), answer in zip(peers, answers, strict=True):
-            if isinstance(answer, BaseException):
-                log.warning("worker links: %s (%s) did not answer: %s", node, path, _why(answer))
-            else:
-                found[node] = answer
-        return found
+        asks = [(node, path, self._ask(path, app, req))
+                for node, path in sorted(self.spec.peers.items())]
+        return await inspect.ask_each(asks, log, "worker links: worker")
 
     async def _ask(self, path: str, app: str, req: pb.Request) -> pb.Response:
         """One request on a new stream to the sibling at `path`; its Response."""
@@ -324,7 +305,7 @@ class _Pass:
                 await self.links.core.loop.sock_sendall(self.sock, data)
         except (OSError, TimeoutError) as exc:
             log.warning("worker links: passing socket %s to %s: %s",
-                        self.req.descriptor[:8], self.req.node, _why(exc))
+                        self.req.descriptor[:8], self.req.node, inspect.why(exc))
         finally:
             self.sock.close()
 
@@ -375,14 +356,6 @@ class _Received:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
 
 
 async def start_worker_links(core: GatewayCore, spec: WorkerSpec) -> WorkerLinks:

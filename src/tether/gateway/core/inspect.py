@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import socket
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 
 from tether.gateway.core.errors import Refusal
 from tether.gateway.core.registry import Registry, SocketRecord
@@ -73,9 +76,70 @@ def list_sockets(
     return listed
 
 
+# -- several gateways as one: the workers of a host, the nodes of a cluster ----------
+
+
+async def ask_each(
+    asks: Sequence[tuple[str, object, Awaitable[pb.Response]]], log: logging.Logger, who: str
+) -> dict[str, pb.Response]:
+    """Await every (node, where, ask) at once: the answers given, by node.
+
+    A node that did not answer is logged (as `who` NODE (WHERE)) and left out.
+    """
+    answers = await asyncio.gather(*(ask for _, _, ask in asks), return_exceptions=True)
+    found = {}
+    for (node, where, _), answer in zip(asks, answers, strict=True):
+        if isinstance(answer, BaseException):
+            log.warning("%s %r (%s) did not answer: %s", who, node, where, why(answer))
+        else:
+            found[node] = answer
+    return found
+
+
+def holders_answer(answers: Iterable[pb.Response]) -> pb.Response | None:
+    """Of the answers to a request about one socket, the one from whoever holds (or held) it."""
+    for answer in answers:
+        if not answer.HasField("error") or answer.error.code != pb.Error.NOT_FOUND:
+            return answer
+    return None  # nobody has it
+
+
+def gathered(
+    request_id: int, local: Sequence[pb.SocketInfo], others: Mapping[str, pb.Response]
+) -> pb.Response:
+    """A listing of several nodes: this node's sockets, then each other's in node order,
+    each socket named by its node."""
+    response = pb.Response(id=request_id)
+    response.sockets.SetInParent()
+    response.sockets.sockets.extend(local)
+    for node, answer in sorted(others.items()):
+        for info in answer.sockets.sockets:
+            info.node = info.node or node
+            response.sockets.sockets.append(info)
+    return response
+
+
+def why(exc: BaseException) -> str:
+    """An exception in a few words, for a log line or a refusal."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
 def _unknown(app: str, descriptor: str) -> Refusal:
     return Refusal(pb.Error.NOT_FOUND, errno.EBADF,
         f"tether: no socket {descriptor[:8]}... for app '{app}'")
 
 
-__all__ = ["close_reason", "gone", "list_sockets", "live"]
+__all__ = [
+    "ask_each",
+    "close_reason",
+    "gathered",
+    "gone",
+    "holders_answer",
+    "list_sockets",
+    "live",
+    "why",
+]
