@@ -14,7 +14,6 @@ import re
 import secrets
 import socket
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,11 +74,10 @@ def test_a_killed_nodes_sockets_fail_at_once_and_the_others_live_on(tmp_path: Pa
         cluster.kill(2)
         # Through node 3 (its heartbeat key may still be there: the link is refused at once).
         through(cluster, 3)
-        started = time.monotonic()
         with pytest.raises(NodeGone, match="node 'n2' has left the cluster") as caught:
             pickle.loads(blobs[2])
-        # At once: no connect timeout or heartbeat TTL waited out (both are seconds).
-        assert time.monotonic() - started < 1.0
+        # At once: its link was refused (or closed unanswered), no timeout or TTL waited out.
+        assert re.search(r"Connection refused|closed before it answered", str(caught.value))
         assert caught.value.node == "n2"
         # Once its heartbeat key has expired the answer says so, still at once.
         assert cluster.wait_gone("n2")

@@ -225,14 +225,14 @@ def test_redis_away_fails_closed_at_once_and_recovers(tmp_path: Path) -> None:
         connect_as("tests", node.key)  # leased while Redis is there
         server.stop()
         # Spend what the node holds, then: refused, at once, saying why.
-        started = time.monotonic()
-        with pytest.raises(ConnectionRefusedError, match=r"Redis (failed|did not answer)"
-                           ) as caught:
+        with pytest.raises(ConnectionRefusedError, match=r"Redis failed") as caught:
             for _ in range(LIMIT):
                 connect_as("tests", node.key)
         assert "cluster.quota_fail" in str(caught.value)
         assert "connects_per_minute" in str(caught.value)
-        assert time.monotonic() - started < 5.0  # no hang: bounded by redis_timeout (0.5 s)
+        # At once: the call failed (refused, or closed by the stopping server); nothing
+        # waited for an answer (a wait, bounded by redis_timeout, says "did not answer").
+        assert "did not answer" not in str(caught.value)
         connect_as("free", "free-key-for-the-redis-test")  # no quota: not Redis's to refuse
         server.start()
         # Back: within the retry pause (1 s) and a beat, the quota'd app connects again.
