@@ -23,6 +23,7 @@ import errno
 import hashlib
 import json
 import logging
+import pickle
 import socket
 import threading
 import time
@@ -375,6 +376,32 @@ def test_bytes_out_per_minute_slows_a_transfer_and_loses_no_byte(real_env: Env) 
         assert sock.recv(64).startswith(str(len(data)).encode())
         # Nothing was refused or closed: a throttle is not a refusal.
         assert real_env.usage("slow")[0] == 0
+    finally:
+        server.stop()
+
+
+def test_a_throttled_socket_hands_off_and_keeps_every_byte(real_env: Env) -> None:
+    """Pickled while its reads are paused for the quota: the old holder still drains.
+
+    The gateway reads the old holder's last bytes and its EOF at once (they
+    are charged, so the new holder starts with the debt and is slowed in
+    its turn); otherwise the detach would wait for the throttle's timer.
+    """
+    server = Server(sink).start()
+    try:
+        sock = real_env.connect("slow", server.port)
+        first = stream(SEED, 0, RATE + 512 * KiB)  # the burst, then half a megabyte throttled
+        sock.sendall(first)
+        # While the gateway is not reading (the throttle's pause): the detach
+        # must not wait for the budget (500 KiB would outlast its 30 s bound).
+        payload = pickle.dumps(sock)
+        sock.close()
+        with pickle.loads(payload) as resumed:
+            resumed.sendall(stream(SEED, len(first), 64 * KiB))
+            resumed.shutdown(socket.SHUT_WR)
+            total, digest = server.result(timeout=60)
+        whole = stream(SEED, 0, len(first) + 64 * KiB)
+        assert (total, digest) == (len(whole), hashlib.sha256(whole).hexdigest())
     finally:
         server.stop()
 

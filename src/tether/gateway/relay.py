@@ -302,10 +302,12 @@ class Link:
         What the app sends meanwhile waits in its own socket buffer, then
         its send() blocks: a slow link, not an error. A later chunk's delay
         (read before the pause took effect) replaces this one: it is the
-        later, and the right, time.
+        later, and the right, time. Not while a handoff drains the old
+        holder: its last bytes and its EOF must be read now (they are still
+        charged, so the new holder starts with the debt and waits in turn).
         """
         transport = self.app_side.transport
-        if transport is None:
+        if transport is None or self.record.state is not ATTACHED:
             return
         if self.throttled is not None:
             self.throttled.cancel()
@@ -363,6 +365,13 @@ class Link:
         self.record.state = DETACHING
         self.holding = True
         self.settled = asyncio.Event()
+        if self.throttled is not None:
+            # The old holder drains now (see throttle()).
+            self.throttled.cancel()
+            self.throttled = None
+            app = self.app_side.transport
+            if app is not None and not self.peer_side.paused:
+                app.resume_reading()
         if self.peer_side.transport is not None:
             self.peer_side.transport.pause_reading()
 
