@@ -393,7 +393,7 @@ def test_a_throttled_socket_hands_off_and_keeps_every_byte(real_env: Env) -> Non
         first = stream(SEED, 0, RATE + 512 * KiB)  # the burst, then half a megabyte throttled
         sock.sendall(first)
         # While the gateway is not reading (the throttle's pause): the detach
-        # must not wait for the budget (500 KiB would outlast its 30 s bound).
+        # lifts the pause and reads the old holder's last bytes and EOF at once.
         payload = pickle.dumps(sock)
         sock.close()
         with pickle.loads(payload) as resumed:
