@@ -180,7 +180,7 @@ class ClusterNode:
             try:
                 splice = await self._dial(address)
             except (OSError, TimeoutError) as exc:
-                return node_gone(owner, f"its link at {address} did not answer: {_why(exc)}")
+                return node_gone(owner, f"its link at {address} did not answer: {inspect.why(exc)}")
         wire = Connection(Role.CLIENT)
         splice.link.send(
             wire.send(pb.ClientHello(protocol_version=PROTOCOL_VERSION, app=app,
@@ -237,7 +237,7 @@ class ClusterNode:
                 splice.on_end = dropped
                 pool.append(splice)
         except (OSError, TimeoutError) as exc:
-            log.debug("cluster: no idle link to %s: %s", address, _why(exc))
+            log.debug("cluster: no idle link to %s: %s", address, inspect.why(exc))
         finally:
             self._filling.discard(address)
 
@@ -311,7 +311,7 @@ class ClusterNode:
             return await self._ask(address, app, req)
         except (OSError, TimeoutError) as exc:
             return pb.Response(id=req.id, error=wire_error(
-                node_gone(owner, f"its link at {address} did not answer: {_why(exc)}")))
+                node_gone(owner, f"its link at {address} did not answer: {inspect.why(exc)}")))
 
     async def _ask_siblings(self, app: str, req: pb.Request) -> pb.Response | None:
         """The answer of the sibling worker that knows the socket `req` names; None if none.
@@ -320,10 +320,8 @@ class ClusterNode:
         them), so only they are asked: an app that names descriptors at random
         cannot make its node ask every host of the cluster.
         """
-        for answer in (await self._ask_others(app, req, self.siblings)).values():
-            if not answer.HasField("error") or answer.error.code != pb.Error.NOT_FOUND:
-                return answer
-        return None  # nobody has it: this node's own "no socket" answer
+        # Nobody has it: None, this node's own "no socket" answer.
+        return inspect.holders_answer((await self._ask_others(app, req, self.siblings)).values())
 
     async def _ask_others(
         self, app: str, req: pb.Request, prefix: str = ""
@@ -336,31 +334,13 @@ class ClusterNode:
         except StoreUnavailable as exc:
             log.warning("cluster: asking the last known nodes: %s", exc)
             members = dict(self.membership.known)
-        others = [(n, a) for n, a in sorted(members.items())
-                  if n != self.node_id and n.startswith(prefix)]
-        answers = await asyncio.gather(
-            *(self._ask(address, app, req) for _, address in others), return_exceptions=True
-        )
-        found = {}
-        for (node, address), answer in zip(others, answers, strict=True):
-            if isinstance(answer, BaseException):
-                log.warning("cluster: node %r (%s) did not answer: %s", node, address,
-                            _why(answer))
-            else:
-                found[node] = answer
-        return found
+        asks = [(n, a, self._ask(a, app, req)) for n, a in sorted(members.items())
+                if n != self.node_id and n.startswith(prefix)]
+        return await inspect.ask_each(asks, log, "cluster: node")
 
     async def _list_everywhere(self, app: str, admin: bool, req: pb.Request) -> pb.Response:
-        response = pb.Response(id=req.id)
-        response.sockets.SetInParent()
-        response.sockets.sockets.extend(
-            inspect.list_sockets(self.core.registry, app, every_app=admin, node=self.node_id)
-        )
-        for node, answer in sorted((await self._ask_others(app, req)).items()):
-            for info in answer.sockets.sockets:
-                info.node = info.node or node
-                response.sockets.sockets.append(info)
-        return response
+        local = inspect.list_sockets(self.core.registry, app, every_app=admin, node=self.node_id)
+        return inspect.gathered(req.id, local, await self._ask_others(app, req))
 
     async def _ask(self, address: Endpoint, app: str, req: pb.Request) -> pb.Response:
         """One request on a link to the node at `address` (an idle one if there is), as
@@ -451,14 +431,6 @@ def _refused(refusal: Refusal) -> bytes:
     return encode_frame(pb.ServerHello(protocol_version=PROTOCOL_VERSION,
                                        gateway_version=__version__)) + encode_frame(
         pb.ConnectResult(error=wire_error(refusal)))
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
 
 
 async def start_node(core: GatewayCore, session: Callable[[], asyncio.Protocol]) -> ClusterNode:
