@@ -237,7 +237,8 @@ def test_every_instant_is_in_exactly_one_quota_day(
 @pytest.mark.parametrize(
     ("n", "words"),
     [(1, "1 byte"), (1000, "1000 bytes"), (1024, "1 KiB"), (50 * 2**20, "50 MiB"),
-     (3 * 2**29, "1.5 GiB"), (10 * 2**30, "10 GiB"), (2**40, "1 TiB")],
+     (3 * 2**29, "1,610,612,736 bytes (1.5 GiB)"), (10 * 2**30, "10 GiB"), (2**40, "1 TiB"),
+     (16333, "16,333 bytes (16.0 KiB)")],
 )
 def test_sizes_in_words(n: int, words: str) -> None:
     assert format_size(n) == words
@@ -262,3 +263,21 @@ def test_the_docs_example_is_a_valid_config() -> None:
     assert quota.limits("billing").bytes_out_per_day is None
     assert not quota.limits("trial").enabled
     assert quota.limits("trial").bytes_out_per_minute == 50 * 2**20
+
+
+UNIT_SIZES = {"": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+              "k": 10**3, "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+@given(n=st.integers(1, 10**6), unit=st.sampled_from(sorted(UNIT_SIZES)),
+       space=st.sampled_from(["", " "]), upper=st.booleans())
+def test_any_whole_size_reads_back(n: int, unit: str, space: str, upper: bool) -> None:
+    text = f"{n}{space}{unit.upper() if upper else unit}"
+    assert parse_size(text, "quota.x") == n * UNIT_SIZES[unit]
+
+
+@given(n=st.integers(1, 2**50))
+def test_a_size_in_words_reads_back(n: int) -> None:
+    words = format_size(n)
+    exact = words.split(" (")[0].replace(",", "").replace(" bytes", "").replace(" byte", "")
+    assert parse_size(exact, "quota.x") == n

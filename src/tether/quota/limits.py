@@ -165,12 +165,16 @@ class QuotaConfig:
 
 
 def format_size(n: int) -> str:
-    """A byte count as the config would write it: "10 MiB", "1.5 GiB", "1000 bytes"."""
+    """A byte count in words: "10 MiB" when exact, else "1,610,612,737 bytes (1.5 GiB)".
+
+    The exact count stays in the words: a limit or a total must not read
+    as a rounded value it is not.
+    """
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
-            value = n / size
-            text = f"{value:.0f}" if n % size == 0 else f"{value:.3g}"
-            return f"{text} {unit}"
+            if n % size == 0:
+                return f"{n // size} {unit}"
+            return f"{n:,} bytes ({n / size:.1f} {unit})"
     return f"{n} bytes" if n != 1 else "1 byte"
 
 
