@@ -13,6 +13,7 @@ import datetime as _dt
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -210,7 +211,7 @@ def parse_size(value: Any, path: str) -> int:
                 path, f"{value!r}: unknown unit {match.group(2)!r} (use B, KiB, MiB, GiB, TiB, "
                 "or kB, MB, GB, TB)",
             )
-        exact = float(match.group(1)) * unit
+        exact = Decimal(match.group(1)) * unit  # decimal: "1.1MB" is 1,100,000 exactly
         if exact != int(exact):
             raise ConfigError(path, f"{value!r} is not a whole number of bytes")
         number = int(exact)
