@@ -425,6 +425,43 @@ def test_a_resume_names_a_worker_signed_with_this_runs_key(
         assert refused in refusal.message
 
 
+class _Exited:
+    """A worker process that has exited with `status` (what reap() reads of a Popen)."""
+
+    def __init__(self, pid: int, status: int) -> None:
+        self.pid = pid
+        self.returncode = status
+
+    def poll(self) -> int:
+        return self.returncode
+
+
+def test_restarts_back_off_and_a_worker_that_ran_long_starts_over() -> None:
+    from tether.gateway.supervisor import RESTART_MAX, RESTART_RESET, Supervisor
+
+    now = [1000.0]
+    sup = Supervisor(_config(""), 1, lambda endpoints, spec: [], clock=lambda: now[0])
+    worker = sup.workers[0]
+    delays = []
+    for _ in range(9):  # dies at once, again and again
+        worker.proc, worker.started = _Exited(7, 1), now[0]  # type: ignore[assignment]
+        sup.reap()
+        assert worker.proc is None and worker.restart_at is not None
+        delays.append(worker.restart_at - now[0])
+        now[0] = worker.restart_at
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, RESTART_MAX, RESTART_MAX, RESTART_MAX]
+    # One that ran RESTART_RESET s before dying is restarted soon again.
+    worker.proc, worker.started = _Exited(8, -9), now[0]  # type: ignore[assignment]
+    now[0] += RESTART_RESET
+    sup.reap()
+    assert worker.restart_at == now[0] + RESTART_FIRST
+    # Stopping: a worker that exits is not restarted.
+    sup.stopping = signal.SIGTERM
+    worker.proc, worker.restart_at = _Exited(9, 0), None  # type: ignore[assignment]
+    sup.reap()
+    assert worker.proc is None and worker.restart_at is None and sup.status == 0
+
+
 @pytest.mark.parametrize("text", ["[gateway]\nworkers = 0\n", "[gateway]\nworkers = true\n"])
 def test_bad_workers_count_names_the_key(text: str) -> None:
     from tether.errors import ConfigError
@@ -442,6 +479,29 @@ def test_worker_spec_round_trip_and_peers() -> None:
     assert json.loads(spec.to_json())["unix"] == {"/run/gw.sock": 5}
     assert spec.node_id == "h-1"
     assert spec.peers == {"h-0": "/run/t/worker-0.sock", "h-2": "/run/t/worker-2.sock"}
+
+
+def test_workers_config_key() -> None:
+    assert _config("[gateway]\nworkers = 3\n").workers == 3
+    assert _config("").workers == 1
+
+
+def test_a_worker_that_does_not_exit_after_the_drain_is_killed(tmp_path: Path) -> None:
+    """The supervisor waits drain_timeout + STOP_SLACK for its workers, then kills them."""
+    from tether.gateway.supervisor import STOP_SLACK
+
+    served = start(tmp_path, "k-workers-stuck", gateway="drain_timeout = 0")
+    try:
+        stuck = worker_pid(served, 1)
+        os.kill(stuck, signal.SIGSTOP)  # it cannot act on the SIGTERM
+        mark = len(served.log)
+        served.signal(signal.SIGTERM)
+        served.wait_for(rf"workers still running {STOP_SLACK:g} s after the drain: killing them",
+                        after=mark, timeout=STOP_SLACK + 60)
+        served.wait_for(rf"worker 1 \(pid {stuck}\) was killed by SIGKILL", after=mark)
+        assert served.proc.wait(60) == 1  # not a clean stop
+    finally:
+        served.stop()
 
 
 def test_bad_workers_flag(tmp_path: Path) -> None:
