@@ -34,6 +34,7 @@ from tether.cluster import signing
 from tether.cluster.config import ClusterConfig, for_worker
 from tether.cluster.errors import node_gone
 from tether.cluster.link import (
+    EOF_FRAME,
     Deframer,
     LinkServer,
     Splice,
@@ -364,6 +365,8 @@ class ClusterNode:
             async with asyncio.timeout(LINK_REQUEST_TIMEOUT):
                 return await ask.answer
         finally:
+            if ask.framed and not transport.is_closing():
+                transport.write(EOF_FRAME)  # a clean end: the owner's session closes, no abort
             transport.close()
 
 
