@@ -262,6 +262,26 @@ def test_flush_lag_follows_the_last_confirmed_sample(sqlite: SQLiteStore) -> Non
     run_ledger(ledger, body)
 
 
+def test_an_idle_ledger_has_no_lag_beyond_its_last_sample(sqlite: SQLiteStore) -> None:
+    # Nothing to write is not a write that is late: an idle gateway's lag
+    # (tether_ledger_flush_lag_seconds) must not grow without bound.
+    clock, wall = FakeClock(), Wall()
+    registry = Registry(clock)
+    ledger = make_ledger(sqlite, registry, wall)
+
+    async def body() -> None:
+        for minutes in range(1, 4):
+            wall.now = T0 + 60 * minutes
+            ledger.sample()
+            assert ledger.pending_rows == 0
+            assert await ledger.flush()
+            assert ledger.flush_lag() == 0.0
+        wall.now += 2
+        assert ledger.flush_lag() == 2
+
+    run_ledger(ledger, body)
+
+
 @pytest.mark.parametrize(
     ("interval", "now_mod_60", "expected"),
     [
