@@ -31,6 +31,55 @@ log = logging.getLogger("tether.cluster")
 T = TypeVar("T")
 
 
+# The members are a sorted set scored by when each one's heartbeat expires
+# (Redis's clock), their values a hash: one beat writes this node's key (its
+# liveness, what a resume looks up), refreshes its entries, drops the expired
+# ones and reads the rest, atomically, in O(log n) with n the nodes; never a
+# SCAN of a Redis the cluster may share with other data.
+# KEYS: node key, members, links; ARGV: value, TTL (ms), node id.
+_BEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[1])
+for _, n in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  redis.call('HDEL', KEYS[3], n)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('PEXPIRE', KEYS[2], ttl * 10)
+redis.call('PEXPIRE', KEYS[3], ttl * 10)
+local live = redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')
+if #live == 0 then return {} end
+local values = redis.call('HMGET', KEYS[3], unpack(live))
+local out = {}
+for i, n in ipairs(live) do out[2 * i - 1] = n; out[2 * i] = values[i] end
+return out
+"""
+# KEYS: members, links. The live members and their values, read only.
+_MEMBERS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+if #live == 0 then return {} end
+local values = redis.call('HMGET', KEYS[2], unpack(live))
+local out = {}
+for i, n in ipairs(live) do out[2 * i - 1] = n; out[2 * i] = values[i] end
+return out
+"""
+# KEYS: node key, members, links; ARGV: value, node id. Only if still ours.
+_LEAVE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  redis.call('HDEL', KEYS[3], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
 class StoreUnavailable(ConnectionError):
     """The cluster's Redis did not answer (down, unreachable, refusing us)."""
 
@@ -81,6 +130,9 @@ class Membership:
             {"link": str(advertise), "pid": os.getpid(), "since": time.time()}
         ).encode()
         self.key = self.key_of(self.node_id)
+        self._beat = redis.register_script(_BEAT)
+        self._members = redis.register_script(_MEMBERS)
+        self._leave = redis.register_script(_LEAVE)
         self._task: asyncio.Task[None] | None = None
         self.healthy = False  # the last beat reached Redis
         # The last members seen (each beat reads them): answers when Redis cannot.
@@ -89,11 +141,15 @@ class Membership:
     def key_of(self, node: str) -> str:
         return f"{self.config.prefix}node:{node}"
 
-    async def beat(self) -> None:
-        """Write this node's key with its TTL (StoreUnavailable if Redis does not take it)."""
+    async def beat(self) -> dict[str, Endpoint]:
+        """Write this node's key with its TTL; every live node (StoreUnavailable if Redis
+        does not take it)."""
         ttl_ms = int(self.config.heartbeat_ttl * 1000)
-        await bounded(self.redis.set(self.key, self.value, px=ttl_ms), self.config.redis_timeout,
-                      "this node's heartbeat")
+        found = await bounded(
+            self._beat(keys=self._keys(), args=[self.value, ttl_ms, self.node_id]),
+            self.config.redis_timeout, "this node's heartbeat",
+        )
+        return _members(found)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._task = loop.create_task(self._run())
@@ -101,8 +157,7 @@ class Membership:
     async def _run(self) -> None:
         while True:
             try:
-                await self.beat()
-                self.known = await self.members()
+                self.known = await self.beat()
             except StoreUnavailable as exc:
                 if self.healthy or not self.known:
                     log.warning("cluster: %s; node %r will look gone to the others after %g s "
@@ -125,39 +180,33 @@ class Membership:
 
     async def members(self) -> dict[str, Endpoint]:
         """Every live node and its link address (StoreUnavailable)."""
-        pattern = f"{self.config.prefix}node:*"
-        keys: list[bytes] = []
+        found = await bounded(self._members(keys=self._keys()[1:]),
+                              self.config.redis_timeout, "the list of nodes")
+        return _members(found)
 
-        async def scan() -> None:
-            async for key in self.redis.scan_iter(match=pattern, count=100):
-                keys.append(key)
-
-        await bounded(scan(), self.config.redis_timeout, "the list of nodes")
-        if not keys:
-            return {}
-        values = await bounded(self.redis.mget(keys), self.config.redis_timeout,
-                               "the nodes' addresses")
-        start = len(self.key_of(""))
-        found = {}
-        for key, raw in zip(keys, values, strict=True):
-            if raw is not None:
-                found[key.decode()[start:]] = _link(raw)
-        return found
+    def _keys(self) -> list[str]:
+        """This node's heartbeat key, the members (by expiry), their values."""
+        return [self.key, f"{self.config.prefix}nodes", f"{self.config.prefix}nodes:links"]
 
     async def leave(self) -> None:
         """Remove this node's key now (shutdown), if it is still ours."""
         if self._task is not None:
             self._task.cancel()
-        script = (
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
-            "end return 0"
-        )
         try:
-            await bounded(self.redis.eval(script, 1, self.key, self.value),
+            await bounded(self._leave(keys=self._keys(), args=[self.value, self.node_id]),
                           self.config.redis_timeout, "removing this node's heartbeat")
         except StoreUnavailable as exc:
             log.warning("cluster: %s; the key expires by itself in %g s", exc,
                         self.config.heartbeat_ttl)
+
+
+def _members(flat: list[bytes | None]) -> dict[str, Endpoint]:
+    """[node, value, node, value, ...] from the scripts: node -> link address."""
+    found = {}
+    for node, raw in zip(flat[::2], flat[1::2], strict=True):
+        if node is not None and raw is not None:
+            found[node.decode()] = _link(raw)
+    return found
 
 
 def _link(raw: bytes | str) -> Endpoint:
