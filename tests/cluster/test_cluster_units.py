@@ -281,3 +281,51 @@ def test_a_link_transport_hands_up_what_was_framed_in_order_never_while_paused(
     stream.write_eof()
     stream.write(b"late")
     assert Deframer().feed(bytes(tls.written)) == [b"answer", END]
+
+
+# -- membership, against the machine's Redis under a prefix of the test's own --------
+
+
+def test_membership_beats_lists_and_forgets() -> None:
+    import asyncio
+    import secrets
+
+    from clustersupport import REDIS_PORT, REDIS_URL, delete_prefix
+    from support import require_service
+
+    from tether.cluster.membership import Membership, connect
+    from tether.endpoint import parse_endpoint
+
+    require_service(REDIS_PORT, "Redis")
+    prefix = f"tether-test-{secrets.token_hex(6)}:"
+
+    def config(node: str, ttl: float) -> Any:
+        return parse_cluster({**BASE, "redis": REDIS_URL, "prefix": prefix, "node_id": node,
+                              "heartbeat_interval": ttl / 3, "heartbeat_ttl": ttl})
+
+    async def main() -> None:
+        a_config, b_config = config("a", 30.0), config("b", 0.3)
+        client = connect(a_config)
+        a = Membership(client, a_config, parse_endpoint("unix:/run/a.sock"))
+        b = Membership(client, b_config, parse_endpoint("10.0.0.2:7341"))
+        await b.beat()
+        seen = await a.beat()
+        assert {n: str(e) for n, e in seen.items()} == {
+            "a": "unix:/run/a.sock", "b": "10.0.0.2:7341"}
+        assert str(await a.address("b")) == "10.0.0.2:7341"
+        # b stops beating: within its 0.3 s TTL it is gone from the list and its key.
+        for _ in range(100):
+            if set(await a.members()) == {"a"}:
+                break
+            await asyncio.sleep(0.05)
+        assert set(await a.members()) == {"a"}
+        assert await a.address("b") is None
+        assert set(await a.beat()) == {"a"}  # the expired entry is dropped, not listed
+        await a.leave()
+        assert await a.members() == {} and await a.address("a") is None
+        await client.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        delete_prefix(prefix)
