@@ -304,3 +304,37 @@ def test_a_steady_stream_of_connects_makes_no_redis_round_trip(tmp_path: Path) -
         client.close()
         # One lease for the window (and one more if the test crossed a minute).
         assert after - before <= 2, after - before
+
+
+def test_a_daily_byte_total_holds_across_stores() -> None:
+    """bytes_out_per_day leased per quota day: three nodes' spends stay near the cap."""
+    require_service(REDIS_PORT, "Redis")
+    prefix = f"tether-test-{secrets.token_hex(6)}:"
+    config = parse_cluster(cluster_config(prefix))
+    assert config is not None
+    cap, step = 10_000, 100
+    clock = FakeClock()
+
+    async def main() -> tuple[int, list[int]]:
+        loop = asyncio.get_running_loop()
+        client = connect(config)
+        stores = [LeasedStore(client, config, loop, clock=clock) for _ in range(3)]
+        day = float(int(time.time()) // 86_400 * 86_400)  # today (UTC), as the book's
+        taken = 0
+        for _ in range(200):
+            for store in stores:
+                taken += store.spend("a", "bytes_out_per_day", step, cap, day, whole=False)
+                await asyncio.sleep(0.001)  # leases come back meanwhile
+        reached = [s.spent("a", "bytes_out_per_day", day) for s in stores]
+        await client.aclose()
+        return taken, reached
+
+    try:
+        taken, reached = asyncio.run(main())
+    finally:
+        delete_prefix(prefix)
+    # Bytes are never held back for a lease: what nodes relay while theirs is on its
+    # way passes the cap, by a chunk (1,000) each at most.
+    assert cap - 3 * step <= taken <= cap + 3 * 1_000, taken
+    # Every node sees the day's total reached (admission then refuses new sockets).
+    assert all(r >= cap - 3 * 1_000 for r in reached), reached

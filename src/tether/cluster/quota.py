@@ -79,7 +79,8 @@ if ARGV[3] ~= '' then
 else
   id = ARGV[4]
   left = 0
-  expire_at = tonumber(ARGV[4]) + tonumber(ARGV[5])
+  -- the day's end plus slack; never already past (a node's day ahead of Redis's clock)
+  expire_at = math.max(tonumber(ARGV[4]) + tonumber(ARGV[5]), now + tonumber(ARGV[5]))
 end
 local key = KEYS[1] .. id
 local used = tonumber(redis.call('GET', key) or '0')
