@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import pickle
 import re
 import secrets
+import signal
 import socket
 import ssl
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from support import (
     echo,
     recv_exact,
     require_service,
+    stream,
     tether_cli,
     use_gateway,
     wait_for,
@@ -242,3 +245,54 @@ def test_only_nodes_may_open_links(tmp_path: Path) -> None:
                     while (event := wire.next_event()) is not NEED_DATA:
                         events.append(event)
                 assert isinstance(events[0], pb.ServerHello) and not events[0].HasField("error")
+
+
+def test_a_draining_node_finishes_its_transfers_and_sends_new_work_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM on node 2: its live socket's transfer completes intact; new connects and
+    resumes through it are refused (retry elsewhere), the cluster serves them."""
+    total = 4 * 1024 * 1024
+
+    def source(conn: socket.socket) -> str:
+        conn.recv(1)  # go
+        digest = hashlib.sha256()
+        for offset in range(0, total, 256 * 1024):
+            chunk = stream(b"drain", offset, min(256 * 1024, total - offset))
+            digest.update(chunk)
+            conn.sendall(chunk)
+        return digest.hexdigest()
+
+    with running(tmp_path, gateway_extra="drain_timeout = 60") as cluster, \
+            Peer(source, timeout=60) as big, Peer(echo) as p1:
+        held = open_on(cluster, 2, big)  # a live transfer on node 2
+        elsewhere = open_on(cluster, 1, p1)
+        blob = pickle.dumps(elsewhere)
+        proc = cluster.node(2).process.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: "draining" in cluster.node(2).log_text())
+        # New work through node 2 is refused, saying to go elsewhere.
+        through(cluster, 2)
+        with pytest.raises(ConnectionRefusedError, match="draining"):
+            tsocket.create_connection(p1.address, timeout=10)
+        with pytest.raises(ConnectionRefusedError, match="draining"):
+            pickle.loads(blob)
+        # The handoff was not spent by the refusal: node 3 resumes it.
+        through(cluster, 3)
+        resumed = pickle.loads(blob)
+        resumed.sendall(b"moved")
+        assert recv_exact(resumed, 5) == b"moved"
+        resumed.close()
+        # Node 2's own transfer finishes, every byte.
+        held.sendall(b"g")
+        digest = hashlib.sha256()
+        got = 0
+        while got < total:
+            data = held.recv(256 * 1024)
+            assert data, f"EOF after {got} of {total} bytes"
+            digest.update(data)
+            got += len(data)
+        held.close()
+        assert proc.wait(30) == 0  # its last socket closed: node 2 exits
+    assert digest.hexdigest() == big.result
