@@ -298,7 +298,7 @@ def test_a_unix_listener_knows_the_app_by_its_uid_without_a_key(env: Env) -> Non
                   .encode())
         status, headers, _ = _head(s)
     assert status == 407
-    assert "this connection is app 'local'" in headers["X-Tether-Refusal"]
+    assert "this stream is app 'local'" in headers["X-Tether-Refusal"]
 
 
 @pytest.mark.parametrize(

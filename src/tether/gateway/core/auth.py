@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import struct
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from tether.gateway import audit
@@ -64,6 +65,28 @@ def authenticate_bound(core: GatewayCore, app: str, key: str, bound: str) -> boo
 def peer_app(config: Config, uid: int, gid: int) -> str | None:
     """The app a Unix peer's uid (first) or gid is mapped to, if any."""
     return config.apps_by_uid.get(uid) or config.apps_by_gid.get(gid)
+
+
+def identified_by(transport: asyncio.BaseTransport | None, by_peer: bool) -> str:
+    """How a stream's app was known without a key, for a refusal's words."""
+    if by_peer:
+        creds = peer_creds(transport)
+        return f"its peer's uid {creds[1]}, gid {creds[2]}" if creds else "its peer"
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return f"its listener unix:{sock.getsockname()}" if sock is not None else "its listener"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRefusal:
+    """Why :meth:`Guard.check` refused a stream's credentials, and when to say so.
+
+    Each front-end turns it into its own answer (a ServerHello error, an
+    RFC 1929 failure status, a 407) after `delay` seconds, then closes.
+    """
+
+    message: str  # "tether: ..." for the app; never holds the key
+    delay: float  # the guard's throttling: how long the answer waits
+    locked: bool = False  # a lockout: the key was not looked at
 
 
 def peer_key(transport: asyncio.BaseTransport | None) -> str:
@@ -307,6 +330,78 @@ class Guard:
         """The stream closed before authenticating."""
         self.pending.pop(stream, None)
 
+    # -- credentials ----------------------------------------------------------
+
+    def check(
+        self,
+        stream: Pending,
+        app: str | None,
+        key: str,
+        *,
+        transport: asyncio.BaseTransport | None = None,
+        unix: bool = False,
+        bound: str | None = None,
+        admin: bool = False,
+    ) -> str | AuthRefusal:
+        """Who `stream` is, from the credentials it offered: the app, or why not.
+
+        The one check of every front-end, so the same credentials get the
+        same answer on each. `app` None: no credentials were offered (a
+        SOCKS5 client without username/password, an HTTP request without
+        Proxy-Authorization); only a stream whose app is known without a
+        key passes then. `bound` is the app of the listener the stream came
+        on; on a Unix listener (`unix`) the peer's uid/gid may name one.
+        `admin`: the front-end serves the operator's identity (ADMIN_APP);
+        where it does not, that name is refused without its key being
+        looked at (no oracle for the admin key on a proxy port), and counted
+        as a failure. On success the stream leaves the pre-auth caps.
+        """
+        core = self.core
+        by_peer = False
+        if bound is None and unix and core.config.identifies_peers:
+            # Only a Unix stream, with some app mapped to uids or gids, pays
+            # for the credentials lookup.
+            creds = peer_creds(transport)
+            bound = None if creds is None else peer_app(core.config, creds[1], creds[2])
+            by_peer = bound is not None
+        if app is None:
+            if bound is not None:
+                self.authenticated(stream)
+                return bound
+            return AuthRefusal(
+                "tether: no app name and key were offered"
+                + (" and the peer's uid/gid is not mapped to an app" if unix else ""),
+                0.0,
+            )
+        # Only a peer with failures on record pays for the lookup.
+        locked = self.locked(app, stream.peer_key()) if self.lockouts else 0.0
+        if locked:
+            # The key is not looked at: a lockout that let the right key
+            # through would let guessing go on.
+            return AuthRefusal(
+                f"tether: app {app!r} is locked out from {stream.peer_key()} for "
+                f"{locked:.0f} s more after too many failed authentications "
+                "(gateway.auth_failure_limit); the key was not checked",
+                core.config.auth_max_delay, locked=True,
+            )
+        if app == ADMIN_APP and not admin:
+            why = "the admin identity can list sockets but not open them"
+        elif (
+            core.authenticate(app, key) if bound is None
+            else authenticate_bound(core, app, key, bound)
+        ):
+            self.authenticated(stream)
+            return app
+        elif bound is not None and app != bound:
+            why = (f"this stream is app {bound!r} ({identified_by(transport, by_peer)}), "
+                   f"not {app!r}")
+        else:
+            # A key a reload revoked is told why (its holder knew it).
+            why = core.revoked(app, key) or f"app {app!r} authentication failed"
+        # No line per failure: the guard's summary counts them per app and
+        # peer, once a window (the key is never logged).
+        return AuthRefusal("tether: " + why, self.failed(app, stream.peer_key()))
+
     # -- failures -----------------------------------------------------------
 
     def locked(self, app: str, peer: str) -> float:
@@ -395,4 +490,7 @@ def _limit_refusal(message: str, rule: str, value: int) -> Refusal:
     return Refusal(pb.Error.LIMIT, errno.EAGAIN, message, rule=rule, reason=str(value))
 
 
-__all__ = ["ADMIN_APP", "Guard", "Pending", "authenticate", "peer_creds", "peer_key"]
+__all__ = [
+    "ADMIN_APP", "AuthRefusal", "Guard", "Pending", "authenticate", "authenticate_bound",
+    "identified_by", "peer_app", "peer_creds", "peer_key",
+]

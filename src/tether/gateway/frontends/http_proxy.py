@@ -23,14 +23,7 @@ import socket
 from collections.abc import Iterable
 
 from tether.endpoint import Endpoint, host_port
-from tether.gateway.core.auth import (
-    ADMIN_APP,
-    Guard,
-    authenticate_bound,
-    peer_app,
-    peer_creds,
-    peer_key,
-)
+from tether.gateway.core.auth import AuthRefusal, Guard, peer_key
 from tether.gateway.core.errors import Failure, Refusal, wire_error
 from tether.gateway.core.gateway import GatewayCore
 from tether.policy import Transport
@@ -251,63 +244,22 @@ class HttpProxySession(asyncio.Protocol):
 
     async def _identify(self, request: Tunnel | Forward) -> str | None:
         """The app this request is from, or None once it has been refused (407)."""
-        core = self.core
-        guard = self._guard
-        bound: str | None = None
-        by_peer: tuple[int, int, int] | None = None
-        if self.unix and core.config.identifies_peers:
-            creds = peer_creds(self.transport)
-            if creds is not None:
-                by_peer = creds
-                bound = peer_app(core.config, creds[1], creds[2])
+        if request.auth_error:  # a header that is not Basic APP:KEY: nothing to check
+            self._refuse(self._auth_refusal("tether: " + request.auth_error))
+            return None
         credentials = request.credentials
-        if request.auth_error:
-            why = request.auth_error
-        elif credentials is None:
-            if bound is not None:
-                guard.authenticated(self)
-                self.app = bound
-                return bound
-            why = f"send Proxy-Authorization: Basic APP:KEY (realm {REALM!r})"
-        else:
-            app, key = credentials
-            locked = guard.locked(app, self.peer_key()) if guard.lockouts else 0.0
-            if locked:
-                # The key is not looked at: a lockout that let the right key
-                # through would let guessing go on.
-                await asyncio.sleep(core.config.auth_max_delay)
-                self._refuse(
-                    self._auth_refusal(
-                        f"tether: app {app!r} is locked out from {self.peer_key()} for "
-                        f"{locked:.0f} s more after too many failed authentications "
-                        "(gateway.auth_failure_limit); the key was not checked"
-                    )
-                )
-                return None
-            if app != ADMIN_APP and (
-                core.authenticate(app, key)
-                if bound is None
-                else authenticate_bound(core, app, key, bound)
-            ):
-                guard.authenticated(self)
-                self.app = app
-                return app
-            if bound is not None and app != bound:
-                assert by_peer is not None
-                why = (
-                    f"this connection is app {bound!r} (its peer's uid {by_peer[1]}, "
-                    f"gid {by_peer[2]}), not {app!r}"
-                )
-            elif app == ADMIN_APP:
-                why = "the admin identity can list sockets but not open them"
-            else:
-                why = core.revoked(app, key) or f"app {app!r} authentication failed"
-            # Counted and throttled like a native hello's failure (one summary
-            # line per window; the key is never logged).
-            delay = guard.failed(app, self.peer_key())
-            if delay > 0:
-                await asyncio.sleep(delay)
-        self._refuse(self._auth_refusal("tether: " + why))
+        app, key = (None, "") if credentials is None else credentials
+        checked = self._guard.check(self, app, key, transport=self.transport, unix=self.unix)
+        if not isinstance(checked, AuthRefusal):
+            self.app = checked
+            return checked
+        message = checked.message
+        if credentials is None:  # what to do first, then the check's words
+            message = (f"tether: send Proxy-Authorization: Basic APP:KEY (realm {REALM!r}); "
+                       + message.removeprefix("tether: "))
+        if checked.delay > 0:
+            await asyncio.sleep(checked.delay)
+        self._refuse(self._auth_refusal(message))
         return None
 
     def _auth_refusal(self, message: str) -> bytes:

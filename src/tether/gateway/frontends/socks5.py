@@ -3,8 +3,8 @@
 One :class:`Socks5Session` per accepted stream drives the sans-I/O
 :class:`tether.proxy.socks5.Socks5Server` and calls the core exactly as the
 Tether front-end does: the username and password are the app's name and
-key (``core.authenticate``; on a Unix listener an app known by its peer's
-uid or gid may offer no authentication), the pre-auth guard bounds the
+key (``Guard.check``, as every front-end; on a Unix listener an app known by
+its peer's uid or gid may offer no authentication), the pre-auth guard bounds the
 handshake, ``core.admit`` decides every destination (policy, caps, quotas,
 the audit line) and ``core.dial`` connects. A CONNECT's stream is then
 joined to the socket's :class:`~tether.gateway.relay.Link`, so metering,
@@ -33,7 +33,7 @@ from typing import Any
 
 from tether.endpoint import Endpoint, address_family, host_port, same_host
 from tether.gateway.core.admission import capacity, log_decision
-from tether.gateway.core.auth import ADMIN_APP, authenticate_bound, peer_app, peer_creds, peer_key
+from tether.gateway.core.auth import AuthRefusal, peer_key
 from tether.gateway.core.errors import DialTimeout, Refusal
 from tether.gateway.core.gateway import GatewayCore
 from tether.gateway.core.registry import SocketRecord
@@ -107,7 +107,6 @@ class Socks5Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.app: str | None = None
         self.association: Socks5Association | None = None
-        self._bound: str | None = None  # the app the peer's credentials name
         self._guard = core.guard
         self._peer: str | None = None
         self._task: asyncio.Task[None] | None = None
@@ -220,58 +219,43 @@ class Socks5Session(asyncio.Protocol):
     # -- authentication ----------------------------------------------------
 
     def _greeting(self, greeting: Greeting) -> None:
-        core = self.core
-        if self.unix and core.config.identifies_peers:
-            creds = peer_creds(self.transport)
-            self._bound = None if creds is None else peer_app(core.config, creds[1], creds[2])
         if socks5.USERPASS in greeting.methods:
-            method = socks5.USERPASS
-        elif socks5.NO_AUTH in greeting.methods and self._bound is not None:
-            # The peer's uid or gid is the app's, as on the Tether protocol's
-            # Unix listener: no key needed.
-            method = socks5.NO_AUTH
-            self._authenticated(self._bound)
-        else:
-            method = socks5.NO_ACCEPTABLE
-            log.info(
-                "SOCKS5 stream %s offers methods %s; the gateway needs username/password "
-                "(the app's name and key)%s",
-                self.peername, list(greeting.methods),
-                "" if not self.unix else " or a peer uid/gid mapped to an app",
-            )
-        self._write(self.machine.choose_method(method))
-        if method == socks5.NO_ACCEPTABLE:
-            self._close()
+            self._write(self.machine.choose_method(socks5.USERPASS))
+            return
+        if socks5.NO_AUTH in greeting.methods:
+            # No credentials: only an app known by its Unix peer's uid or gid
+            # (as on the Tether protocol's Unix listener) passes.
+            checked = self._guard.check(self, None, "", transport=self.transport,
+                                        unix=self.unix)
+            if not isinstance(checked, AuthRefusal):
+                self.app = checked
+                self._write(self.machine.choose_method(socks5.NO_AUTH))
+                return
+        log.info(
+            "SOCKS5 stream %s offers methods %s; the gateway needs username/password "
+            "(the app's name and key)%s",
+            self.peername, list(greeting.methods),
+            "" if not self.unix else " or a peer uid/gid mapped to an app",
+        )
+        self._write(self.machine.choose_method(socks5.NO_ACCEPTABLE))
+        self._close()
 
     def _auth(self, auth: Auth) -> None:
-        core, guard = self.core, self._guard
-        app, key = auth.username, auth.password
-        # Only a peer with failures on record pays for the lookup.
-        locked = guard.locked(app, self.peer_key()) if guard.lockouts else 0.0
-        bound = self._bound
-        if not locked and (
-            core.authenticate(app, key) if bound is None
-            else authenticate_bound(core, app, key, bound)
-        ):
-            self._authenticated(app)
+        checked = self._guard.check(self, auth.username, auth.password,
+                                    transport=self.transport, unix=self.unix)
+        if not isinstance(checked, AuthRefusal):
+            self.app = checked
             self._write(self.machine.auth_status(True))
             return
-        # Locked out: the key was not looked at (a lockout that let the right
-        # key in would let guessing go on). No line per failure or locked
-        # attempt: the guard's summary counts them per app and peer, as for
-        # the native hello.
-        delay = core.config.auth_max_delay if locked else guard.failed(app, self.peer_key())
+        # RFC 1929 has no words for why; no line per failure either: the
+        # guard's summary counts them per app and peer, as for the native hello.
         data = self.machine.auth_status(False)
         self._switched = True  # serve nothing more on this stream
-        if delay > 0 and self.transport is not None:
+        if checked.delay > 0 and self.transport is not None:
             self.transport.pause_reading()
-            core.loop.call_later(delay, self._answer_and_close, data)
+            self.core.loop.call_later(checked.delay, self._answer_and_close, data)
         else:
             self._answer_and_close(data)
-
-    def _authenticated(self, app: str) -> None:
-        self._guard.authenticated(self)
-        self.app = app
 
     def _answer_and_close(self, data: bytes) -> None:
         self._write(data)
@@ -280,11 +264,8 @@ class Socks5Session(asyncio.Protocol):
     # -- requests ----------------------------------------------------------
 
     async def _request(self, request: Request) -> None:
-        assert self.app is not None
-        if self.app == ADMIN_APP:
-            self._refuse(request, Refusal(pb.Error.PERMISSION_DENIED, 0,
-                "tether: the admin identity can list sockets but not open them"))
-        elif request.command == socks5.CONNECT:
+        assert self.app is not None  # never the admin identity: Guard.check refused it
+        if request.command == socks5.CONNECT:
             await self._connect(request)
         else:
             await self._associate(request)

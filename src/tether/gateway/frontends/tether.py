@@ -21,14 +21,7 @@ from tether import __version__
 from tether.cluster.errors import node_gone
 from tether.gateway.core import drain, handoff, inspect
 from tether.gateway.core.admission import lookup_refusal
-from tether.gateway.core.auth import (
-    ADMIN_APP,
-    Guard,
-    authenticate_bound,
-    peer_app,
-    peer_creds,
-    peer_key,
-)
+from tether.gateway.core.auth import ADMIN_APP, AuthRefusal, Guard, peer_key
 from tether.gateway.core.errors import Refusal, wire_error
 from tether.gateway.core.gateway import GatewayCore
 from tether.gateway.core.options import apply_option, outbound_socket, read_option
@@ -285,48 +278,9 @@ class TetherSession(asyncio.Protocol):
     # -- hello -------------------------------------------------------------
 
     def _hello(self, hello: pb.ClientHello) -> None:
-        guard = self._guard
-        # Only a peer with failures on record pays for the lookup.
-        locked = guard.locked(hello.app, self.peer_key()) if guard.lockouts else 0.0
-        # Only a Unix stream, with some app mapped to uids or gids, pays for
-        # the credentials lookup.
-        bound = self._bound
-        by_peer = False
-        if bound is None and self.unix and self.core.config.identifies_peers:
-            bound = self._peer_app()
-            by_peer = bound is not None
-        if (
-            not locked
-            and hello.protocol_version == PROTOCOL_VERSION
-            and (
-                (self.linked and linked_app(self.core, hello.app))
-                or self.core.authenticate(hello.app, hello.key)
-                if bound is None
-                else authenticate_bound(self.core, hello.app, hello.key, bound)
-            )
-        ):
-            guard.authenticated(self)
-            self.app = hello.app
-            self.admin = hello.app == ADMIN_APP
-            # Written by _process or with the answer to the next frame.
-            message, frame = _server_hello(self.core)
-            self._pending = self.wire.send(message, frame=frame)
-            return
         reply = pb.ServerHello(protocol_version=PROTOCOL_VERSION, gateway_version=__version__)
         delay = 0.0
-        if locked:
-            # The key is not looked at: a lockout that let the right key
-            # through would let guessing go on.
-            reply.error.CopyFrom(pb.Error(
-                code=pb.Error.AUTH_FAILED,
-                message=(
-                    f"tether: app {hello.app!r} is locked out from {self.peer_key()} for "
-                    f"{locked:.0f} s more after too many failed authentications "
-                    "(gateway.auth_failure_limit); the key was not checked"
-                ),
-            ))
-            delay = self.core.config.auth_max_delay
-        elif hello.protocol_version != PROTOCOL_VERSION:
+        if hello.protocol_version != PROTOCOL_VERSION:
             reply.error.CopyFrom(
                 pb.Error(
                     code=pb.Error.VERSION_MISMATCH,
@@ -345,17 +299,23 @@ class TetherSession(asyncio.Protocol):
                 hello.client_version or "unknown",
             )
         else:
-            if bound is not None and hello.app != bound:
-                why = (f"this stream is app {bound!r} ({self._identified_by(by_peer)}), "
-                       f"not {hello.app!r}")
+            if self.linked and linked_app(self.core, hello.app):
+                self._guard.authenticated(self)
+                checked: str | AuthRefusal = hello.app
             else:
-                # A key a reload revoked is told why (its holder knew it).
-                why = (self.core.revoked(hello.app, hello.key)
-                       or f"app {hello.app!r} authentication failed")
-            reply.error.CopyFrom(pb.Error(code=pb.Error.AUTH_FAILED, message="tether: " + why))
-            # No line per failure: the guard's summary counts them per app
-            # and peer, once a window (the key is never logged).
-            delay = guard.failed(hello.app, self.peer_key())
+                checked = self._guard.check(
+                    self, hello.app, hello.key, transport=self.transport, unix=self.unix,
+                    bound=self._bound, admin=True,
+                )
+            if not isinstance(checked, AuthRefusal):
+                self.app = checked
+                self.admin = checked == ADMIN_APP
+                # Written by _process or with the answer to the next frame.
+                message, frame = _server_hello(self.core)
+                self._pending = self.wire.send(message, frame=frame)
+                return
+            reply.error.CopyFrom(pb.Error(code=pb.Error.AUTH_FAILED, message=checked.message))
+            delay = checked.delay
         data = self.wire.send(reply)
         if delay > 0 and self.transport is not None:
             # The answer waits; the stream is still counted as not
@@ -365,19 +325,6 @@ class TetherSession(asyncio.Protocol):
             self._switched = True  # serve nothing more on this stream
             return
         self._answer_and_close(data)
-
-    def _peer_app(self) -> str | None:
-        """The app this Unix stream's peer uid/gid (SO_PEERCRED) is mapped to, if any."""
-        creds = peer_creds(self.transport)
-        return None if creds is None else peer_app(self.core.config, creds[1], creds[2])
-
-    def _identified_by(self, by_peer: bool) -> str:
-        """How the stream's app was known, for a refusal."""
-        if by_peer:
-            creds = peer_creds(self.transport)
-            return f"its peer's uid {creds[1]}, gid {creds[2]}" if creds else "its peer"
-        sock = self.transport.get_extra_info("socket") if self.transport else None
-        return f"its listener unix:{sock.getsockname()}" if sock is not None else "its listener"
 
     def _answer_and_close(self, data: bytes) -> None:
         self._write(data)
