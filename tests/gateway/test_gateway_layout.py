@@ -42,3 +42,19 @@ def test_the_layers_are_found() -> None:
 def test_no_front_end_below_the_front_ends(path: Path) -> None:
     upward = sorted(m for m in imported(path) if m.startswith(ABOVE))
     assert not upward, f"{path.relative_to(GATEWAY)} imports {upward}"
+
+
+# The peers (core/peers.py's Protocol) are above the core: a cluster node
+# needs redis-py, the workers' links a supervisor; a gateway alone loads neither.
+PEERS = ("tether.cluster", "tether.gateway.workerlink", "tether.gateway.supervisor")
+CORE = sorted(GATEWAY.joinpath("core").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CORE, ids=lambda p: p.relative_to(GATEWAY).as_posix())
+def test_the_core_knows_its_peers_only_by_their_protocol(path: Path) -> None:
+    upward = sorted(m for m in imported(path) if m.startswith(PEERS))
+    assert not upward, f"{path.relative_to(GATEWAY)} imports {upward} (use core/peers.py's Peers)"
+
+
+def test_the_peers_protocol_is_found() -> None:
+    assert "core/peers.py" in {p.relative_to(GATEWAY).as_posix() for p in CORE}

@@ -46,7 +46,7 @@ from tether.cluster.link import (
 from tether.cluster.membership import Membership, StoreUnavailable, connect
 from tether.cluster.quota import LeasedStore
 from tether.endpoint import Endpoint
-from tether.gateway.core import inspect
+from tether.gateway.core import inspect, peers
 from tether.gateway.core.errors import Refusal, wire_error
 from tether.wire import (
     NEED_DATA,
@@ -80,8 +80,6 @@ FORWARDED_LIMIT = 10_000
 # and another is dialled behind it. Two cover a burst of two resumes between
 # beats; each costs a descriptor at both ends.
 POOL_SIZE = 2
-# Requests that name one socket: answered by the node that holds it.
-_SOCKET_OPS = ("set_option", "get_option", "touch", "detach", "close_reason")
 
 
 class ClusterNode:
@@ -105,7 +103,12 @@ class ClusterNode:
         # A worker of `tether serve --workers N`: its siblings' ids start with this.
         self.siblings = ""
         self.quota = LeasedStore(self.redis, config, core.loop, clock=core.registry.clock)
-        self.splices: set[Splice] = set()
+        # The app streams this node forwards, live now: (app, descriptor) of each.
+        # A drain waits for them (core/drain.py), then ends them (end_forwarded).
+        self.splices: dict[Splice, tuple[str, str]] = {}
+        # (app, descriptor) of the streams end_forwarded cut -> why, for the
+        # app's CloseReason while the gateway answers its last questions.
+        self.ended: dict[tuple[str, str], str] = {}
         self.pools: dict[Endpoint, list[Splice]] = {}
         self._filling: set[Endpoint] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -131,8 +134,7 @@ class ClusterNode:
                 splice.abort()
         if self.links is not None:
             self.links.close()
-        for splice in list(self.splices):
-            splice.abort()
+        self.end_forwarded("closed when the gateway stopped")
         await self.quota.give_back()
         if self.membership is not None:
             await self.membership.leave()
@@ -142,8 +144,7 @@ class ClusterNode:
 
     def sign_handoff(self, handoff: pb.Handoff, descriptor: str) -> None:
         """Name this node in a Handoff, signed, so any node can route its Resume here."""
-        handoff.node = self.node_id
-        handoff.signature = signing.sign(self.config.key, descriptor, handoff.token, self.node_id)
+        signing.sign_handoff(self.config.key, self.node_id, handoff, descriptor)
 
     def check_resume(self, app: str, req: pb.Resume) -> Refusal | None:
         """A Resume naming a node must carry this cluster's signature; checked before any lookup."""
@@ -193,12 +194,30 @@ class ClusterNode:
         splice.on_silent_loss = lambda: _refused(
             node_gone(owner, f"its link at {address} closed before it answered"))
         self._remember(req.descriptor, owner)
-        self.splices.add(splice)
+        self.splices[splice] = (app, req.descriptor)
         taken = splice  # typed for the closure
-        splice.on_end = lambda: self.splices.discard(taken)
+
+        def ended() -> None:
+            self.splices.pop(taken, None)
+
+        splice.on_end = ended
         log.info("cluster: app %r resumes socket %s of node %r through this node (%s)",
                  app, req.descriptor[:8], owner, address)
         return splice
+
+    @property
+    def forwarding(self) -> int:
+        return len(self.splices)
+
+    def end_forwarded(self, reason: str) -> int:
+        """Cut every forwarded stream (the owner closes the socket, its stream gone);
+        the app's CloseReason asked here is told `reason`. How many."""
+        cut = list(self.splices.items())
+        for splice, (app, descriptor) in cut:
+            self.ended[app, descriptor] = reason
+            self.forwarded.pop(descriptor, None)
+            splice.abort()
+        return len(cut)
 
     # -- links ---------------------------------------------------------------------
 
@@ -291,19 +310,20 @@ class ClusterNode:
         reach a sibling of the owner); a listing adds every other node's
         sockets (each named by node).
         """
-        op = req.WhichOneof("op")
-        if op == "list_sockets":
+        if req.WhichOneof("op") == "list_sockets":
             return await self._list_everywhere(app, admin, req)
-        if op not in _SOCKET_OPS:
-            return None
-        descriptor = getattr(req, op).descriptor
-        registry = self.core.registry
-        if registry.get(app, descriptor) is not None:
-            return None
+        descriptor = peers.holds_here(self.core.registry, app, req)
+        if descriptor is None:
+            return None  # not about one socket, or it is (or was) here: this node says
         owner = self.forwarded.get(descriptor)
         if owner is None:
-            if registry.tombstone(app, descriptor) is not None or not self.siblings:
-                return None  # closed here (this node says why), or no node could know it
+            cut = self.ended.get((app, descriptor))
+            if cut is not None and req.WhichOneof("op") == "close_reason":
+                response = pb.Response(id=req.id)
+                response.text.text = cut
+                return response
+            if not self.siblings:
+                return None  # no node could know it
             return await self._ask_siblings(app, req)
         address = await self._address(owner)
         if isinstance(address, Refusal):

@@ -13,6 +13,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tether.wire import pb
 
 _LABEL = b"tether cluster handoff v1\0"
 
@@ -32,4 +36,10 @@ def verify(key: bytes, descriptor: str, token: str, node: str, signature: bytes)
     return hmac.compare_digest(sign(key, descriptor, token, node), signature)
 
 
-__all__ = ["sign", "verify"]
+def sign_handoff(key: bytes, node: str, handoff: pb.Handoff, descriptor: str) -> None:
+    """Name `node` in `handoff` (of socket `descriptor`), signed: any peer can route its Resume."""
+    handoff.node = node
+    handoff.signature = sign(key, descriptor, handoff.token, node)
+
+
+__all__ = ["sign", "sign_handoff", "verify"]

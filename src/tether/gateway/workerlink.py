@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from tether.cluster import signing
 from tether.cluster.errors import node_gone
-from tether.gateway.core import inspect
+from tether.gateway.core import inspect, peers
 from tether.gateway.core.errors import Refusal
 from tether.gateway.frontends.tether import TetherSession
 from tether.wire import NEED_DATA, PREAMBLE, PROTOCOL_VERSION, Connection, Role, encode_frame, pb
@@ -59,8 +59,6 @@ ASK_TIMEOUT = 3.0
 # re-encodes plus what it had read behind them (one read: uvloop reads up to
 # 256 KiB). More than this is not a worker of ours.
 MAX_PASSED = 1 << 20
-# Requests that name one socket: answered by the worker that holds it.
-_SOCKET_OPS = ("set_option", "get_option", "touch", "detach", "close_reason")
 
 
 class _OwnShare:
@@ -83,6 +81,8 @@ class WorkerLinks:
         self.node_id = spec.node_id
         self.key = key
         self.quota = _OwnShare()
+        # A stream for a sibling's socket is passed, not forwarded: none to drain.
+        self.forwarding = 0
         self._asks: asyncio.Server | None = None
         self._passed: socket.socket | None = None
 
@@ -114,12 +114,14 @@ class WorkerLinks:
         if self._asks is not None:
             self._asks.close()
 
+    def end_forwarded(self, reason: str) -> int:
+        return 0  # passed streams are the owner's (see `forwarding`)
+
     # -- handoff ---------------------------------------------------------------------
 
     def sign_handoff(self, handoff: pb.Handoff, descriptor: str) -> None:
         """Name this worker in a Handoff, signed, so a sibling can pass its Resume here."""
-        handoff.node = self.node_id
-        handoff.signature = signing.sign(self.key, descriptor, handoff.token, self.node_id)
+        signing.sign_handoff(self.key, self.node_id, handoff, descriptor)
 
     def check_resume(self, app: str, req: pb.Resume) -> Refusal | None:
         if req.node in self.spec.peers or req.node == self.node_id:
@@ -154,14 +156,9 @@ class WorkerLinks:
 
     async def forward_request(self, app: str, admin: bool, req: pb.Request) -> pb.Response | None:
         """The answer to `req` when a sibling must give it; None: this worker answers."""
-        op = req.WhichOneof("op")
-        if op == "list_sockets":
+        if req.WhichOneof("op") == "list_sockets":
             return await self._list_everywhere(app, admin, req)
-        if op not in _SOCKET_OPS:
-            return None
-        descriptor = getattr(req, op).descriptor
-        registry = self.core.registry
-        if registry.get(app, descriptor) is not None or registry.tombstone(app, descriptor):
+        if peers.holds_here(self.core.registry, app, req) is None:
             return None
         # Nobody has it: None, this worker's own "no socket" answer.
         return inspect.holders_answer((await self._ask_all(app, req)).values())
@@ -363,7 +360,7 @@ async def start_worker_links(core: GatewayCore, spec: WorkerSpec) -> WorkerLinks
     key = spec.read_key()
     links = WorkerLinks(core, spec, key)
     await links.start()
-    core.cluster = links  # type: ignore[assignment]  # the ClusterNode interface, no Redis
+    core.cluster = links
     return links
 
 

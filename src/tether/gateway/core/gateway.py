@@ -41,7 +41,7 @@ from tether.usage.ledger import Ledger
 from tether.wire import pb
 
 if TYPE_CHECKING:
-    from tether.cluster.node import ClusterNode
+    from tether.gateway.core.peers import Peers
 
 log = logging.getLogger("tether.gateway")
 
@@ -147,9 +147,10 @@ class GatewayCore:
         # SIGTERM's drain (gateway/drain.py): new connects and resumes are
         # refused with UNAVAILABLE while live sockets finish.
         self.draining = False
-        # This gateway as a node of a cluster ([cluster]; tether.cluster.node,
-        # set by server.Gateway.start); None: a gateway on its own.
-        self.cluster: ClusterNode | None = None
+        # The gateways this one serves with (core/peers.py): a cluster's node
+        # ([cluster]; tether.cluster.node) or a host's workers (workerlink.py),
+        # set by server.Gateway.start; None: a gateway on its own.
+        self.cluster: Peers | None = None
         self._sweep_task: asyncio.Task[None] | None = None
         # The loop the gateway runs in, kept: asyncio.get_running_loop() costs a
         # getpid() system call on every call in Python 3.11.
@@ -322,6 +323,8 @@ class GatewayCore:
         if self._sweep_task is not None:
             self._sweep_task.cancel()
         reset = self._end(reason)
+        if self.cluster is not None:
+            reset += self.cluster.end_forwarded(reason)  # their apps may ask why, too
         self._end_streams(
             Refusal(pb.Error.CLOSED, errno.ESHUTDOWN, "tether: the gateway is shutting down")
         )
