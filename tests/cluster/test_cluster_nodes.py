@@ -296,3 +296,74 @@ def test_a_draining_node_finishes_its_transfers_and_sends_new_work_elsewhere(
         held.close()
         assert proc.wait(30) == 0  # its last socket closed: node 2 exits
     assert digest.hexdigest() == big.result
+
+
+def test_a_draining_node_waits_for_the_streams_it_forwards(tmp_path: Path) -> None:
+    """Node 3 forwards node 1's socket (resumed through 3); SIGTERM node 3: it holds no
+    socket of its own, yet its forwarded transfer finishes intact before it exits, and new
+    work through it is refused (UNAVAILABLE: retry elsewhere)."""
+    total = 4 * 1024 * 1024
+
+    def source(conn: socket.socket) -> str:
+        conn.recv(1)  # go
+        digest = hashlib.sha256()
+        for offset in range(0, total, 256 * 1024):
+            chunk = stream(b"forwarded", offset, min(256 * 1024, total - offset))
+            digest.update(chunk)
+            conn.sendall(chunk)
+        return digest.hexdigest()
+
+    with running(tmp_path, gateway_extra="drain_timeout = 60") as cluster, \
+            Peer(source, timeout=60) as big:
+        blob = pickle.dumps(open_on(cluster, 1, big))
+        through(cluster, 3)
+        held = pickle.loads(blob)  # node 3 forwards the stream to node 1
+        held.settimeout(30)
+        assert "of node 'n1' through this node" in cluster.node(3).log_text()
+        proc = cluster.node(3).process.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGTERM)
+        assert wait_for(
+            lambda: "draining: 0 sockets open, 1 streams forwarded" in cluster.node(3).log_text())
+        with pytest.raises(ConnectionRefusedError, match="draining") as refused:
+            # Refused before any dial: `big` sees no second connection.
+            tsocket.create_connection(big.address, timeout=10)
+        assert "retry on another gateway" in str(refused.value)
+        held.sendall(b"g")
+        digest = hashlib.sha256()
+        got = 0
+        while got < total:
+            data = held.recv(256 * 1024)
+            assert data, f"EOF after {got} of {total} bytes"
+            digest.update(data)
+            got += len(data)
+        assert proc.poll() is None, "node 3 exited with the forwarded stream still open"
+        held.close()
+        assert proc.wait(30) == 0  # its last forwarded stream closed: node 3 exits
+        assert "drained: every socket finished" in cluster.node(3).log_text()
+    assert digest.hexdigest() == big.result
+
+
+def test_a_forwarded_stream_left_at_the_drains_end_is_cut_with_the_drain_reason(
+    tmp_path: Path,
+) -> None:
+    """drain_timeout = 1 on node 3, which forwards node 1's socket: at the drain's end the
+    stream is cut, and the app's recv() says the gateway drained (asked of node 3 as it
+    answers its last questions)."""
+    with running(tmp_path, gateway_extra="drain_timeout = 1") as cluster, Peer(echo) as p1:
+        blob = pickle.dumps(open_on(cluster, 1, p1))
+        through(cluster, 3)
+        held = pickle.loads(blob)
+        held.settimeout(60)
+        held.sendall(b"x")
+        assert recv_exact(held, 1) == b"x"
+        proc = cluster.node(3).process.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGTERM)
+        # Blocked in recv() through the drain: the reset comes at its end.
+        with pytest.raises(ConnectionResetError) as reset:
+            held.recv(1)
+        assert "closed when the gateway drained: still open after 1 s (gateway.drain_timeout)" \
+            in str(reset.value.strerror), reset.value.strerror
+        held.close()
+        assert proc.wait(30) == 0

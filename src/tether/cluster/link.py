@@ -213,6 +213,10 @@ class _Side(asyncio.Protocol):
         self.splice.lost()
 
 
+# SO_LINGER on, 0 s: close() sends a TCP reset.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
 class Splice:
     """Joins two transports: `plain` (a byte stream) and `link` (a node link).
 
@@ -252,6 +256,16 @@ class Splice:
         for side in (self.plain, self.link):
             if side.transport is not None:
                 side.transport.abort()
+
+    def reset(self) -> None:
+        """Abort both sides, the plain one (an app's TCP stream) with a reset rather than a
+        FIN: the app's next call fails and its client asks why (as relay's abort does)."""
+        transport = self.plain.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:  # a Unix stream has no reset to give: the app sees EOF
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        self.abort()
 
     def lost(self) -> None:
         if self._done or not (self.plain.closed or self.link.closed):

@@ -216,7 +216,7 @@ class ClusterNode:
         for splice, (app, descriptor) in cut:
             self.ended[app, descriptor] = reason
             self.forwarded.pop(descriptor, None)
-            splice.abort()
+            splice.reset()
         return len(cut)
 
     # -- links ---------------------------------------------------------------------

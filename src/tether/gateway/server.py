@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from tether.config import Config, check_listen
 from tether.endpoint import Endpoint
 from tether.errors import ConfigError
-from tether.gateway.core.drain import drain
+from tether.gateway.core.drain import drain, live
 from tether.gateway.core.gateway import SHUTTING_DOWN, SWEEP_INTERVAL, GatewayCore
 from tether.gateway.frontends import socks5
 from tether.gateway.frontends.http_proxy import HttpProxySession, proxy_url
@@ -366,7 +366,7 @@ def serve(
         await stop.wait()
         log.info("shutting down: %d sockets open", len(gateway.registry))
         reason = None
-        if len(gateway.registry) and gateway.config.drain_timeout > 0 and not interrupt.is_set():
+        if live(gateway) and gateway.config.drain_timeout > 0 and not interrupt.is_set():
             reason = await drain(gateway, gateway.config.drain_timeout, interrupt)
         await gateway.close(reason=reason or SHUTTING_DOWN)
 

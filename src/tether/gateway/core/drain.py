@@ -11,6 +11,11 @@ work finishing; refusing it would only lose it). :func:`drain` waits until
 the last socket has closed or ``gateway.drain_timeout`` has passed; the
 server then closes what is left with :func:`drained_reason`, which the
 app's next call reads (docs/workers.md).
+
+The live work counted (:func:`live`) is this gateway's sockets and the app
+streams it forwards to a peer holding their socket (a cluster node's resume
+of another node's socket, core/peers.py): such a stream dies with this
+process though its socket does not, so it is waited for as well.
 """
 
 from __future__ import annotations
@@ -58,6 +63,12 @@ def resume_refusal(core: GatewayCore, app: str, descriptor: str) -> Refusal | No
     return refusal(core, "resumes")
 
 
+def live(core: GatewayCore) -> int:
+    """The live work a drain waits for: sockets held here, streams forwarded to a peer."""
+    peers = core.cluster
+    return len(core.registry) + (peers.forwarding if peers is not None else 0)
+
+
 def drained_reason(waited: float) -> str:
     """The tombstone of a socket still open when the drain ended (the app reads it)."""
     return (
@@ -75,25 +86,26 @@ async def drain(core: GatewayCore, timeout: float, interrupt: asyncio.Event) -> 
     """
     core.draining = True
     loop = core.loop
-    registry = core.registry
     log.info(
-        "draining: %d sockets open; new connects and resumes are refused (retry elsewhere); "
-        "live sockets have up to %g s to finish (gateway.drain_timeout)",
-        len(registry), timeout,
+        "draining: %d sockets open, %d streams forwarded to peers; new connects and resumes "
+        "are refused (retry elsewhere); live sockets have up to %g s to finish "
+        "(gateway.drain_timeout)",
+        len(core.registry), live(core) - len(core.registry), timeout,
     )
     started = loop.time()
     deadline = started + timeout
-    while len(registry) and not interrupt.is_set():
+    while live(core) and not interrupt.is_set():
         remaining = deadline - loop.time()
         if remaining <= 0:
             break
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(interrupt.wait(), min(remaining, DRAIN_POLL))
-    left = len(registry)
+    left = live(core)
     waited = loop.time() - started
     if not left:
         log.info("drained: every socket finished within %.1f s", waited)
         return None
+    # `left` counts the forwarded streams with the sockets: both are closed now.
     if interrupt.is_set():
         log.info("drain interrupted after %.1f s: closing the %d sockets still open", waited, left)
         return drained_reason(waited)
@@ -104,4 +116,4 @@ async def drain(core: GatewayCore, timeout: float, interrupt: asyncio.Event) -> 
     return drained_reason(timeout)
 
 
-__all__ = ["DRAIN_POLL", "drain", "drained_reason", "refusal", "resume_refusal"]
+__all__ = ["DRAIN_POLL", "drain", "drained_reason", "live", "refusal", "resume_refusal"]
