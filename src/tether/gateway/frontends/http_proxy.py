@@ -23,9 +23,10 @@ import socket
 from collections.abc import Iterable
 
 from tether.endpoint import Endpoint, host_port
-from tether.gateway.core.auth import AuthRefusal, Guard, peer_key
+from tether.gateway.core.auth import AuthRefusal, Guard
 from tether.gateway.core.errors import Failure, Refusal, wire_error
 from tether.gateway.core.gateway import GatewayCore
+from tether.gateway.frontends.base import PreauthStream
 from tether.policy import Transport
 from tether.proxy.http import (
     NEED_DATA,
@@ -98,7 +99,7 @@ def refusal_response(proxy: HttpProxy, failure: Failure, target: str = "") -> by
     return proxy.refuse(status, message, headers)
 
 
-class HttpProxySession(asyncio.Protocol):
+class HttpProxySession(PreauthStream):
     """One app connection to the HTTP proxy front-end."""
 
     def __init__(self, core: GatewayCore, *, unix: bool = False) -> None:
@@ -115,11 +116,6 @@ class HttpProxySession(asyncio.Protocol):
 
     # -- asyncio protocol --------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self.core.streams.add(transport)
-        self._guard.arrived(self)
-
     def data_received(self, data: bytes) -> None:
         if self._lingering is not None:
             return  # after a refusal: read and dropped (LINGER)
@@ -133,22 +129,13 @@ class HttpProxySession(asyncio.Protocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is not None:
-            self.core.streams.discard(self.transport)
-        if self.app is None:
-            self._guard.gone(self)
+        super().connection_lost(exc)
         if self._lingering is not None:
             self._lingering.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
     # -- the guard's and the core's calls ----------------------------------
-
-    def peer_key(self) -> str:
-        """Who the connection comes from (the pre-auth caps): source IP or Unix uid."""
-        if self._peer is None:
-            self._peer = peer_key(self.transport)
-        return self._peer
 
     def end_preauth(self, refusal: Refusal) -> None:
         """Closed by the guard before a request was authenticated (deadline, a cap)."""

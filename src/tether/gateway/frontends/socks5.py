@@ -33,10 +33,11 @@ from typing import Any
 
 from tether.endpoint import Endpoint, address_family, host_port, same_host
 from tether.gateway.core.admission import capacity, log_decision
-from tether.gateway.core.auth import AuthRefusal, peer_key
+from tether.gateway.core.auth import AuthRefusal
 from tether.gateway.core.errors import DialTimeout, Refusal
 from tether.gateway.core.gateway import GatewayCore
 from tether.gateway.core.registry import SocketRecord
+from tether.gateway.frontends.base import PreauthStream
 from tether.gateway.udp import BATCH, MAX_DESTINATIONS, RECV_SIZE, quota_drops
 from tether.policy import Transport
 from tether.proxy import socks5
@@ -97,7 +98,7 @@ def proxy_url(endpoints: Sequence[Endpoint]) -> str:
     return f"socks5h://localhost{endpoints[0].path}" if endpoints else ""
 
 
-class Socks5Session(asyncio.Protocol):
+class Socks5Session(PreauthStream):
     """One SOCKS5 client stream."""
 
     def __init__(self, core: GatewayCore, *, unix: bool = False) -> None:
@@ -113,22 +114,6 @@ class Socks5Session(asyncio.Protocol):
         self._switched = False  # the Link has the stream, or it is being closed
 
     # -- asyncio protocol --------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
-        self.core.streams.add(transport)
-        self._guard.arrived(self)
-
-    @property
-    def peername(self) -> str:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return str(peer) if peer else "unix"
-
-    def peer_key(self) -> str:
-        """Who the stream comes from, for the pre-auth caps (as the Tether front-end)."""
-        if self._peer is None:
-            self._peer = peer_key(self.transport)
-        return self._peer
 
     def end_preauth(self, refusal: Refusal) -> None:
         """The guard closes the stream before it authenticated (SOCKS5 has no words for why)."""
@@ -150,10 +135,7 @@ class Socks5Session(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is not None:
-            self.core.streams.discard(self.transport)
-        if self.app is None:
-            self._guard.gone(self)
+        super().connection_lost(exc)
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self.association is not None:

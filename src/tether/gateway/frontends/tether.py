@@ -21,11 +21,12 @@ from tether import __version__
 from tether.cluster.errors import node_gone
 from tether.gateway.core import drain, handoff, inspect
 from tether.gateway.core.admission import lookup_refusal
-from tether.gateway.core.auth import ADMIN_APP, AuthRefusal, Guard, peer_key
+from tether.gateway.core.auth import ADMIN_APP, AuthRefusal, Guard
 from tether.gateway.core.errors import Refusal, wire_error
 from tether.gateway.core.gateway import GatewayCore
 from tether.gateway.core.options import apply_option, outbound_socket, read_option
 from tether.gateway.frontends import tether_udp
+from tether.gateway.frontends.base import PreauthStream
 from tether.gateway.resolve import HostError
 from tether.gateway.udp import UdpAssociation
 from tether.policy import ResolutionError, Transport
@@ -47,7 +48,7 @@ from tether.wire.convert import FAMILY_FROM_WIRE, address_to_wire
 log = logging.getLogger("tether.gateway")
 
 
-class TetherSession(asyncio.Protocol):
+class TetherSession(PreauthStream):
     """One app stream speaking the Tether protocol."""
 
     __slots__ = (
@@ -103,28 +104,6 @@ class TetherSession(asyncio.Protocol):
 
     # -- asyncio protocol --------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = transport  # type: ignore[assignment]
-        self.core.streams.add(transport)
-        self._guard.arrived(self)
-
-    @property
-    def peername(self) -> str:
-        """The app stream's address, for log lines (asked only when one is written)."""
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return str(peer) if peer else "unix"
-
-    def peer_key(self) -> str:
-        """Who the stream comes from, for the pre-auth caps and throttling.
-
-        TCP: the source IP. A Unix socket: the peer's uid (SO_PEERCRED), so
-        tenants under different uids are counted apart; "unix" if unknown.
-        """
-        if self._peer is None:
-            self._peer = peer_key(self.transport)
-        return self._peer
-
     def end_preauth(self, refusal: Refusal) -> None:
         """Closed by the guard before authenticating (deadline, a cap): say why."""
         self._reply_error(wire_error(refusal))
@@ -179,10 +158,7 @@ class TetherSession(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is not None:
-            self.core.streams.discard(self.transport)
-        if self.app is None:
-            self._guard.gone(self)
+        super().connection_lost(exc)
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
@@ -278,9 +254,9 @@ class TetherSession(asyncio.Protocol):
     # -- hello -------------------------------------------------------------
 
     def _hello(self, hello: pb.ClientHello) -> None:
-        reply = pb.ServerHello(protocol_version=PROTOCOL_VERSION, gateway_version=__version__)
         delay = 0.0
         if hello.protocol_version != PROTOCOL_VERSION:
+            reply = pb.ServerHello(protocol_version=PROTOCOL_VERSION, gateway_version=__version__)
             reply.error.CopyFrom(
                 pb.Error(
                     code=pb.Error.VERSION_MISMATCH,
@@ -314,6 +290,8 @@ class TetherSession(asyncio.Protocol):
                 message, frame = _server_hello(self.core)
                 self._pending = self.wire.send(message, frame=frame)
                 return
+            # Built only for a refusal: a successful hello's answer is encoded once (_server_hello).
+            reply = pb.ServerHello(protocol_version=PROTOCOL_VERSION, gateway_version=__version__)
             reply.error.CopyFrom(pb.Error(code=pb.Error.AUTH_FAILED, message=checked.message))
             delay = checked.delay
         data = self.wire.send(reply)
