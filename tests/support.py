@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -177,6 +178,13 @@ def service_reachable(port: int, host: str = "127.0.0.1") -> OSError | None:
     finally:
         probe.close()
     return None
+
+
+def needs_program(name: str) -> pytest.MarkDecorator:
+    """Skip a test whose client program `name` is not installed, on a developer's
+    machine only: in CI (TETHER_REQUIRE_SERVICES=1) the test runs and fails."""
+    missing = shutil.which(name) is None and not REQUIRE_SERVICES
+    return pytest.mark.skipif(missing, reason=f"{name} is not installed")
 
 
 def require_service(port: int, name: str) -> None:

@@ -14,7 +14,6 @@ import http.server
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import APP, Gateway, start_gateway, tether_cli, wait_for
+from support import APP, Gateway, needs_program, start_gateway, tether_cli, wait_for
 
 PAGE = b"served through the gateway\n"
 
@@ -123,7 +122,7 @@ def test_the_environment_names_both_proxies_and_python_keeps_the_native_path(
     assert json.loads(proxies_line) == {}
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@needs_program("curl")
 def test_curl_with_no_proxy_option(gw: Gateway, site: tuple[Path, int], tmp_path: Path) -> None:
     port = site[1]
     result = _run(gw, tmp_path, "curl", "-sS", "--max-time", "10",
@@ -141,7 +140,7 @@ def test_curl_with_no_proxy_option(gw: Gateway, site: tuple[Path, int], tmp_path
     assert result.stdout == PAGE.decode(), result.stderr
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@needs_program("curl")
 def test_curl_to_a_denied_destination_gets_the_reason(
     gw: Gateway, site: tuple[Path, int], tmp_path: Path
 ) -> None:
@@ -155,7 +154,7 @@ def test_curl_to_a_denied_destination_gets_the_reason(
     assert (decision["outcome"], decision["rule"]) == ("denied", "deny blocked.test")
 
 
-@pytest.mark.skipif(shutil.which("wget") is None, reason="wget is not installed")
+@needs_program("wget")
 def test_wget_with_no_proxy_option(gw: Gateway, site: tuple[Path, int], tmp_path: Path) -> None:
     result = _run(gw, tmp_path, "wget", "-q", "-O", "-", "--tries=1", "--timeout=10",
                   f"http://www.test:{site[1]}/page.txt")
@@ -167,7 +166,7 @@ def test_wget_with_no_proxy_option(gw: Gateway, site: tuple[Path, int], tmp_path
     assert "X-Tether-Refusal: tether: connection to blocked.test" in denied.stderr
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@needs_program("git")
 def test_git_clone_over_http(gw: Gateway, site: tuple[Path, int], tmp_path: Path) -> None:
     root, port = site
     work = tmp_path / "work"
@@ -234,7 +233,7 @@ def test_pip_download_from_a_loopback_index(
     assert _decision(gw, "127.0.0.1")["outcome"] == "connected"
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@needs_program("curl")
 def test_dev_mode_offers_the_proxies_too(site: tuple[Path, int], tmp_path: Path) -> None:
     port = site[1]
     (tmp_path / "tether.toml").write_text(

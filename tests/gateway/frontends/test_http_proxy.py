@@ -15,7 +15,6 @@ import contextlib
 import errno
 import http.server
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -27,7 +26,7 @@ from typing import Any
 
 import pytest
 import trustme
-from support import FakeClock, StdSocket, audit_lines, recv_exact
+from support import FakeClock, StdSocket, audit_lines, needs_program, recv_exact
 from tcpservers import echo, serving, wait_for
 
 from tether.cli.run import offered_proxies
@@ -47,7 +46,7 @@ IDLE = 60.0
 TIMEOUT = 10.0
 PAGE = b"hello from tls.test\n"
 
-needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+needs_curl = needs_program("curl")
 
 
 class _Echo(http.server.BaseHTTPRequestHandler):
@@ -573,7 +572,7 @@ def test_curl_without_credentials_gets_407(env: Env) -> None:
     assert 'Proxy-Authenticate: Basic realm="tether"' in result.stdout
 
 
-@pytest.mark.skipif(shutil.which("wget") is None, reason="wget is not installed")
+@needs_program("wget")
 def test_wget_through_the_proxy(env: Env, tmp_path: Path) -> None:
     proxy = f"http://tests:{KEY}@{env.proxy}"
     base = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}

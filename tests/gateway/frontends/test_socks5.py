@@ -28,7 +28,7 @@ import pytest
 import socks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import FakeClock, StdSocket, audit_lines, recv_exact
+from support import FakeClock, StdSocket, audit_lines, needs_program, recv_exact
 from tcpservers import echo, http_page, serving, wait_for
 from udpsupport import UdpPeer, free_udp_port
 
@@ -420,7 +420,7 @@ def test_whatever_a_client_sends_the_front_end_serves_on(
 # -- real clients --------------------------------------------------------------
 
 CURL = shutil.which("curl")
-needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed")
+needs_curl = needs_program("curl")
 
 
 def _curl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -481,7 +481,7 @@ def test_curl_through_the_unix_listener_as_a_uid_mapped_app(env: Env) -> None:
     assert (done.returncode, done.stdout) == (0, PAGE.decode()), done.stderr
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@needs_program("git")
 def test_git_clone_through_socks5h(env: Env, audit: pytest.LogCaptureFixture) -> None:
     target = env.tmp / "clone"
     done = subprocess.run(
@@ -517,7 +517,7 @@ public class Get {
 """
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed")
+@needs_program("java")
 def test_java_socket_through_socks5(env: Env, audit: pytest.LogCaptureFixture) -> None:
     source = env.tmp / "Get.java"
     source.write_text(JAVA_GET)
