@@ -23,11 +23,16 @@ REDIS_PORT = 6379
 REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
 
 
+def tls_files(tmp: Path) -> dict[str, Path]:
+    """Where certificates(tmp) writes each [cluster] TLS key's file."""
+    return {"tls_ca": tmp / "ca.pem", "tls_cert": tmp / "node.pem", "tls_key": tmp / "node.key"}
+
+
 def certificates(tmp: Path) -> dict[str, str]:
     """A CA and one node certificate (every node shows it), as files: the [cluster] TLS keys."""
     ca = trustme.CA()
     cert = ca.issue_cert("tether-node")
-    paths = {"tls_ca": tmp / "ca.pem", "tls_cert": tmp / "node.pem", "tls_key": tmp / "node.key"}
+    paths = tls_files(tmp)
     ca.cert_pem.write_to_path(str(paths["tls_ca"]))
     cert.private_key_pem.write_to_path(str(paths["tls_key"]))
     for i, blob in enumerate(cert.cert_chain_pems):
@@ -109,6 +114,18 @@ class Cluster:
         assert proc is not None
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+
+    def restart(self, i: int) -> Gateway:
+        """Kill node i (SIGKILL) and start it again under the same id: a new process, with
+        new link and gateway ports; once it has joined."""
+        self.kill(i)
+        with contextlib.suppress(Exception):
+            self.node(i).process.stop()
+        tls = {k: str(v) for k, v in tls_files(self.tmp).items()}
+        node = start_gateway(self.tmp, self.config(i, tls), self.key, name=f"n{i}-again.toml")
+        self.nodes[i - 1] = node
+        assert wait_for(lambda: "in the cluster" in node.log_text()), node.log_text()
+        return node
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -43,6 +43,7 @@ from tether.client import control
 from tether.client import handoff as client_handoff
 from tether.client import settings as client_settings
 from tether.cluster.link import Deframer, frame
+from tether.cluster.signing import INCARNATION_BYTES
 from tether.errors import NodeGone
 from tether.wire import NEED_DATA, Connection, Role, encode_frame, pb
 
@@ -95,15 +96,37 @@ def test_a_killed_nodes_sockets_fail_at_once_and_the_others_live_on(tmp_path: Pa
             sock.close()
 
 
+def test_a_restarted_nodes_old_handoffs_are_node_gone(tmp_path: Path) -> None:
+    """Node 2 killed and started again under the same id: a handoff of its previous life
+    is NODE_GONE (its socket died with that process) wherever it is resumed, never
+    "no socket"; the restarted node serves new sockets."""
+    with running(tmp_path) as cluster, Peer(echo) as old, Peer(echo) as new:
+        blob = pickle.dumps(open_on(cluster, 2, old))
+        cluster.restart(2)
+        for i in (2, 3, 1):  # at the restarted node itself, and forwarded to it
+            through(cluster, i)
+            with pytest.raises(NodeGone, match=r"node 'n2' .*restarted since the handoff"):
+                pickle.loads(blob)
+        sock = open_on(cluster, 2, new)
+        through(cluster, 3)
+        sock = pickle.loads(pickle.dumps(sock))
+        sock.sendall(b"new life")
+        assert recv_exact(sock, 8) == b"new life"
+        sock.close()
+
+
 def test_a_forged_handoff_is_refused_without_a_lookup(tmp_path: Path) -> None:
     with running(tmp_path, size=3) as cluster, Peer(echo) as peer:
         sock = open_on(cluster, 1, peer)
         state = client_handoff.hand_off(sock)
-        assert state.node == "n1" and len(state.signature) == 32
+        assert state.node == "n1" and len(state.signature) == INCARNATION_BYTES + 32
         through(cluster, 2)
         forged = [
             dataclasses.replace(state, node="n2"),  # pointed at another node
-            dataclasses.replace(state, signature=bytes(32)),
+            dataclasses.replace(state, signature=bytes(INCARNATION_BYTES + 32)),
+            # Another life of node 1 (the MAC is of this one).
+            dataclasses.replace(state, signature=bytes(INCARNATION_BYTES)
+                                + state.signature[INCARNATION_BYTES:]),
             # Another first character (the same one would be no change at all).
             dataclasses.replace(state, token=("B" if state.token[0] == "A" else "A")
                                 + state.token[1:]),

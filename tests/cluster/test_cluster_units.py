@@ -104,6 +104,34 @@ def test_a_changed_signature_fails(signature: bytes, i: int) -> None:
     assert verify(b"s" * 32, "d", "t", "n", signature) == (signature == good)
 
 
+@given(texts, texts, texts, st.binary(min_size=8, max_size=8), st.binary(min_size=8, max_size=8))
+def test_a_handoff_names_the_life_of_the_node_that_signed_it(
+    descriptor: str, token: str, node: str, life: bytes, other: bytes
+) -> None:
+    from tether.cluster import signing
+    from tether.wire import pb
+
+    key = b"s" * 32
+    handoff = pb.Handoff(token=token)
+    signing.sign_handoff(key, node, life, handoff, descriptor)
+    req = pb.Resume(descriptor=descriptor, token=token, node=node, signature=handoff.signature)
+    assert signing.signed_in(key, req) == life
+    # Its own node, this life: no refusal; another life: NODE_GONE; another node's: not its say.
+    assert signing.restarted(req, node, life, life) is None
+    gone = signing.restarted(req, node, other, life)
+    assert (gone is None) == (other == life)
+    assert gone is None or gone.code == pb.Error.NODE_GONE
+    assert signing.restarted(req, node + "x", other, life) is None
+    # The life is signed: another one put in front of the MAC does not verify.
+    if other != life:
+        forged = pb.Resume(descriptor=descriptor, token=token, node=node,
+                           signature=other + handoff.signature[8:])
+        assert signing.signed_in(key, forged) is None
+    for cut in (handoff.signature[:-1], handoff.signature[8:], b""):
+        short = pb.Resume(descriptor=descriptor, token=token, node=node, signature=cut)
+        assert signing.signed_in(key, short) is None
+
+
 # -- link frames ---------------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ import tether.socket as ts
 from tether.client import control
 from tether.client import settings as client_settings
 from tether.config import Config, parse_config
+from tether.errors import NodeGone
 from tether.gateway.supervisor import (
     RESTART_FIRST,
     WorkerSpec,
@@ -57,6 +58,9 @@ SPREAD = 64
 # Handoffs of each socket in the ring test: each resume reaches a worker the
 # kernel picks, so about half are passed on to the worker holding the socket.
 HANDOFFS = 100
+# Resumes of a restarted worker's old handoff: each reaches a worker the kernel
+# picks; all of them landing on one worker has a chance of 2**-15.
+RESUMES_AFTER_RESTART = 16
 _CONNECTED = re.compile(r"tether\.audit\[(\S+)\]: .*\"outcome\":\"connected\"")
 
 
@@ -312,13 +316,25 @@ def test_a_killed_workers_handed_off_socket_fails_at_once_the_others_live_on(
         os.kill(worker_pid(served, 0), signal.SIGKILL)
         served.wait_for(r"worker 0 \(pid \d+\) was killed by SIGKILL", after=mark)
         # Its socket died with it: the resume is refused, whichever worker it
-        # reaches (the owner's link is gone, or the restarted worker does not
-        # have it), never after a timeout.
-        with pytest.raises(OSError, match=r"node|no socket"):
+        # reaches (the owner's link is gone, or the restarted worker had it in
+        # its previous life), never after a timeout.
+        with pytest.raises(NodeGone, match=victim_node):
             pickle.loads(blob)
         for sock in others:
             sock.sendall(b"still here")
             assert recv_exact(sock, 10) == b"still here"
+        # Once worker 0 is back (same node id), the handoff is still of a life
+        # that is over: NODE_GONE at the restarted worker itself and when
+        # worker 1 passes the stream there, never "no socket".
+        worker_pid(served, 0, after=mark)
+        after = len(served.log)
+        for _ in range(RESUMES_AFTER_RESTART):
+            control.close_all()  # a new stream: the kernel picks a worker each time
+            with pytest.raises(NodeGone, match=rf"{victim_node}.*restarted since the handoff"):
+                pickle.loads(blob)
+        served.wait_for(rf"its resume passed to {victim_node}", after=after)  # through worker 1
+        passed = sum(f"its resume passed to {victim_node}" in line for line in served.log[after:])
+        assert passed < RESUMES_AFTER_RESTART  # and straight to the restarted worker 0
 
 
 # -- the pure parts ----------------------------------------------------------------
@@ -414,15 +430,49 @@ def test_a_resume_names_a_worker_signed_with_this_runs_key(
     handoff = pb.Handoff(token="t0k3n")
     links.sign_handoff(handoff, "d35cr1pt0r")
     assert handoff.node == "h-0"
-    assert signing.verify(key, "d35cr1pt0r", "t0k3n", "h-0", handoff.signature)
-    req = pb.Resume(descriptor="d35cr1pt0r", token="t0k3n", node=node,
-                    signature=signing.sign(key, "d35cr1pt0r", "t0k3n", signed_by))
+    own = pb.Resume(descriptor="d35cr1pt0r", token="t0k3n", node="h-0",
+                    signature=handoff.signature)
+    assert signing.signed_in(key, own) == links.incarnation
+    # Signed by `signed_by` in some life of it (a sibling's is not this worker's to know).
+    made = pb.Handoff(token="t0k3n")
+    signing.sign_handoff(key, signed_by, links.incarnation, made, "d35cr1pt0r")
+    req = pb.Resume(descriptor="d35cr1pt0r", token="t0k3n", node=node, signature=made.signature)
     refusal = links.check_resume("tests", req)
     if refused is None:
         assert refusal is None
     else:
         assert refusal is not None and refusal.code == pb.Error.PERMISSION_DENIED
         assert refused in refusal.message
+
+
+@pytest.mark.parametrize(
+    ("node", "life", "gone"),
+    [
+        ("h-0", "now", False),  # this worker's own, this life
+        ("h-0", "before", True),  # this worker's, before it was restarted
+        ("h-2", "before", False),  # a sibling's, of whichever life: passed there to judge
+    ],
+)
+def test_a_restarted_workers_old_handoff_is_node_gone(node: str, life: str, gone: bool) -> None:
+    from tether.cluster import signing
+    from tether.gateway.core.gateway import GatewayCore
+    from tether.gateway.workerlink import WorkerLinks
+    from tether.wire import pb
+
+    spec = WorkerSpec(index=0, count=3, base="h", runtime_dir="/nonexistent", supervisor=1)
+    key = b"k" * 32
+    links = WorkerLinks(GatewayCore(parse_config({})), spec, key)
+    before = WorkerLinks(GatewayCore(parse_config({})), spec, key).incarnation
+    assert before != links.incarnation
+    made = pb.Handoff(token="t0k3n")
+    signing.sign_handoff(key, node, links.incarnation if life == "now" else before, made, "d")
+    refusal = links.check_resume(
+        "tests", pb.Resume(descriptor="d", token="t0k3n", node=node, signature=made.signature))
+    if not gone:
+        assert refusal is None
+    else:
+        assert refusal is not None and refusal.code == pb.Error.NODE_GONE
+        assert "'h-0'" in refusal.message and "restarted since the handoff" in refusal.message
 
 
 class _Exited:

@@ -89,6 +89,9 @@ class ClusterNode:
         self.core = core
         self.config = config
         self.node_id = config.node_id
+        # This start of the node: a restarted one (same node_id) refuses its
+        # previous life's handoffs with NODE_GONE (signing.py).
+        self.incarnation = signing.new_incarnation()
         self.redis: aioredis.Redis = connect(config)
         self.client_tls: ssl.SSLContext | None = None
         server_tls: ssl.SSLContext | None = None
@@ -144,12 +147,13 @@ class ClusterNode:
 
     def sign_handoff(self, handoff: pb.Handoff, descriptor: str) -> None:
         """Name this node in a Handoff, signed, so any node can route its Resume here."""
-        signing.sign_handoff(self.config.key, self.node_id, handoff, descriptor)
+        signing.sign_handoff(self.config.key, self.node_id, self.incarnation, handoff, descriptor)
 
     def check_resume(self, app: str, req: pb.Resume) -> Refusal | None:
         """A Resume naming a node must carry this cluster's signature; checked before any lookup."""
-        if signing.verify(self.config.key, req.descriptor, req.token, req.node, req.signature):
-            return None
+        signed = signing.signed_in(self.config.key, req)
+        if signed is not None:
+            return signing.restarted(req, self.node_id, self.incarnation, signed)
         log.warning("cluster: app %r sent a Resume for node %r with a signature that does not "
                     "match; refused without looking it up", app, req.node)
         return Refusal(pb.Error.PERMISSION_DENIED, errno.EACCES,

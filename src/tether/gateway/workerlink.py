@@ -17,7 +17,9 @@ asks a cluster node through):
   reached it: no relay hop, no per-byte cost for the socket's life (a node
   of a cluster on another host has to forward the stream instead;
   docs/workers.md says why). A worker that is gone refuses the socket
-  at once (``NODE_GONE``).
+  at once (``NODE_GONE``), and so does the worker its supervisor restarted
+  in its place: the handoff names the life of the worker that made it
+  (cluster/signing.py).
 - **A request about a socket** this worker does not hold is asked of the
   others (each a Tether stream on its link socket, the app's hello and the
   request); the one that holds the socket answers. A listing gathers every
@@ -80,6 +82,9 @@ class WorkerLinks:
         self.spec = spec
         self.node_id = spec.node_id
         self.key = key
+        # This start of the worker: a restarted one refuses its previous life's
+        # handoffs with NODE_GONE (cluster/signing.py).
+        self.incarnation = signing.new_incarnation()
         self.quota = _OwnShare()
         # A stream for a sibling's socket is passed, not forwarded: none to drain.
         self.forwarding = 0
@@ -121,12 +126,13 @@ class WorkerLinks:
 
     def sign_handoff(self, handoff: pb.Handoff, descriptor: str) -> None:
         """Name this worker in a Handoff, signed, so a sibling can pass its Resume here."""
-        signing.sign_handoff(self.key, self.node_id, handoff, descriptor)
+        signing.sign_handoff(self.key, self.node_id, self.incarnation, handoff, descriptor)
 
     def check_resume(self, app: str, req: pb.Resume) -> Refusal | None:
         if req.node in self.spec.peers or req.node == self.node_id:
-            if signing.verify(self.key, req.descriptor, req.token, req.node, req.signature):
-                return None
+            signed = signing.signed_in(self.key, req)
+            if signed is not None:
+                return signing.restarted(req, self.node_id, self.incarnation, signed)
             # The key is new each run: a handoff from before a restart (whose
             # socket is gone with that run) does not verify either.
             why = ("does not carry this gateway's signature (forged, or made before the "
