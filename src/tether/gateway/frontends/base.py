@@ -1,4 +1,4 @@
-"""What every front-end's session does for the pre-auth guard, written once.
+"""What every front-end's session does for the pre-auth guard and its requests, written once.
 
 A stream is in the guard's table (tether.gateway.core.auth.Guard) from its
 accept until :meth:`Guard.check` knows its app or the stream is lost; the
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 from abc import abstractmethod
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from tether.gateway.core.auth import peer_key
 
@@ -35,6 +36,7 @@ class PreauthStream(asyncio.Protocol):
     app: str | None  # None until Guard.check said which
     _guard: Guard
     _peer: str | None  # peer_key(), asked only when needed
+    _task: asyncio.Task[None] | None  # the request being answered (one at a time)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -48,6 +50,22 @@ class PreauthStream(asyncio.Protocol):
             self.core.streams.discard(self.transport)
         if self.app is None:
             self._guard.gone(self)
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Answer a request in a task; nothing more is read until it is answered.
+
+        The app's next bytes wait in the kernel (flow control), in order:
+        after a connect they are the destination's.
+        """
+        assert self.transport is not None
+        self.transport.pause_reading()
+        task = self.core.loop.create_task(coro)
+        self._task = task
+        task.add_done_callback(self._done)
+
+    @abstractmethod
+    def _done(self, task: asyncio.Task[None]) -> None:
+        """The request's task ended: read on, or close if it failed."""
 
     @abstractmethod
     def end_preauth(self, refusal: Refusal) -> None:

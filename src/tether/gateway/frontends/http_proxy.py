@@ -178,12 +178,9 @@ class HttpProxySession(PreauthStream):
             if self.transport is not None:
                 self.transport.close()
             return
-        assert isinstance(event, Tunnel | Forward) and self.transport is not None
-        # Nothing more is read until it is answered: what follows the head
-        # stays in the kernel (flow control) for the destination.
-        self.transport.pause_reading()
-        self._task = self.core.loop.create_task(self._serve(event))
-        self._task.add_done_callback(self._done)
+        assert isinstance(event, Tunnel | Forward)
+        # What follows the head stays in the kernel for the destination.
+        self._start(self._serve(event))
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._task = None

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tether.endpoint import Endpoint, address_family, host_port, same_host
@@ -164,15 +164,6 @@ class Socks5Session(PreauthStream):
                 self._auth(event)
             elif isinstance(event, Request):
                 self._start(self._request(event))
-
-    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
-        assert self.transport is not None
-        # Nothing more is read until the request is answered: the client's
-        # early bytes wait in the kernel, in order.
-        self.transport.pause_reading()
-        task = self.core.loop.create_task(coro)
-        self._task = task
-        task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._task = None

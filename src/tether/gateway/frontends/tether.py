@@ -14,8 +14,6 @@ import errno
 import logging
 import socket
 import traceback
-from collections.abc import Coroutine
-from typing import Any
 
 from tether import __version__
 from tether.cluster.errors import node_gone
@@ -195,15 +193,6 @@ class TetherSession(PreauthStream):
                 log.info("stream %s sent an error: %r", self.peername, event.message)
                 self._close()
                 return
-
-    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
-        assert self.transport is not None
-        # Read nothing more until this is answered: frames wait in the
-        # kernel, and early raw bytes after a Connect stay in order.
-        self.transport.pause_reading()
-        task = self.core.loop.create_task(coro)
-        self._task = task
-        task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._task = None
