@@ -270,24 +270,41 @@ def test_only_nodes_may_open_links(tmp_path: Path) -> None:
                 assert isinstance(events[0], pb.ServerHello) and not events[0].HasField("error")
 
 
+# A transfer a drain lets finish: 4 MiB, many reads through the relay.
+TRANSFER = 4 * 1024 * 1024
+
+
+def transfer_source(conn: socket.socket) -> str:
+    """A peer that sends TRANSFER bytes once told to go (one byte); their sha256."""
+    conn.recv(1)  # go
+    digest = hashlib.sha256()
+    for offset in range(0, TRANSFER, 256 * 1024):
+        chunk = stream(b"drain", offset, min(256 * 1024, TRANSFER - offset))
+        digest.update(chunk)
+        conn.sendall(chunk)
+    return digest.hexdigest()
+
+
+def transfer(sock: tsocket.socket) -> str:
+    """Tell transfer_source to go and read all it sends: the sha256 of what came."""
+    sock.sendall(b"g")
+    digest = hashlib.sha256()
+    got = 0
+    while got < TRANSFER:
+        data = sock.recv(256 * 1024)
+        assert data, f"EOF after {got} of {TRANSFER} bytes"
+        digest.update(data)
+        got += len(data)
+    return digest.hexdigest()
+
+
 def test_a_draining_node_finishes_its_transfers_and_sends_new_work_elsewhere(
     tmp_path: Path,
 ) -> None:
     """SIGTERM on node 2: its live socket's transfer completes intact; new connects and
     resumes through it are refused (retry elsewhere), the cluster serves them."""
-    total = 4 * 1024 * 1024
-
-    def source(conn: socket.socket) -> str:
-        conn.recv(1)  # go
-        digest = hashlib.sha256()
-        for offset in range(0, total, 256 * 1024):
-            chunk = stream(b"drain", offset, min(256 * 1024, total - offset))
-            digest.update(chunk)
-            conn.sendall(chunk)
-        return digest.hexdigest()
-
     with running(tmp_path, gateway_extra="drain_timeout = 60") as cluster, \
-            Peer(source, timeout=60) as big, Peer(echo) as p1:
+            Peer(transfer_source, timeout=60) as big, Peer(echo) as p1:
         held = open_on(cluster, 2, big)  # a live transfer on node 2
         elsewhere = open_on(cluster, 1, p1)
         blob = pickle.dumps(elsewhere)
@@ -308,36 +325,18 @@ def test_a_draining_node_finishes_its_transfers_and_sends_new_work_elsewhere(
         assert recv_exact(resumed, 5) == b"moved"
         resumed.close()
         # Node 2's own transfer finishes, every byte.
-        held.sendall(b"g")
-        digest = hashlib.sha256()
-        got = 0
-        while got < total:
-            data = held.recv(256 * 1024)
-            assert data, f"EOF after {got} of {total} bytes"
-            digest.update(data)
-            got += len(data)
+        digest = transfer(held)
         held.close()
         assert proc.wait(30) == 0  # its last socket closed: node 2 exits
-    assert digest.hexdigest() == big.result
+    assert digest == big.result
 
 
 def test_a_draining_node_waits_for_the_streams_it_forwards(tmp_path: Path) -> None:
     """Node 3 forwards node 1's socket (resumed through 3); SIGTERM node 3: it holds no
     socket of its own, yet its forwarded transfer finishes intact before it exits, and new
     work through it is refused (UNAVAILABLE: retry elsewhere)."""
-    total = 4 * 1024 * 1024
-
-    def source(conn: socket.socket) -> str:
-        conn.recv(1)  # go
-        digest = hashlib.sha256()
-        for offset in range(0, total, 256 * 1024):
-            chunk = stream(b"forwarded", offset, min(256 * 1024, total - offset))
-            digest.update(chunk)
-            conn.sendall(chunk)
-        return digest.hexdigest()
-
     with running(tmp_path, gateway_extra="drain_timeout = 60") as cluster, \
-            Peer(source, timeout=60) as big:
+            Peer(transfer_source, timeout=60) as big:
         blob = pickle.dumps(open_on(cluster, 1, big))
         through(cluster, 3)
         held = pickle.loads(blob)  # node 3 forwards the stream to node 1
@@ -352,19 +351,12 @@ def test_a_draining_node_waits_for_the_streams_it_forwards(tmp_path: Path) -> No
             # Refused before any dial: `big` sees no second connection.
             tsocket.create_connection(big.address, timeout=10)
         assert "retry on another gateway" in str(refused.value)
-        held.sendall(b"g")
-        digest = hashlib.sha256()
-        got = 0
-        while got < total:
-            data = held.recv(256 * 1024)
-            assert data, f"EOF after {got} of {total} bytes"
-            digest.update(data)
-            got += len(data)
+        digest = transfer(held)
         assert proc.poll() is None, "node 3 exited with the forwarded stream still open"
         held.close()
         assert proc.wait(30) == 0  # its last forwarded stream closed: node 3 exits
         assert "drained: every socket finished" in cluster.node(3).log_text()
-    assert digest.hexdigest() == big.result
+    assert digest == big.result
 
 
 def test_a_forwarded_stream_left_at_the_drains_end_is_cut_with_the_drain_reason(
