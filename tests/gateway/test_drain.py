@@ -29,7 +29,7 @@ from tether.client import settings as client_settings
 from tether.client.errors import gateway_error
 from tether.config import DEFAULT_DRAIN_TIMEOUT, parse_config
 from tether.errors import ConfigError
-from tether.gateway.core.drain import drained_reason, refusal, resume_refusal
+from tether.gateway.core.drain import drain, drained_reason, live, refusal, resume_refusal
 from tether.gateway.core.gateway import GatewayCore
 from tether.wire import pb
 
@@ -207,3 +207,49 @@ def test_resume_refusal_spares_what_this_gateway_holds_or_has_a_tombstone_for() 
 ])
 def test_drained_reason(waited: float, text: str) -> None:
     assert drained_reason(waited) == text
+
+
+def _with_peers(forwarding: int) -> GatewayCore:
+    """A core whose peers (a host's worker links, never started) forward `forwarding` streams."""
+    from tether.gateway.supervisor import WorkerSpec
+    from tether.gateway.workerlink import WorkerLinks
+
+    core = GatewayCore(parse_config({}))
+    spec = WorkerSpec(index=0, count=2, base="h", runtime_dir="/nonexistent", supervisor=1)
+    links = WorkerLinks(core, spec, b"k" * 32)
+    links.forwarding = forwarding
+    core.cluster = links
+    return core
+
+
+@pytest.mark.parametrize(("sockets", "forwarding", "expected"), [
+    (0, 0, 0), (2, 0, 2), (0, 1, 1), (2, 3, 5),
+])
+def test_live_work_is_sockets_and_forwarded_streams(
+    sockets: int, forwarding: int, expected: int
+) -> None:
+    core = _with_peers(forwarding)
+    for port in range(sockets):
+        core.registry.add(APP, ("127.0.0.1", 1), ("127.0.0.1", 10 + port), "tcp", 60.0)
+    assert live(core) == expected
+
+
+@pytest.mark.parametrize("ends", [True, False], ids=["finishes", "timeout"])
+def test_the_drain_waits_for_a_forwarded_stream(ends: bool) -> None:
+    """No socket here, one stream forwarded to a peer: the drain waits for it; if it
+    ends, nothing is left to close, else the drain reason is returned at the timeout."""
+    import asyncio
+
+    core = _with_peers(1)
+
+    async def run() -> str | None:
+        core.loop = asyncio.get_running_loop()
+        interrupt = asyncio.Event()
+        if ends:  # the forwarded stream ends a moment into the drain
+            core.loop.call_soon(setattr, core.cluster, "forwarding", 0)
+            return await drain(core, 60.0, interrupt)
+        return await drain(core, 0.2, interrupt)
+
+    reason = asyncio.run(run())
+    assert core.draining
+    assert reason == (None if ends else drained_reason(0.2))
