@@ -6,7 +6,7 @@ per-app :class:`~tether.gateway.core.registry.AppUsage`, the caps, the
 quota book and the usage ledger. Nothing is added to the relay's per-chunk
 path. The two latency histograms are the exception: a handshake and a
 decision are observed where they happen, once per connection, by
-:class:`Histogram` (an array append, no lock: the gateway's loop is its
+:class:`Histogram` (a list append, no lock: the gateway's loop is its
 only writer and the scrape runs on the same loop).
 
 :class:`GatewayCollector` reads the core on the loop's thread (the admin
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import platform
-from array import array
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -56,17 +55,23 @@ VERDICTS: Mapping[str, str] = {
 class Histogram:
     """Observations in fixed buckets, exported as a Prometheus histogram at scrape time.
 
-    ``observe`` is an ``array.append``: a C call that stores the value, no
+    ``observe`` is a ``list.append``: a C call that stores the value, no
     Python frame on the connect path. :meth:`fold` sorts what was stored
     into the buckets (C loops: ``map`` of ``bisect_left`` into a
     ``Counter``); the scrape folds, and so does the gateway's sweep once a
-    second, so what waits is one second's observations (16 KB at 2,000
-    connections/s). prometheus_client's Histogram takes a lock per bucket and
-    walks the buckets in Python (timeit on the loaded 2-core machine: 1,960 ns
-    an observation, against 116 ns to store here and ~300 ns to fold later).
+    second, so what waits is one second's observations (64 KB a histogram
+    at 2,000 connections/s: a float object and its pointer each).
+    prometheus_client's Histogram takes a lock per bucket and walks the
+    buckets in Python (timeit on the loaded 2-core machine: 1,960 ns an
+    observation, against 116 ns to store here and ~300 ns to fold later).
     Both histograms together cost the gateway 1.9k instructions per
-    connection (python -m bench.instructions --paths tether-tcp --side proxy:
-    378.3k against 376.4k without them; a Python observe() method cost 6k).
+    connection when stored in an ``array("d")`` (python -m bench.instructions
+    --paths tether-tcp --side proxy: 378.3k against 376.4k without them; a
+    Python observe() method cost 6k). A list, not that array: the array's
+    append parses its argument (PyArg_Parse "d", ~400 instructions under
+    callgrind) and the fold made a float of every sample again; the list
+    costs 2.7k instructions a connection less (374.5k -> 371.9k, same
+    command, the gateway run with PYTHONHASHSEED=0).
     """
 
     __slots__ = ("_samples", "bounds", "counts", "observe", "total")
@@ -76,7 +81,7 @@ class Histogram:
         # counts[i]: observations in (bounds[i-1], bounds[i]]; the last, above every bound.
         self.counts = [0] * (len(self.bounds) + 1)
         self.total = 0.0
-        self._samples = array("d")
+        self._samples: list[float] = []
         self.observe: Callable[[float], None] = self._samples.append
 
     def fold(self) -> None:
@@ -88,7 +93,7 @@ class Histogram:
         for i, n in Counter(map(partial(bisect_left, self.bounds), samples)).items():
             self.counts[i] += n
         self.total += math.fsum(samples)
-        del samples[:]
+        samples.clear()
 
     @property
     def count(self) -> int:
