@@ -132,3 +132,29 @@ def test_udp_relays_count_against_the_descriptors() -> None:
     assert capacity(core, "b", new_socket=False) is None  # one more relay fits
     core.registry.extra_fds = 36
     assert isinstance(capacity(core, "b", new_socket=False), Refusal)
+
+
+@pytest.mark.parametrize(
+    ("app_table", "expected"),
+    [
+        ("max_sockets = 3", (3, "apps.a.max_sockets")),
+        ("quota = { sockets = 4 }", (4, "apps.a.quota.sockets")),
+        ("", (None, "gateway.max_sockets_per_app")),  # derived from the open-files limit
+    ],
+)
+def test_a_reload_changes_the_cap_an_app_is_held_to(
+    app_table: str, expected: tuple[int | None, str]
+) -> None:
+    """The cap is worked out once per app and config (core.app_caps): a reload starts afresh."""
+    core = make_core()
+    usage = core.registry.app_usage("a")
+    usage.open_sockets = 2
+    refused = capacity(core, "a")  # at its cap of 2: the cap is now known to the core
+    assert isinstance(refused, Refusal) and refused.reason == "2"
+    core.reload(parse_config(tomllib.loads(CONFIG.replace("max_sockets = 2", app_table))))
+    cap, name = expected
+    assert core.app_cap(core.config.apps["a"]) == (cap or core.max_sockets_per_app, name)
+    assert capacity(core, "a") is None  # 2 open, under the new cap
+    usage.open_sockets = cap or core.max_sockets_per_app
+    refused = capacity(core, "a")
+    assert isinstance(refused, Refusal) and refused.reason == str(usage.open_sockets)

@@ -142,7 +142,7 @@ def capacity(
             f"tether: app '{app}' is not in the gateway's config (it was removed)")
     usage = core.registry.app_usage(app)
     in_use = usage.open_sockets + usage.connecting
-    cap, name = core.app_cap(entry)
+    cap, name = core.app_caps.get(app) or core.app_cap(entry)  # worked out once per config
     registry = core.registry
     total = len(registry) + core.connecting
     # Two descriptors a socket (a UDP association's relays on top), and what

@@ -136,6 +136,9 @@ class GatewayCore:
         self.fd_reserve, self.max_sockets, self.max_sockets_per_app = derive_caps(
             config, self.fd_limit
         )
+        # app -> app_cap(): read on every connect (admission.capacity), derived
+        # from the config, so worked out once per app and config (reload clears it).
+        self.app_caps: dict[str, tuple[int, str]] = {}
         # (app, sha256 of a revoked key) -> why it was revoked (reload).
         self._revoked: OrderedDict[tuple[str, bytes], tuple[str, float]] = OrderedDict()
         # Streams not yet authenticated: their deadline, caps, failed keys.
@@ -171,10 +174,15 @@ class GatewayCore:
 
     def app_cap(self, entry: AppConfig) -> tuple[int, str]:
         """An app's sockets quota and the config key it comes from (derived when unset)."""
-        limits = self.quota.limits(entry.name)
-        if limits.sockets is not None:
-            return limits.sockets, limits.source("sockets")
-        return self.max_sockets_per_app, "gateway.max_sockets_per_app"
+        found = self.app_caps.get(entry.name)
+        if found is None:
+            limits = self.quota.limits(entry.name)
+            if limits.sockets is not None:
+                found = limits.sockets, limits.source("sockets")
+            else:
+                found = self.max_sockets_per_app, "gateway.max_sockets_per_app"
+            self.app_caps[entry.name] = found
+        return found
 
     def log_caps(self) -> None:
         """One line at start-up: the open-files limit and the caps derived from it."""
@@ -253,6 +261,7 @@ class GatewayCore:
         self.fd_reserve, self.max_sockets, self.max_sockets_per_app = derive_caps(
             self.config, self.fd_limit
         )
+        self.app_caps.clear()  # the caps and quotas just read (the book's below, no await between)
         for name, entry in old.apps.items():
             new = config.apps.get(name)
             if new is None:
