@@ -217,6 +217,35 @@ def test_a_reload_keeps_the_counters_and_updates_live_meters() -> None:
     assert meter.out(20) == (10, 0.0)  # 80 already spent today
 
 
+
+@pytest.mark.parametrize(
+    ("quota", "apps", "admission", "meters_streams"),
+    [
+        ("", "", False, False),
+        ("", "quota = { enabled = false }", True, False),
+        ("connects_per_minute = 10", "", True, False),
+        ("", "quota = { connects_per_minute = 10 }", True, False),  # one app's limit
+        ("bytes_out_per_minute = 1000", "", False, True),
+        ("", "quota = { bytes_in_per_day = 1000 }", True, True),
+        ("sockets = 5", "", False, False),  # the core's cap (app_cap), not the book's
+        ("datagrams_per_minute = 5", "", False, False),  # UDP only
+    ],
+)
+def test_what_a_connect_asks_of_the_book_follows_the_config_and_reloads(
+    quota: str, apps: str, admission: bool, meters_streams: bool
+) -> None:
+    """A gateway whose apps have no such limit asks no app's limits on a connect."""
+    book, _ = book_for(quota, apps)
+    assert (book.admission, book.meters_streams) == (admission, meters_streams)
+    assert (book.meter("a") is not None) == meters_streams
+    assert (book.admit("a") is not None) == (apps == "quota = { enabled = false }")
+    book.configure(parse_config(tomllib.loads('[apps.a]\nkey = "k"\n')).quota)  # a reload
+    assert (book.admission, book.meters_streams) == (False, False)
+    text = f'[quota]\n{quota}\n[apps.a]\nkey = "k"\n{apps}\n'
+    book.configure(parse_config(tomllib.loads(text)).quota)  # and back
+    assert (book.admission, book.meters_streams) == (admission, meters_streams)
+
+
 def test_local_store_is_a_quota_store() -> None:
     store: QuotaStore = LocalStore()  # mypy checks the Protocol; this checks behaviour
     assert store.spend("a", "x", 5, 8, 1.0, whole=False) == 5

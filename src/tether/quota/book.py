@@ -273,6 +273,7 @@ class QuotaBook:
         self._meters: dict[str, AppMeter] = {}
         self._day: tuple[float, float] = (0.0, 0.0)  # the current quota day's [start, end)
         self._day_window: DayWindow = config.day
+        self._derive(config)
 
     # -- configuration -----------------------------------------------------------
 
@@ -284,6 +285,16 @@ class QuotaBook:
             self._day = (0.0, 0.0)
         for app, meter in self._meters.items():
             meter.limits = config.limits(app)
+        self._derive(config)
+
+    def _derive(self, config: QuotaConfig) -> None:
+        # Whether any app (or the defaults) has a limit checked at admission,
+        # or metered per byte of a TCP socket: read on every connect, so a
+        # gateway without such quotas asks no app's limits there (each ask is
+        # a Python call: ~1k instructions a connection, bench.instructions).
+        every = (config.defaults, *config.apps.values())
+        self.admission: bool = any(limits.admission for limits in every)
+        self.meters_streams: bool = any(limits.meters_streams for limits in every)
 
     def limits(self, app: str) -> Limits:
         return self.config.limits(app)

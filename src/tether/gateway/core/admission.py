@@ -56,8 +56,11 @@ async def admit(
     not counted against the socket caps.
     """
     started = perf_counter()  # the decision's latency (tether_decision_seconds)
-    limits = core.quota.config.limits(app)  # one dict lookup; flags derived at parse time
-    if not limits.enabled:
+    # The app's limits, asked only when some app has a limit checked here
+    # (QuotaBook.admission; flags derived at parse time).
+    quota = core.quota
+    limits = quota.config.limits(app) if quota.admission else None
+    if limits is not None and not limits.enabled:
         # Switched off: refused before the policy and before any lookup.
         off = core.quota.disabled(app)
         assert off is not None
@@ -112,7 +115,7 @@ async def admit(
         cluster = core.cluster  # quotas counted across nodes: budget leased (tether.cluster)
         if cluster is not None and (unready := await cluster.quota.ready(core.quota, app)):
             return unready
-        if limits.admission and (over := core.quota.admit(app)) is not None:
+        if limits is not None and limits.admission and (over := quota.admit(app)) is not None:
             return quota_refusal(core, over, decision, transport)
     return decision, addresses
 

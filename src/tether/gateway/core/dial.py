@@ -137,7 +137,8 @@ async def dial(
     app = decision.app
     record = core.registry.add(app, peer, local, "tcp", core.idle_timeout(app))
     link.bind(record)
-    link.meter = core.quota.meter(app)  # None unless the app has a byte limit
+    if core.quota.meters_streams:  # some app has a byte limit
+        link.meter = core.quota.meter(app)  # None unless this app has one
     log_decision(decision, outcome="connected", descriptor=record.descriptor, chosen=peer)
     return link
 
