@@ -267,14 +267,14 @@ class Link:
         the protocol paused it there, so a first chunk may already be held.
         """
         self.starting = False
-        held = sum(map(len, self.held))
         over = False
-        if self.meter is not None and held:
-            allowed = self.meter.inbound(held)
-            if allowed < held:
+        if self.held:  # mostly empty: nothing to count or charge
+            held = sum(map(len, self.held))
+            meter = self.meter
+            if meter is not None and (allowed := meter.inbound(held)) < held:
                 self.held = [b"".join(self.held)[:allowed]]
                 held, over = allowed, True
-        self.record.bytes_in += held
+            self.record.bytes_in += held
         self.tail_sent()
         if over:
             self.over_quota("bytes_in_per_day")
