@@ -218,15 +218,15 @@ class Registry:
         return usage
 
     def closed(self, record: SocketRecord) -> None:
+        usage = self.app_usage(record.app)  # asked once: a Python call on every close
         if self._sockets.pop(record.descriptor, None) is not None:
-            self.app_usage(record.app).open_sockets -= 1
+            usage.open_sockets -= 1
         now = self.clock()
         peer = host_port(record.peer[0], record.peer[1])
         reason = record.closed_reason or "closed"
         self._tombstones[record.descriptor] = Tombstone(record.app, reason, peer, now)
         if len(self._tombstones) > TOMBSTONE_LIMIT:
             self._tombstones.popitem(last=False)
-        usage = self.app_usage(record.app)
         usage.bytes_out += record.bytes_out
         usage.bytes_in += record.bytes_in
         usage.socket_seconds += now - record.created
