@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -159,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.connections < 2:
         parser.error("--connections must be at least 2")
     raise_fd_limit()
+    # The children's str hashes fixed: a count per connection is the difference
+    # of two runs, and a random seed moves the start-up's dict probing by ~1M
+    # instructions (~3k a connection at 300; the same tree read 352.1k and
+    # 357.9k). At one seed, repeats agree to ~0.5k. PYTHONHASHSEED=random undoes it.
+    os.environ.setdefault("PYTHONHASHSEED", "0")
     sides = ["proxy", "client"] if args.side == "both" else [args.side]
     started = time.monotonic()
     rows: list[tuple[str, str, int]] = []
