@@ -88,6 +88,23 @@ def test_histogram_matches_counting_by_hand(values: list[float]) -> None:
         assert n == sum(1 for v in values if v <= bound)
 
 
+
+@given(st.lists(st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), max_size=50),
+                max_size=6))
+def test_histogram_folded_in_batches_counts_every_value_once(batches: list[list[float]]) -> None:
+    """The sweep folds once a second: what each fold sorts adds to the buckets so far."""
+    histogram = Histogram()
+    for batch in batches:
+        for v in batch:
+            histogram.observe(v)
+        histogram.fold()
+    values = [v for batch in batches for v in batch]
+    for le, n in histogram.buckets():
+        bound = math.inf if le == "+Inf" else float(le)
+        assert n == sum(1 for v in values if v <= bound)
+    assert histogram.count == len(values)
+
+
 def test_each_front_end_has_its_handshake_label() -> None:
     from tether.gateway.frontends.http_proxy import HttpProxySession
     from tether.gateway.frontends.socks5 import Socks5Session
