@@ -37,6 +37,7 @@ from typing import Any
 from bench import handoff, paths
 from bench.gateway import APP, config_text
 from bench.procs import Child, Pinning, python, python_env, wait_until
+from bench.report import table
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 HANDOFFS = 300
@@ -214,13 +215,13 @@ def render(result: dict[str, Any]) -> str:
     """The rows for the suite's table (bench/runner.py) and for this module's output."""
     if "note" in result:
         return f"cluster handoff: n/a ({result['note']})"
-    lines = [f"handoff through another cluster node ({result['handoffs']} each; "
-             "pickle.dumps via node a, pickle.loads + recv(1) in a worker of node b) "
-             "| p50, ms | p99, ms"]
+    rows = [[f"handoff through another cluster node ({result['handoffs']} each; "
+             "pickle.dumps via node a, pickle.loads + recv(1) in a worker of node b)",
+             "p50, ms", "p99, ms"]]
     for name, row in result.items():
         if isinstance(row, dict):
-            lines.append(f"{name} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f}")
-    return "\n".join(lines)
+            rows.append([name, f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}"])
+    return table(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

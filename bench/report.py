@@ -230,7 +230,8 @@ def _fmt(v: float | None, digits: int = 0, suffix: str = "") -> str:
     return f"{v:,.{digits}f}{suffix}"
 
 
-def _table(rows: list[list[str]]) -> str:
+def table(rows: list[list[str]]) -> str:
+    """A markdown table: the first row is the header; numbers right-aligned."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, r in enumerate(rows):
@@ -306,7 +307,7 @@ def render(results: dict[str, Any]) -> str:
         if "handoff" in summary:
             rows.append([label, *("-" if p not in TETHER else cell("handoff", p, metric, 2)
                                   for p in paths)])
-    parts = [_table(rows)] if len(rows) > 1 else []
+    parts = [table(rows)] if len(rows) > 1 else []
 
     rat = results.get("ratios", {})
     if rat:
@@ -325,7 +326,7 @@ def render(results: dict[str, Any]) -> str:
                           _fmt(r["upload"]["dante"], 2, "x"),
                           _fmt(r["rtt_p50"]["vs_dante"], 2, "x"),
                           _fmt(r["connrate"]["dante"], 2, "x")])
-        parts.append(_table(rrows))
+        parts.append(table(rrows))
 
     for key, front in (("proxy_ratios", TETHER_SOCKS5), ("http_proxy_ratios", TETHER_HTTP)):
         prat = results.get(key, {})
@@ -337,13 +338,13 @@ def render(results: dict[str, Any]) -> str:
             prows.append([f"/ {LABELS[base]}", _fmt(r["download"], 2, "x"),
                           _fmt(r["upload"], 2, "x"), _fmt(r["rtt"], 2, "x"),
                           _fmt(r["connrate"], 2, "x")])
-        parts.append(_table(prows))
+        parts.append(table(prows))
 
     if len(rows) > 1 and any(t in paths for t in TETHER):
         trows = [["target (issue 6)", *(LABELS[t] for t in TETHER)]]
         for row in results.get("targets", []):
             trows.append([row["target"], *(row[t]["text"] for t in TETHER)])
-        parts.append(_table(trows))
+        parts.append(table(trows))
     parts.extend(render_aio(results))
     notes = []
     if any("*" in c for r in rows for c in r):
@@ -380,7 +381,7 @@ def render_aio(results: dict[str, Any]) -> list[str]:
             if name in summary:
                 rows.append([f"{loop}: {label}", *(_cell(results, name, p, metric, digits)
                                                    for p in paths)])
-    parts = [_table(rows)]
+    parts = [table(rows)]
     rat = results.get("aio_ratios", {})
     if rat:
         rrows = [["same loop, Tether vs direct", "download", "upload", "round trip p50",
@@ -391,7 +392,7 @@ def render_aio(results: dict[str, Any]) -> list[str]:
                 f"{_signed(r['rtt_above_direct_us'])} ({_fmt(r['rtt'], 2, 'x')})")
             rrows.append([f"{LABELS[t]} / direct, {loop}", _fmt(r["download"], 2, "x"),
                           _fmt(r["upload"], 2, "x"), rtt, _fmt(r["connrate"], 2, "x")])
-        parts.append(_table(rrows))
+        parts.append(table(rrows))
     refused = sorted({f"{LABELS[p]} {name}: {e['error']}"
                       for name, by_path in summary.items() if name.split("-", 1)[0] in LOOPS
                       for p, e in by_path.items() if REFUSED in e.get("error", "")})

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from bench.gateway import APP, config_text
 from bench.procs import Child, Pinning, cpu_seconds, descendants, python, python_env, wait_until
+from bench.report import table
 from bench.rtt import percentile
 
 if TYPE_CHECKING:  # tether is imported late: --tether-src may point elsewhere
@@ -296,27 +297,27 @@ def handoffs(workdir: Path, ports: dict[str, int], count: int) -> dict[str, Any]
 
 
 def render(result: dict[str, Any]) -> str:
-    """The rows for the suite's table: each worker count's rate and CPU, and the ratio."""
+    """The suite's tables (markdown): each worker count's rate and CPU, the ratio, handoffs."""
     med = result["median"]
-    lines = [
-        f"gateway workers ({result['clients']} parallel {result['mode']} clients over "
-        f"{result.get('via', 'tcp')}, "
-        f"{result['cpus']} CPUs, medians) | conn/s | gateway CPU/conn | clients CPU/conn",
-    ]
+    rows = [[f"gateway workers ({result['clients']} parallel {result['mode']} clients over "
+             f"{result.get('via', 'tcp')}, {result['cpus']} CPUs, medians)",
+             "conn/s", "gateway CPU/conn", "clients CPU/conn"]]
     for workers in ("1", "2"):
         m = med[workers]
-        lines.append(f"tether serve --workers {workers} | {m['per_s']:,.0f} | "
-                     f"{m['gateway_cpu_us']:.0f} µs | {m['client_cpu_us']:.0f} µs")
-    lines.append(f"2 workers / 1 worker | {result['ratio']:.2f}x | | ")
+        rows.append([f"tether serve --workers {workers}", f"{m['per_s']:,.0f}",
+                     f"{m['gateway_cpu_us']:.0f} µs", f"{m['client_cpu_us']:.0f} µs"])
+    rows.append(["2 workers / 1 worker", f"{result['ratio']:.2f}x", "", ""])
+    parts = [table(rows)]
     hand = result.get("handoffs")
     if hand:
-        lines.append("")
-        lines.append("handoff, 2 workers | resumes | p50 | p99")
+        hrows = [["handoff, 2 workers", "resumes", "p50", "p99"]]
         for kind, label in (("owner", "resume reached the owner"),
                             ("passed", "passed to the owner (SCM_RIGHTS)")):
             h = hand[kind]
-            lines.append(f"{label} | {h['count']} | {h['p50_ms']:.2f} ms | {h['p99_ms']:.2f} ms")
-    return "\n".join(lines)
+            hrows.append([label, str(h["count"]), f"{h['p50_ms']:.2f} ms",
+                          f"{h['p99_ms']:.2f} ms"])
+        parts.append(table(hrows))
+    return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
