@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_PORT = 7340  # unassigned by IANA at the time of writing; "TE" on a phone pad-ish
 
@@ -17,6 +20,20 @@ def host_port(host: object, port: object) -> str:
     """``host:port``, or ``[host]:port`` for an IPv6 address: how logs and errors name a peer."""
     text = str(host)
     return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+# SO_LINGER on with a 0 s timeout: closing the socket sends a TCP reset, not a FIN.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def arm_reset(transport: Any) -> None:
+    """Make closing `transport` (close() or abort()) send a TCP reset, so its peer's next
+    call fails with ECONNRESET instead of reading a clean EOF. A Unix stream has no reset
+    to give (its peer sees EOF); a transport without a socket is left as it is."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 def same_host(a: str, b: str) -> bool:

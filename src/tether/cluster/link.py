@@ -21,14 +21,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import ssl
 import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Final, cast
 
-from tether.endpoint import Endpoint
+from tether.endpoint import Endpoint, arm_reset
 
 log = logging.getLogger("tether.cluster")
 
@@ -37,7 +36,6 @@ log = logging.getLogger("tether.cluster")
 MAX_LINK_FRAME = 16 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
 EOF_FRAME: Final = _LENGTH.pack(0)
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 END: Final = None  # what Deframer.feed yields for the end of the stream
 
 
@@ -205,16 +203,10 @@ class _Side(asyncio.Protocol):
                 other.transport.close()
             else:
                 # A reset passed on as a reset (a reclaimed socket: the app asks why).
-                sock = other.transport.get_extra_info("socket")
-                if sock is not None and sock.family != socket.AF_UNIX:
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                arm_reset(other.transport)
                 other.transport.abort()
         self.splice.lost()
 
-
-# SO_LINGER on, 0 s: close() sends a TCP reset.
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class Splice:
@@ -260,11 +252,8 @@ class Splice:
     def reset(self) -> None:
         """Abort both sides, the plain one (an app's TCP stream) with a reset rather than a
         FIN: the app's next call fails and its client asks why (as relay's abort does)."""
-        transport = self.plain.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is not None:  # a Unix stream has no reset to give: the app sees EOF
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        if self.plain.transport is not None:
+            arm_reset(self.plain.transport)
         self.abort()
 
     def lost(self) -> None:

@@ -25,12 +25,10 @@ back by TCP flow control, until a new stream resumes it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-import struct
 from typing import TYPE_CHECKING
 
+from tether.endpoint import arm_reset
 from tether.gateway.core.registry import ATTACHED, DETACHING, HANDED_OFF
 
 if TYPE_CHECKING:
@@ -57,7 +55,6 @@ MAX_RESUME_TAIL = 32 * 1024 * 1024
 # (the write-stall timeout's default, gateway.write_stall_timeout) is reset
 # at once.
 QUOTA_CLOSE_GRACE = 30.0
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class _Half(asyncio.Protocol):
@@ -347,10 +344,7 @@ class Link:
         app = self.app_side.transport
         if app is not None and not app.is_closing():
             app.pause_reading()
-            sock = app.get_extra_info("socket")
-            if sock is not None:  # a Unix stream has no reset to give: the app sees EOF
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            arm_reset(app)
             app.close()
             # An app that never reads what is buffered for it is reset anyway.
             self.loop.call_later(QUOTA_CLOSE_GRACE, app.abort)
@@ -480,11 +474,7 @@ class Link:
             self.throttled = None
         app = self.app_side.transport
         if reset_app and app is not None:
-            sock = app.get_extra_info("socket")
-            # On a Unix stream linger has no reset to give: the app sees EOF.
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            arm_reset(app)
         for half in (self.app_side, self.peer_side):
             if half.transport is not None:
                 half.transport.abort()

@@ -27,7 +27,6 @@ serves them from outside it, where the gateway is reachable:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import socket
 import struct
@@ -38,7 +37,7 @@ from typing import cast
 
 from tether.client import resolve as tether_resolve
 from tether.client.settings import Settings
-from tether.endpoint import host_port
+from tether.endpoint import arm_reset, host_port
 from tether.errors import PolicyDenied
 from tether.isolate.dns import Lookup, Responder
 from tether.isolate.names import FakeNames
@@ -46,7 +45,6 @@ from tether.isolate.names import FakeNames
 SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>; IP6T_SO_ORIGINAL_DST is the same number
 _SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, address
 _SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")  # family, port, flowinfo, address, scope id
-_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 class NoDestinationError(ConnectionRefusedError):
@@ -100,10 +98,7 @@ def destination(names: FakeNames, address: str, port: int, own_port: int) -> Des
 
 def reset(transport: asyncio.Transport) -> None:
     """Close the program's connection with a RST, so it sees ECONNRESET."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    arm_reset(transport)
     transport.abort()
 
 
