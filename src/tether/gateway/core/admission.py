@@ -109,13 +109,14 @@ async def admit(
             errno.EAFNOSUPPORT,
             f"tether: {host} has no {name} address the policy allows",
         )
-    if new_socket:
+    if new_socket and limits is not None and limits.admission:
         # Last: a connect refused for any other reason is not counted
-        # against connects_per_minute.
+        # against connects_per_minute. Only an app with such a limit gets
+        # here, so no other connect awaits the cluster's readiness.
         cluster = core.cluster  # quotas counted across nodes: budget leased (tether.cluster)
         if cluster is not None and (unready := await cluster.quota.ready(core.quota, app)):
             return unready
-        if limits is not None and limits.admission and (over := quota.admit(app)) is not None:
+        if (over := quota.admit(app)) is not None:
             return quota_refusal(core, over, decision, transport)
     return decision, addresses
 
